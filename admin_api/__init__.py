@@ -1,0 +1,1 @@
+"""vendgate back-office HTTP API."""

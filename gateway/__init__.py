@@ -1,0 +1,1 @@
+"""vendgate gateway: sockets, sessions, the CLI and the services the back office reuses."""

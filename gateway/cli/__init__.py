@@ -1,0 +1,50 @@
+"""The `vendgate` command. Each subcommand is one module in gateway/cli/commands/ that defines
+
+    def register(subparsers) -> None
+
+and sets `handler=` (a callable taking (args, settings) and returning an exit status) on the
+parser it adds. Adding a command is adding one file. A VendgateError anywhere becomes one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from gateway.cli import commands
+from gateway.errors import VendgateError
+from gateway.jsonlog import configure_logging
+from gateway.settings import load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vendgate", description="vendgate payment gateway")
+    parser.add_argument("--config", help="TOML settings file (default: $VENDGATE_CONFIG)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(config_file=args.config)
+        configure_logging(settings.log_level)
+        status: int = args.handler(args, settings)
+        return status
+    except VendgateError as exc:
+        print(f"vendgate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

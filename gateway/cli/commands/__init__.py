@@ -1,0 +1,1 @@
+"""One module per `vendgate` subcommand (see gateway/cli/__init__.py)."""

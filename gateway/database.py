@@ -1,0 +1,81 @@
+"""Where the database is: the external one named by VENDGATE_DATABASE_URL, or the embedded one.
+
+Callers get a URL and connections with explicit timeouts; a server that cannot be reached is
+a DatabaseUnavailable naming host and reason, never a traceback and never the password.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from gateway.errors import DatabaseUnavailable
+from gateway.pgcluster import LocalCluster
+from gateway.settings import Settings
+
+
+def embedded_cluster(settings: Settings) -> LocalCluster:
+    return LocalCluster(settings.pgdata_dir)
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def describe(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+
+
+async def connect(url: str, *, timeout_s: float) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=timeout_s)
+    except (OSError, TimeoutError, socket.gaierror, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:
+        reason = exc.__class__.__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise DatabaseUnavailable(f"cannot reach database at {describe(url)}: {reason}") from None
+
+
+async def ensure_database(server_url: str, database: str, *, timeout_s: float) -> None:
+    """Create `database` on the server when missing (embedded default only)."""
+    conn = await connect(server_url, timeout_s=timeout_s)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+
+
+async def resolve_url(settings: Settings, *, start_embedded: bool = True) -> str:
+    """The application database's URL, starting the embedded cluster when that is the default."""
+    if settings.database_url is not None:
+        return settings.database_url
+    cluster = embedded_cluster(settings)
+    if start_embedded:
+        cluster.start()
+    server_url = cluster.url("postgres")
+    await ensure_database(server_url, settings.database_name, timeout_s=settings.database_connect_timeout_s)
+    return with_database(server_url, settings.database_name)
+
+
+async def create_pool(url: str, settings: Settings, *, size_min: int = 2) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=min(size_min, settings.database_pool_size_max),
+            max_size=settings.database_pool_size_max, timeout=settings.database_connect_timeout_s,
+            command_timeout=60,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"cannot reach database at {describe(url)}: {exc}") from None
+    assert pool is not None
+    return pool
+
+
+def redact_url_for_display(url: str) -> str:
+    from gateway.jsonlog import redact_url
+
+    return redact_url(url)

@@ -1,0 +1,105 @@
+"""Settings: one frozen, typed object read from VENDGATE_* variables and an optional TOML file.
+
+Precedence: environment variable > TOML file (VENDGATE_CONFIG or --config) > default.
+Every default is safe: listeners bind to loopback, the database is the embedded one.
+Unknown VENDGATE_* names are refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from gateway.errors import SettingsError
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+ENV_PREFIX = "VENDGATE_"
+# Variables read by tools around the server rather than by the server itself.
+ENV_NOT_SETTINGS = frozenset({"VENDGATE_CONFIG", "VENDGATE_TARGET"})
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Unset: the embedded PostgreSQL with its data under data_dir/pgdata.
+    database_url: str | None = None
+    data_dir: str = ".vendgate"
+    database_name: str = "vendgate"
+    database_connect_timeout_s: PositiveFloat = 10.0
+    database_pool_size_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    pos_host: str = "127.0.0.1"
+    pos_port: Port = 7700
+    kiosk_host: str = "127.0.0.1"
+    kiosk_port: Port = 7443
+    http_host: str = "127.0.0.1"
+    http_port: Port = 7780
+    # Hex of a 32-byte key that encrypts terminal and vending keys at rest.
+    master_key: str | None = None
+    master_key_file: str | None = None
+
+    @property
+    def pgdata_dir(self) -> Path:
+        return Path(self.data_dir) / "pgdata"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+
+_FIELDS = frozenset(Settings.__struct_fields__)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: str | os.PathLike[str] | None = None
+) -> Settings:
+    """Build Settings, raising SettingsError with the offending variable named."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    source: dict[str, str] = {}
+
+    config_path = config_file or env.get("VENDGATE_CONFIG")
+    if config_path:
+        try:
+            with open(config_path, "rb") as handle:
+                table = tomllib.load(handle)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_path} is not valid TOML: {exc}") from None
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise SettingsError(f"config file {config_path}: unknown setting {key!r}")
+            values[key] = value
+            source[key] = f"{config_path}:{key}"
+
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in _FIELDS:
+            raise SettingsError(f"unknown variable {name}")
+        values[key] = raw if raw != "" else None
+        source[key] = name
+
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_describe(exc, source)) from None
+
+
+def _describe(exc: msgspec.ValidationError, source: Mapping[str, str]) -> str:
+    message = str(exc)
+    marker = " - at `$."
+    if marker in message:
+        reason, _, path = message.partition(marker)
+        key = path.rstrip("`").split("[")[0].split(".")[0]
+        where = source.get(key, ENV_PREFIX + key.upper())
+        return f"invalid value for {where}: {reason}"
+    return f"invalid settings: {message}"

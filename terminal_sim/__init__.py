@@ -1,0 +1,1 @@
+"""Simulated POS terminals, kiosks and meters (depends on protocol/ only)."""

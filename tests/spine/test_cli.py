@@ -1,0 +1,56 @@
+"""The `vendgate` command as an operator meets it: clear one-line errors, the embedded cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def vendgate(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"VENDGATE_POS_PORT": "abc"}, "VENDGATE_POS_PORT"),
+        ({"VENDGATE_LOG_LEVEL": "chatty"}, "VENDGATE_LOG_LEVEL"),
+        ({"VENDGATE_DATABASE_URL": "postgresql://nobody:secret-pw@127.0.0.1:1/none",
+          "VENDGATE_DATABASE_CONNECT_TIMEOUT_S": "3"}, "cannot reach database at 127.0.0.1:1"),
+    ],
+)
+def test_bad_settings_give_one_line_and_nonzero_exit(env: dict[str, str], needle: str) -> None:
+    result = vendgate("migrate", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vendgate: error:") and needle in lines[0]
+    assert "Traceback" not in result.stderr and "secret-pw" not in result.stderr
+
+
+def test_embedded_cluster_lifecycle(tmp_path: Path) -> None:
+    env = {"VENDGATE_DATA_DIR": str(tmp_path / "data")}
+    try:
+        assert vendgate("db", "status", env=env).returncode == 3
+        started = vendgate("db", "start", env=env)
+        assert started.returncode == 0, started.stderr
+        assert "started PostgreSQL 18" in started.stdout or "started PostgreSQL" in started.stdout
+        status = vendgate("db", "status", env=env)
+        assert status.returncode == 0 and status.stdout.startswith("running:")
+        first = vendgate("migrate", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "applied 0001_base" in first.stdout
+        again = vendgate("migrate", env=env)
+        assert again.stdout.strip() == "schema up to date"
+        url = vendgate("db", "url", env=env)
+        assert url.stdout.startswith("postgresql://vendgate:***@127.0.0.1:")
+    finally:
+        stopped = vendgate("db", "stop", env=env)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped"
+    assert vendgate("db", "status", env=env).returncode == 3
