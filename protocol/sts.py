@@ -537,7 +537,7 @@ def normalise_token(text: str) -> str:
     if not isinstance(text, str):
         raise StsError("a token is text")
     digits = "".join(char for char in text if char not in _GROUP_SEPARATORS)
-    if not (digits.isascii() and digits.isdigit()):
+    if not all(char in "0123456789" for char in digits):
         raise StsError("a token has digits only")
     if len(digits) != TOKEN_DIGITS:
         raise StsError(f"a token has {TOKEN_DIGITS} digits, not {len(digits)}")
