@@ -166,9 +166,8 @@ def test_a_token_for_another_key_fails_its_crc() -> None:
 
 
 def test_class_bits_sit_at_bits_28_and_27_of_the_66() -> None:
-    for maker, token_class in ((lambda: sts.credit_token(KEY, 0, 1, 1, 0), 0),
-                               (lambda: sts.clear_tamper_token(KEY, 1, 0), 2)):
-        value = int(maker())
+    for token, token_class in ((sts.credit_token(KEY, 0, 1, 1, 0), 0), (sts.clear_tamper_token(KEY, 1, 0), 2)):
+        value = int(token)
         assert ((value >> 28) & 1, (value >> 27) & 1) == (token_class >> 1, token_class & 1)
 
 
