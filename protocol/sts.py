@@ -70,6 +70,7 @@ __all__ = [
     "normalise_token",
     "rounded_units",
     "set_maximum_power_limit_token",
+    "token_class_of",
     "token_id",
     "token_issued_at",
 ]
@@ -552,6 +553,12 @@ def format_token(token: str) -> str:
     return " ".join(digits[i:i + 4] for i in range(0, TOKEN_DIGITS, 4))
 
 
+def token_class_of(token: str) -> TokenClass:
+    """The class of a token, which travels unencrypted: readable without any key."""
+    value = int(normalise_token(token))
+    return TokenClass(((value >> _CLASS_BIT_HIGH) & 1) << 1 | ((value >> _CLASS_BIT_LOW) & 1))
+
+
 class DecodedToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A token decrypted with one decoder key. With the wrong key (or a mistyped digit) the fields
     are noise and crc_ok is False: nothing in it may be trusted unless crc_ok is True.
@@ -574,9 +581,9 @@ class DecodedToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 def decode_token(decoder_key: bytes, token: str) -> DecodedToken:
     """Decrypt and split a class 0 or class 2 token; check its CRC (see DecodedToken.crc_ok)."""
     _key_int(decoder_key)
+    token_class = token_class_of(token)
     value = int(normalise_token(token))
     cipher = value & _BLOCK_MASK
-    token_class = TokenClass(((cipher >> _CLASS_BIT_HIGH) & 1) << 1 | ((cipher >> _CLASS_BIT_LOW) & 1))
     if token_class is TokenClass.METER_TEST:
         raise StsError("class 1 (meter test / display) tokens are not meter-specific; vendgate does not decode them")
     if token_class is TokenClass.RESERVED:
