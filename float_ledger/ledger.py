@@ -1,0 +1,299 @@
+"""Posting, balances, statements, reversals and events of the float ledger (asyncpg).
+
+Rules:
+- apply_transfers() runs inside the caller's open transaction, so the gateway can post a batch of
+  top-ups together with its own rows and commit once. It costs one round trip, locks the batch's
+  accounts in id order, applies transfers in the given order against running balances and never
+  raises for a refusal: a refusal is a PostStatus and the transaction stays usable.
+- post_transfers() owns its transaction and retries it on serialization failure (40001) and
+  deadlock (40P01) only, at most retries_max times.
+- A transfer id is the idempotency key: a replay gets `exists` with the stored original, other
+  content under a known id gets `exists_with_different_content` and posts nothing.
+- The database enforces each lower bound too (a CHECK); meeting it would be a bug here, so it
+  propagates as an error instead of becoming a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from float_ledger import sql
+from float_ledger.errors import AccountNotFound, InvalidAccount, LedgerError, RetriesExhausted
+from float_ledger.model import (
+    Account,
+    AccountKind,
+    EventKind,
+    LedgerEvent,
+    Metadata,
+    PostedTransfer,
+    PostResult,
+    PostStatus,
+    StatementCursor,
+    StatementEntry,
+    StatementPage,
+    Transfer,
+    batch_columns,
+    check_account,
+    commission_transfer,
+    events_page_size_max,
+    reversal_group_id_for,
+    reversal_transfers,
+    statement_page_size_max,
+)
+
+post_retries_max = 8
+retry_backoff_s_first = 0.002
+retry_backoff_s_max = 0.2
+# Retry these SQLSTATEs and no other: serialization_failure, deadlock_detected.
+RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+# Before every posted transfer: the first page of a statement.
+_STATEMENT_START = StatementCursor(created_at=datetime(1, 1, 2, tzinfo=UTC), seq=0)
+
+_metadata_decoder = msgspec.json.Decoder(Metadata)
+
+# asyncpg ships no type information: connections and pools are Any here.
+Connection = Any
+PoolOrConnection = Any
+
+
+def _metadata(raw: str | None) -> Metadata:
+    return _metadata_decoder.decode(raw) if raw else {}
+
+
+def _posted_from_record(record: Any) -> PostedTransfer:
+    return PostedTransfer(
+        id=record["id"], debit_account_id=record["debit_account_id"], credit_account_id=record["credit_account_id"],
+        amount_minor=record["amount_minor"], currency=record["currency"], kind=record["kind"],
+        group_id=record["group_id"], metadata=_metadata(record["metadata"]), seq=record["seq"],
+        created_at=record["created_at"], debit_balance_after_minor=record["debit_balance_after_minor"],
+        credit_balance_after_minor=record["credit_balance_after_minor"])
+
+
+def _account_from_record(record: Any) -> Account:
+    return Account(id=record["id"], kind=AccountKind(record["kind"]), currency=record["currency"],
+                   owner_ref=record["owner_ref"], balance_minor=record["balance_minor"],
+                   lower_bound_minor=record["lower_bound_minor"], low_threshold_minor=record["low_threshold_minor"],
+                   blocked=record["blocked"], created_at=record["created_at"])
+
+
+# -- accounts ---------------------------------------------------------------------------------------
+
+
+async def create_account(conn: Connection, *, kind: AccountKind, currency: str, owner_ref: str,
+                         lower_bound_minor: int | None = 0, low_threshold_minor: int | None = None) -> int:
+    """A new account at balance 0. lower_bound_minor None: unbounded (may go negative without limit)."""
+    check_account(currency=currency, owner_ref=owner_ref, lower_bound_minor=lower_bound_minor,
+                  low_threshold_minor=low_threshold_minor)
+    account_id = await conn.fetchval(sql.SQL_CREATE_ACCOUNT, AccountKind(kind).value, currency, owner_ref,
+                                     lower_bound_minor, low_threshold_minor)
+    return int(account_id)
+
+
+async def get_account(conn: Connection, account_id: int) -> Account:
+    record = await conn.fetchrow(sql.SQL_GET_ACCOUNT, account_id)
+    if record is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+    return _account_from_record(record)
+
+
+async def find_accounts(conn: Connection, *, owner_ref: str, kind: AccountKind | None = None) -> list[Account]:
+    records = await conn.fetch(sql.SQL_FIND_ACCOUNTS, owner_ref, None if kind is None else AccountKind(kind).value)
+    return [_account_from_record(record) for record in records]
+
+
+async def set_account_blocked(conn: Connection, account_id: int, *, blocked: bool) -> None:
+    """A blocked account takes no transfer except a reversal."""
+    if await conn.fetchval(sql.SQL_SET_BLOCKED, account_id, blocked) is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+
+
+async def set_low_threshold(conn: Connection, account_id: int, *, low_threshold_minor: int | None) -> None:
+    if await conn.fetchval(sql.SQL_SET_LOW_THRESHOLD, account_id, low_threshold_minor) is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+
+
+async def set_lower_bound(conn: Connection, account_id: int, *, lower_bound_minor: int | None) -> None:
+    """Change a bound (e.g. grant a credit limit: -limit). Refused when the balance is already below it."""
+    record = await conn.fetchrow(sql.SQL_SET_LOWER_BOUND, account_id, lower_bound_minor)
+    if record is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+    if not record["ok"]:
+        raise InvalidAccount(f"account {account_id} balance {record['balance_minor']} is below {lower_bound_minor}")
+
+
+# -- posting ----------------------------------------------------------------------------------------
+
+
+async def apply_transfers(conn: Connection, transfers: Sequence[Transfer]) -> list[PostResult]:
+    """Post a batch inside the caller's transaction; one PostResult per transfer, in order.
+
+    Raises InvalidTransfer (before any SQL) for a structural error: amount not positive, debit =
+    credit, bad currency or kind, group not consecutive, metadata too large, batch too long.
+    """
+    columns = batch_columns(transfers)
+    if not transfers:
+        return []
+    record = await conn.fetchrow(
+        sql.SQL_APPLY_TRANSFERS, columns.ids, columns.debit_account_ids, columns.credit_account_ids,
+        columns.amounts_minor, columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json)
+    statuses, seqs, created_ats = record["statuses"], record["seqs"], record["created_ats"]
+    debit_afters, credit_afters = record["debit_afters"], record["credit_afters"]
+    assert len(statuses) == len(transfers)
+    results = []
+    for index, transfer in enumerate(transfers):
+        status = PostStatus(statuses[index])
+        posted = None
+        if status.posted:
+            # ok: the content is what was sent; exists: the stored content equals what was sent.
+            posted = PostedTransfer(
+                id=transfer.id, debit_account_id=transfer.debit_account_id,
+                credit_account_id=transfer.credit_account_id, amount_minor=transfer.amount_minor,
+                currency=transfer.currency, kind=transfer.kind, group_id=transfer.group_id,
+                metadata=transfer.metadata, seq=seqs[index], created_at=created_ats[index],
+                debit_balance_after_minor=debit_afters[index], credit_balance_after_minor=credit_afters[index])
+        results.append(PostResult(transfer.id, status, posted))
+    return results
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) in RETRY_SQLSTATES
+
+
+async def post_transfers(pool_or_conn: PoolOrConnection, transfers: Sequence[Transfer], *,
+                         retries_max: int = post_retries_max) -> list[PostResult]:
+    """Post a batch in a transaction of its own (READ COMMITTED), retrying only on 40001/40P01."""
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        async with pool_or_conn.acquire() as conn:
+            return await _post_own_transaction(conn, transfers, retries_max)
+    return await _post_own_transaction(pool_or_conn, transfers, retries_max)
+
+
+async def _post_own_transaction(conn: Connection, transfers: Sequence[Transfer],
+                                retries_max: int) -> list[PostResult]:
+    if conn.is_in_transaction():
+        raise LedgerError("post_transfers runs its own transaction: inside yours, call apply_transfers")
+    batch_columns(transfers)  # refuse a malformed batch before the first attempt
+    backoff_s = retry_backoff_s_first
+    for attempt in range(retries_max + 1):
+        try:
+            async with conn.transaction(isolation="read_committed"):
+                return await apply_transfers(conn, transfers)
+        except asyncpg.PostgresError as exc:
+            if not _is_retryable(exc):
+                raise
+            if attempt == retries_max:
+                raise RetriesExhausted(
+                    f"batch of {len(transfers)} transfers: {exc.sqlstate} on {retries_max + 1} attempts") from exc
+        # Jittered exponential backoff keeps the retrying transactions from meeting again.
+        await asyncio.sleep(random.uniform(0, backoff_s))
+        backoff_s = min(backoff_s * 2, retry_backoff_s_max)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def get_transfer(conn: Connection, transfer_id: uuid.UUID) -> PostedTransfer | None:
+    record = await conn.fetchrow(sql.SQL_GET_TRANSFER, transfer_id)
+    return None if record is None else _posted_from_record(record)
+
+
+async def group_transfers(conn: Connection, group_id: uuid.UUID) -> list[PostedTransfer]:
+    """The posted transfers of a group, in posting order."""
+    return [_posted_from_record(record) for record in await conn.fetch(sql.SQL_GROUP_TRANSFERS, group_id)]
+
+
+async def reverse_group(conn: Connection, group_id: uuid.UUID, *, reason: str,
+                        reversal_group_id: uuid.UUID | None = None) -> list[PostResult]:
+    """Compensate every posted transfer of a group with a linked group of reversals, in the caller's transaction.
+
+    Idempotent: the compensating ids derive from the originals' ids, so a second call reports
+    `exists` (or `exists_with_different_content` when the reason differs). A group with no posted
+    transfer has nothing to reverse: []. The reversals are refused as one (e.g. insufficient_balance
+    when the customer's credit was already spent) and then nothing is posted.
+    """
+    originals = await group_transfers(conn, group_id)
+    if not originals:
+        return []
+    compensations = reversal_transfers(
+        originals, reversal_group_id=reversal_group_id or reversal_group_id_for(group_id), reason=reason)
+    return await apply_transfers(conn, compensations)
+
+
+async def accrue_commission(conn: Connection, *, transfer_id: uuid.UUID, expense_account_id: int,
+                            payable_account_id: int, collected_minor: int, rate_ppm: int, currency: str,
+                            metadata: Metadata, group_id: uuid.UUID | None = None) -> PostResult | None:
+    """Accrue commission on a collected amount (rounded down) in the caller's transaction; None when 0.
+
+    A top-up usually carries its commission inside its linked group (model.top_up_transfers); this
+    posts it on its own, e.g. for payments collected before the agent's rate was set.
+    """
+    transfer = commission_transfer(transfer_id=transfer_id, expense_account_id=expense_account_id,
+                                   payable_account_id=payable_account_id, collected_minor=collected_minor,
+                                   rate_ppm=rate_ppm, currency=currency, metadata=metadata, group_id=group_id)
+    if transfer is None:
+        return None
+    [result] = await apply_transfers(conn, [transfer])
+    return result
+
+
+# -- balances, statements, events -------------------------------------------------------------------
+
+
+async def balance(conn: Connection, account_id: int) -> int:
+    value = await conn.fetchval(sql.SQL_BALANCE, account_id)
+    if value is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+    return int(value)
+
+
+async def balance_as_of(conn: Connection, account_id: int, at: datetime) -> int:
+    """The balance after every transfer posted at or before `at` (timezone-aware)."""
+    if at.tzinfo is None:
+        raise ValueError("balance_as_of needs a timezone-aware time")
+    record = await conn.fetchrow(sql.SQL_BALANCE_AS_OF, account_id, at)
+    if record is None:
+        raise AccountNotFound(f"no ledger account {account_id}")
+    return int(record["balance_minor"])
+
+
+async def statement(conn: Connection, account_id: int, *, after: StatementCursor | None = None,
+                    limit: int = 100) -> StatementPage:
+    """One page of an account's transfers in posting order, each with the balance after it.
+
+    Pass the page's next_cursor as `after` for the next page; new transfers never shift a page.
+    """
+    if not 0 < limit <= statement_page_size_max:
+        raise ValueError(f"limit {limit} not in 1..{statement_page_size_max}")
+    await get_account(conn, account_id)
+    cursor = after or _STATEMENT_START
+    records = await conn.fetch(sql.SQL_STATEMENT, account_id, cursor.created_at, cursor.seq, limit + 1)
+    entries = [
+        StatementEntry(transfer_id=r["id"], seq=r["seq"], created_at=r["created_at"], kind=r["kind"],
+                       amount_minor=r["amount_minor"], balance_after_minor=r["balance_after_minor"],
+                       counterparty_account_id=r["counterparty_account_id"], group_id=r["group_id"],
+                       metadata=_metadata(r["metadata"]))
+        for r in records[:limit]
+    ]
+    next_cursor = None
+    if len(records) > limit:
+        last = entries[-1]
+        next_cursor = StatementCursor(created_at=last.created_at, seq=last.seq)
+    return StatementPage(account_id=account_id, entries=entries, next_cursor=next_cursor)
+
+
+async def events_after(conn: Connection, after_id: int = 0, *, limit: int = 100) -> list[LedgerEvent]:
+    """Low-float events with id > after_id, oldest first: a reader keeps the last id it handled."""
+    if not 0 < limit <= events_page_size_max:
+        raise ValueError(f"limit {limit} not in 1..{events_page_size_max}")
+    return [
+        LedgerEvent(id=r["id"], kind=EventKind(r["kind"]), account_id=r["account_id"], transfer_id=r["transfer_id"],
+                    balance_minor=r["balance_minor"], threshold_minor=r["threshold_minor"],
+                    created_at=r["created_at"])
+        for r in await conn.fetch(sql.SQL_EVENTS_AFTER, after_id, limit)
+    ]

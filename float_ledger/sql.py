@@ -1,0 +1,270 @@
+"""Every SQL statement of the float ledger: named, parameterised constants (a test prepares each).
+
+Schema: gateway/migrations/0002_ledger.sql. Posting is one call of ledger_apply_transfers(), a
+PL/pgSQL function over parallel arrays, so a batch costs one round trip.
+"""
+
+from __future__ import annotations
+
+# -- accounts ---------------------------------------------------------------------------------------
+
+SQL_CREATE_ACCOUNT = """
+INSERT INTO ledger_accounts (kind, currency, owner_ref, lower_bound_minor, low_threshold_minor)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id"""
+
+SQL_GET_ACCOUNT = """
+SELECT id, kind, currency, owner_ref, balance_minor, lower_bound_minor, low_threshold_minor, blocked, created_at
+  FROM ledger_accounts
+ WHERE id = $1"""
+
+SQL_FIND_ACCOUNTS = """
+SELECT id, kind, currency, owner_ref, balance_minor, lower_bound_minor, low_threshold_minor, blocked, created_at
+  FROM ledger_accounts
+ WHERE owner_ref = $1 AND ($2::text IS NULL OR kind = $2)
+ ORDER BY id"""
+
+SQL_BALANCE = "SELECT balance_minor FROM ledger_accounts WHERE id = $1"
+
+SQL_SET_BLOCKED = "UPDATE ledger_accounts SET blocked = $2 WHERE id = $1 RETURNING id"
+
+SQL_SET_LOW_THRESHOLD = "UPDATE ledger_accounts SET low_threshold_minor = $2 WHERE id = $1 RETURNING id"
+
+# Returns no row when the account is missing; ok = false when the balance is below the new bound.
+SQL_SET_LOWER_BOUND = """
+WITH target AS (SELECT id, balance_minor FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE),
+     changed AS (
+         UPDATE ledger_accounts a SET lower_bound_minor = $2::bigint
+           FROM target
+          WHERE a.id = target.id AND ($2::bigint IS NULL OR target.balance_minor >= $2::bigint)
+         RETURNING a.id)
+SELECT target.balance_minor, EXISTS (SELECT 1 FROM changed) AS ok FROM target"""
+
+# -- posting ----------------------------------------------------------------------------------------
+
+SQL_APPLY_TRANSFERS = """
+SELECT statuses, seqs, created_ats, debit_afters, credit_afters
+  FROM ledger_apply_transfers($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],
+                              $7::uuid[], $8::jsonb[])"""
+
+_TRANSFER_COLUMNS = """id, debit_account_id, credit_account_id, amount_minor, currency, kind, group_id, metadata,
+       seq, created_at, debit_balance_after_minor, credit_balance_after_minor"""
+
+SQL_GET_TRANSFER = f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = $1"
+
+SQL_GROUP_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE group_id = $1 ORDER BY seq"
+
+# -- balances and statements ------------------------------------------------------------------------
+
+# The balance after the account's last transfer at or before $2; 0 before its first. No row: no account.
+SQL_BALANCE_AS_OF = """
+SELECT coalesce((
+    SELECT legs.balance_after
+      FROM ((SELECT debit_balance_after_minor AS balance_after, created_at, seq FROM ledger_transfers
+              WHERE debit_account_id = $1 AND created_at <= $2 ORDER BY created_at DESC, seq DESC LIMIT 1)
+            UNION ALL
+            (SELECT credit_balance_after_minor, created_at, seq FROM ledger_transfers
+              WHERE credit_account_id = $1 AND created_at <= $2 ORDER BY created_at DESC, seq DESC LIMIT 1)) legs
+     ORDER BY legs.created_at DESC, legs.seq DESC
+     LIMIT 1), 0) AS balance_minor
+  FROM ledger_accounts WHERE id = $1"""
+
+# As above, strictly before $2: the opening balance of a period starting at $2.
+SQL_BALANCE_BEFORE = """
+SELECT coalesce((
+    SELECT legs.balance_after
+      FROM ((SELECT debit_balance_after_minor AS balance_after, created_at, seq FROM ledger_transfers
+              WHERE debit_account_id = $1 AND created_at < $2 ORDER BY created_at DESC, seq DESC LIMIT 1)
+            UNION ALL
+            (SELECT credit_balance_after_minor, created_at, seq FROM ledger_transfers
+              WHERE credit_account_id = $1 AND created_at < $2 ORDER BY created_at DESC, seq DESC LIMIT 1)) legs
+     ORDER BY legs.created_at DESC, legs.seq DESC
+     LIMIT 1), 0) AS balance_minor
+  FROM ledger_accounts WHERE id = $1"""
+
+# Keyset paging on (created_at, seq), which per account is posting order.
+SQL_STATEMENT = """
+SELECT legs.* FROM (
+    (SELECT id, seq, created_at, kind, -amount_minor AS amount_minor, debit_balance_after_minor AS balance_after_minor,
+            credit_account_id AS counterparty_account_id, group_id, metadata
+       FROM ledger_transfers
+      WHERE debit_account_id = $1 AND (created_at, seq) > ($2, $3)
+      ORDER BY created_at, seq LIMIT $4)
+    UNION ALL
+    (SELECT id, seq, created_at, kind, amount_minor, credit_balance_after_minor,
+            debit_account_id, group_id, metadata
+       FROM ledger_transfers
+      WHERE credit_account_id = $1 AND (created_at, seq) > ($2, $3)
+      ORDER BY created_at, seq LIMIT $4)) legs
+ ORDER BY legs.created_at, legs.seq
+ LIMIT $4"""
+
+# -- events -----------------------------------------------------------------------------------------
+
+SQL_EVENTS_AFTER = """
+SELECT id, kind, account_id, transfer_id, balance_minor, threshold_minor, created_at
+  FROM ledger_events
+ WHERE id > $1
+ ORDER BY id
+ LIMIT $2"""
+
+# -- deposits ---------------------------------------------------------------------------------------
+
+_DEPOSIT_COLUMNS = """id, float_account_id, source_account_id, amount_minor, currency, external_ref, maker, checker,
+       status, reason, requested_at, decided_at"""
+
+# No row returned: the id or the (source account, external reference) is already taken.
+SQL_INSERT_DEPOSIT = f"""
+INSERT INTO ledger_deposits (id, float_account_id, source_account_id, amount_minor, currency, external_ref, maker,
+                             status)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT DO NOTHING
+RETURNING {_DEPOSIT_COLUMNS}"""
+
+SQL_GET_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1"
+
+SQL_LOCK_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1 FOR UPDATE"
+
+SQL_DEPOSIT_BY_EXTERNAL_REF = f"""
+SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE source_account_id = $1 AND external_ref = $2"""
+
+SQL_DECIDE_DEPOSIT = f"""
+UPDATE ledger_deposits SET status = $2, checker = $3, reason = $4, decided_at = now()
+ WHERE id = $1
+RETURNING {_DEPOSIT_COLUMNS}"""
+
+SQL_PENDING_DEPOSITS = f"""
+SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits
+ WHERE status = 'pending_approval'
+ ORDER BY requested_at, id
+ LIMIT $1"""
+
+# -- reconciliation ---------------------------------------------------------------------------------
+
+SQL_FLOAT_ACCOUNT = "SELECT owner_ref, currency, kind FROM ledger_accounts WHERE id = $1"
+
+# The float's movements in [$2, $3), by kind, direction and terminal.
+SQL_RECONCILE_FLOAT = """
+SELECT kind, metadata ->> 'reversed_kind' AS reversed_kind, metadata ->> 'terminal_id' AS terminal_id,
+       credit_account_id = $1 AS credited, count(*) AS transfers, sum(amount_minor) AS amount_minor
+  FROM ledger_transfers
+ WHERE (debit_account_id = $1 OR credit_account_id = $1) AND created_at >= $2 AND created_at < $3
+ GROUP BY 1, 2, 3, 4"""
+
+# Commission naming agent $1 in [$2, $3), and reversals of it, by terminal.
+SQL_RECONCILE_COMMISSION = """
+SELECT kind, metadata ->> 'terminal_id' AS terminal_id, count(*) AS transfers, sum(amount_minor) AS amount_minor
+  FROM ledger_transfers
+ WHERE metadata ->> 'agent_id' = $1 AND kind IN ('commission', 'reversal')
+   AND created_at >= $2 AND created_at < $3
+   AND (kind = 'commission' OR metadata ->> 'reversed_kind' = 'commission')
+ GROUP BY 1, 2"""
+
+# -- ledger check -----------------------------------------------------------------------------------
+
+SQL_CHECK_COUNTS = """
+SELECT (SELECT count(*) FROM ledger_transfers) AS transfers,
+       (SELECT count(*) FROM ledger_accounts) AS accounts,
+       (SELECT count(DISTINCT currency) FROM ledger_accounts) AS currencies"""
+
+# Each transfer: a positive amount from one account to another, both of the transfer's currency.
+SQL_CHECK_UNBALANCED = """
+SELECT t.id, t.amount_minor, t.debit_account_id, t.credit_account_id, t.currency,
+       d.currency AS debit_currency, c.currency AS credit_currency
+  FROM ledger_transfers t
+  LEFT JOIN ledger_accounts d ON d.id = t.debit_account_id
+  LEFT JOIN ledger_accounts c ON c.id = t.credit_account_id
+ WHERE t.amount_minor <= 0 OR t.debit_account_id = t.credit_account_id
+    OR d.id IS NULL OR c.id IS NULL OR d.currency <> t.currency OR c.currency <> t.currency
+ ORDER BY t.seq
+ LIMIT $1"""
+
+SQL_CHECK_CURRENCY_SUMS = """
+SELECT currency, sum(balance_minor)::numeric AS total_minor
+  FROM ledger_accounts GROUP BY currency HAVING sum(balance_minor) <> 0 ORDER BY currency"""
+
+# Stored balance against credits minus debits.
+SQL_CHECK_BALANCE_SUMS = """
+SELECT a.id, a.balance_minor, coalesce(s.total_minor, 0) AS transfers_minor
+  FROM ledger_accounts a
+  LEFT JOIN (SELECT account_id, sum(delta)::numeric AS total_minor
+               FROM (SELECT debit_account_id AS account_id, -amount_minor AS delta FROM ledger_transfers
+                     UNION ALL
+                     SELECT credit_account_id, amount_minor FROM ledger_transfers) legs
+              GROUP BY account_id) s ON s.account_id = a.id
+ WHERE a.balance_minor <> coalesce(s.total_minor, 0)
+ ORDER BY a.id
+ LIMIT $1"""
+
+# Each leg's balance after = the previous leg's (in seq order) + its signed amount; and the
+# account's created_at never goes back as seq goes up.
+SQL_CHECK_RUNNING_BALANCES = """
+SELECT x.account_id, x.id, x.balance_after, x.expected, x.created_at, x.previous_created_at
+  FROM (SELECT legs.*,
+               coalesce(lag(balance_after) OVER w, 0) + delta AS expected,
+               lag(created_at) OVER w AS previous_created_at
+          FROM (SELECT id, seq, created_at, debit_account_id AS account_id, -amount_minor AS delta,
+                       debit_balance_after_minor AS balance_after
+                  FROM ledger_transfers
+                UNION ALL
+                SELECT id, seq, created_at, credit_account_id, amount_minor, credit_balance_after_minor
+                  FROM ledger_transfers) legs
+        WINDOW w AS (PARTITION BY account_id ORDER BY seq)) x
+ WHERE x.balance_after <> x.expected OR x.created_at < x.previous_created_at
+ ORDER BY x.account_id, x.seq
+ LIMIT $1"""
+
+SQL_CHECK_BOUNDS = """
+SELECT id, balance_minor, lower_bound_minor FROM ledger_accounts
+ WHERE lower_bound_minor IS NOT NULL AND balance_minor < lower_bound_minor
+ ORDER BY id
+ LIMIT $1"""
+
+# Recompute each transfer's hash from its columns and the previous hash of both its accounts.
+SQL_CHECK_HASHES = """
+WITH legs AS (
+    SELECT id, seq, debit_account_id AS account_id, true AS is_debit, hash FROM ledger_transfers
+    UNION ALL
+    SELECT id, seq, credit_account_id, false, hash FROM ledger_transfers),
+chained AS (
+    SELECT id, account_id, is_debit,
+           coalesce(lag(hash) OVER (PARTITION BY account_id ORDER BY seq), ledger_genesis_hash(account_id))
+               AS previous_hash
+      FROM legs)
+SELECT t.id, t.seq
+  FROM ledger_transfers t
+  JOIN chained d ON d.id = t.id AND d.is_debit
+  JOIN chained c ON c.id = t.id AND NOT c.is_debit
+ WHERE t.hash IS DISTINCT FROM ledger_transfer_hash(
+           d.previous_hash, c.previous_hash, t.id, t.seq, t.debit_account_id, t.credit_account_id, t.amount_minor,
+           t.currency, t.kind, t.group_id, t.metadata, t.debit_balance_after_minor, t.credit_balance_after_minor,
+           t.created_at)
+ ORDER BY t.seq
+ LIMIT $1"""
+
+# Each account's stored chain tip is the hash of its last transfer (NULL without transfers).
+SQL_CHECK_CHAIN_TIPS = """
+SELECT a.id, a.chain_hash, last.hash AS last_hash
+  FROM ledger_accounts a
+  LEFT JOIN LATERAL (
+      SELECT legs.hash FROM (
+          (SELECT hash, seq FROM ledger_transfers WHERE debit_account_id = a.id ORDER BY seq DESC LIMIT 1)
+          UNION ALL
+          (SELECT hash, seq FROM ledger_transfers WHERE credit_account_id = a.id ORDER BY seq DESC LIMIT 1)) legs
+      ORDER BY legs.seq DESC LIMIT 1) last ON true
+ WHERE a.chain_hash IS DISTINCT FROM last.hash
+ ORDER BY a.id
+ LIMIT $1"""
+
+# One digest over every account's chain tip: record it to notice a rewrite of the whole history.
+SQL_LEDGER_DIGEST = """
+SELECT sha256(coalesce(string_agg(id::text || ':' || coalesce(encode(chain_hash, 'hex'), '-'), ',' ORDER BY id),
+                       '')::bytea) AS digest
+  FROM ledger_accounts"""
+
+# The immutability triggers exist and are enabled.
+SQL_CHECK_TRIGGERS = """
+SELECT expected.name, t.tgenabled
+  FROM unnest($1::text[]) AS expected(name)
+  LEFT JOIN pg_trigger t ON t.tgname = expected.name AND NOT t.tgisinternal
+ WHERE t.tgname IS NULL OR t.tgenabled = 'D'"""
