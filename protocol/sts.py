@@ -146,7 +146,9 @@ BASE_DATES: Final[dict[int, datetime]] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Amount field (IEC 62055-41 6.3.6.2): bits 15-14 a decimal exponent e, bits 13-0 a mantissa m;
+# Amount field (IEC 62055-41 6.3.6.2, quoted with its "rounded up in favour of the customer" rule at
+# mrgr.cn/news/54718.html; range confirmed by the CTSA10/CTSA12 vectors): bits 15-14 a decimal
+# exponent e, bits 13-0 a mantissa m;
 #   value = m * 10**e + sum(2**14 * 10**(i-1) for i in 1..e)
 # so the four exponent ranges join without gap or overlap:
 #   e=0: 0..16_383   e=1: 16_384..180_214 (step 10)   e=2: 180_224..1_818_524 (step 100)
@@ -225,8 +227,9 @@ def next_token_id(issued: datetime, last_token_id: int | None, base_year: int = 
     """The TID for the next token to one meter: never equal to or below the last one issued to it.
 
     A meter refuses a TID it has seen, so two tokens for one meter within a minute cannot both use
-    the minute: the second moves forward one minute past the last (IEC 62055-51 "multiple tokens
-    generated within the same minute"). The same holds if the clock ever steps back. The caller
+    the minute: the second moves forward one minute past the last (the rule for "multiple tokens
+    generated within the same minute" that NectarAPI/tokens-service cites from IEC 62055-51 6.3.5.3,
+    and what the CTSA09 step 2 vector carries). The same holds if the clock ever steps back. The caller
     persists the result per meter (and per base date: TIDs of different base dates are unrelated)
     before handing the token out.
     """
@@ -501,7 +504,7 @@ def credit_token(decoder_key: bytes, subclass: int, token_id: int, units: int, r
 
     `units` is rounded up to what the amount field can hold (see rounded_units); at least 1.
     """
-    if subclass not in set(CreditSubclass):
+    if isinstance(subclass, bool) or subclass not in set(CreditSubclass):
         raise StsError(f"credit subclass must be 0 (electricity), 1 (water) or 2 (gas), not {subclass!r}")
     _check_int("units", units, 1, UNITS_MAX)
     return _encode(decoder_key, TokenClass.CREDIT, subclass, random, token_id, encode_amount(units))

@@ -282,6 +282,8 @@ def test_dkga04_refuses_a_64_bit_key_and_a_bad_base_year() -> None:
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: sts.credit_token(KEY, 3, 1, 1, 0), "subclass"),
+    (lambda: sts.credit_token(KEY, True, 1, 1, 0), "subclass"),
+    (lambda: sts.credit_token(KEY, 0, 1, 1, False), "random"),
     (lambda: sts.credit_token(KEY, 0, 1, 0, 0), "units"),
     (lambda: sts.credit_token(KEY, 0, 1, sts.UNITS_MAX + 1, 0), "units"),
     (lambda: sts.credit_token(KEY, 0, 1 << 24, 1, 0), "token id"),
