@@ -1,0 +1,134 @@
+"""`vendgate agent add`, `vendgate terminal add|block|unblock`, `vendgate seed`."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from pathlib import Path
+
+from gateway import database, registry, seeding
+from gateway.cli.runner import run
+from gateway.keystore import load_keystore
+from gateway.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    agent = subparsers.add_parser("agent", help="manage collection agents").add_subparsers(
+        dest="agent_command", required=True)
+    add = agent.add_parser("add", help="register an agent and open its float")
+    add.add_argument("--name", required=True)
+    add.add_argument("--kind", required=True, choices=["shop", "property_manager", "village", "mobile_hall", "staff"])
+    add.add_argument("--currency", default="EUR")
+    add.add_argument("--contact", default="")
+    add.add_argument("--commission-bp", type=int, default=0)
+    add.add_argument("--low-float-minor", type=int, default=0)
+    add.add_argument("--time-zone", default="UTC")
+    add.set_defaults(handler=handle_agent_add)
+
+    terminal = subparsers.add_parser("terminal", help="manage terminals").add_subparsers(
+        dest="terminal_command", required=True)
+    tadd = terminal.add_parser("add", help="register a terminal; prints its key once")
+    tadd.add_argument("--id", required=True, dest="terminal_id")
+    tadd.add_argument("--serial", required=True)
+    tadd.add_argument("--agent", required=True, type=int)
+    tadd.add_argument("--kind", choices=["pos", "kiosk"], default="pos")
+    tadd.add_argument("--model", default="")
+    tadd.add_argument("--location", default="")
+    tadd.set_defaults(handler=handle_terminal_add)
+    for action in ("block", "unblock", "retire"):
+        sub = terminal.add_parser(action, help=f"{action} a terminal")
+        sub.add_argument("terminal_id")
+        sub.set_defaults(handler=handle_terminal_status, status_action=action)
+
+    seed = subparsers.add_parser("seed", help="create demo/benchmark agents, terminals and meters")
+    seed.add_argument("--agents", type=int, default=10)
+    seed.add_argument("--terminals", type=int, default=50)
+    seed.add_argument("--meters", type=int, default=200)
+    seed.add_argument("--float-minor", type=int, default=10_000_000)
+    seed.set_defaults(handler=handle_seed)
+
+
+def seed_secret_path(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "seed.secret"
+
+
+def load_seed_secret(settings: Settings) -> bytes:
+    """The secret simulated terminals derive their keys from (demo data folder only)."""
+    path = seed_secret_path(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return bytes.fromhex(path.read_text().strip())
+
+
+async def _with_conn(settings: Settings):  # type: ignore[no-untyped-def]
+    url = await database.resolve_url(settings)
+    return await database.connect(url, timeout_s=settings.database_connect_timeout_s)
+
+
+def handle_agent_add(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> registry.Agent:
+        conn = await _with_conn(settings)
+        try:
+            return await registry.add_agent(conn, kind=args.kind, name=args.name, currency=args.currency,
+                                            contact=args.contact, commission_rate_bp=args.commission_bp,
+                                            low_float_threshold_minor=args.low_float_minor,
+                                            time_zone=args.time_zone)
+        finally:
+            await conn.close()
+
+    agent = run(go())
+    print(f"agent {agent.agent_id} {agent.name!r}: float account {agent.float_account_id} ({agent.currency})")
+    return 0
+
+
+def handle_terminal_add(args: argparse.Namespace, settings: Settings) -> int:
+    keystore = load_keystore(settings)
+
+    async def go() -> bytes:
+        conn = await _with_conn(settings)
+        try:
+            return await registry.add_terminal(conn, keystore, terminal_id=args.terminal_id, serial=args.serial,
+                                               agent_id=args.agent, kind=args.kind, model=args.model,
+                                               location=args.location)
+        finally:
+            await conn.close()
+
+    key = run(go())
+    print(f"terminal {args.terminal_id} registered; its key (shown once, load it into the terminal):")
+    print(key.hex())
+    return 0
+
+
+def handle_terminal_status(args: argparse.Namespace, settings: Settings) -> int:
+    status = {"block": "blocked", "unblock": "active", "retire": "retired"}[args.status_action]
+
+    async def go() -> None:
+        conn = await _with_conn(settings)
+        try:
+            await registry.set_terminal_status(conn, args.terminal_id, status)  # type: ignore[arg-type]
+        finally:
+            await conn.close()
+
+    run(go())
+    print(f"terminal {args.terminal_id}: {status}")
+    return 0
+
+
+def handle_seed(args: argparse.Namespace, settings: Settings) -> int:
+    keystore = load_keystore(settings, create_for_demo=settings.uses_embedded_database)
+    secret = load_seed_secret(settings)
+
+    async def go() -> seeding.SeedSummary:
+        conn = await _with_conn(settings)
+        try:
+            return await seeding.seed(conn, keystore, agents=args.agents, terminals=args.terminals,
+                                      meters=args.meters, seed_secret=secret, float_each_minor=args.float_minor)
+        finally:
+            await conn.close()
+
+    summary = run(go())
+    print(f"seeded {summary.agents} agents, {summary.terminals} terminals, {summary.meters} meters; "
+          f"float {summary.float_each_minor} {summary.currency} minor units each")
+    return 0

@@ -1,0 +1,130 @@
+"""The batching committer: every session's payments, grouped into one transaction per batch.
+
+No timer: a batch leaves as soon as no batch is in flight, and requests that arrive while one
+is in flight wait for the next (up to batch_requests_max). Under light load a request commits
+alone at once; under heavy load the batches grow and one commit, one fsync and one lock round
+on a hot agent's float serve many payments. One queue keeps arrival order, hence per-agent order.
+
+A batch that fails on a retryable SQLSTATE is retried a bounded number of times; a batch that
+fails otherwise is split and each request retried alone, so one bad request cannot take its
+neighbours down. Replies are released only after COMMIT returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
+
+from gateway.jsonlog import get_logger
+from gateway.vending import VendingService, VendOutcome, VendRequest, decline, now_utc
+from protocol.codes import ResponseCode
+
+batch_requests_max = 256
+queue_requests_max = 20_000
+batch_retries_max = 5
+assert batch_requests_max <= queue_requests_max
+
+log = get_logger("vendgate.committer")
+_RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+
+
+class CommitterBusy(Exception):
+    """The queue is full or the committer is stopping: answer SYSTEM_BUSY."""
+
+
+BatchObserver = Callable[[int, float], None]
+
+
+class Committer:
+    def __init__(self, pool: asyncpg.Pool, service: VendingService, *,
+                 batch_max: int = batch_requests_max, queue_max: int = queue_requests_max,
+                 clock: Callable[[], datetime] = now_utc, on_batch: BatchObserver | None = None) -> None:
+        assert 1 <= batch_max <= queue_max
+        self._pool = pool
+        self._service = service
+        self._batch_max = batch_max
+        self._queue: asyncio.Queue[tuple[VendRequest, asyncio.Future[VendOutcome]]] = asyncio.Queue(queue_max)
+        self._clock = clock
+        self._on_batch = on_batch
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+
+    def start(self) -> None:
+        assert self._task is None
+        self._accepting = True
+        self._task = asyncio.create_task(self._run(), name="vendgate-committer")
+
+    async def stop(self) -> None:
+        """Refuse new requests, commit everything queued, then end."""
+        self._accepting = False
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, request: VendRequest) -> VendOutcome:
+        if not self._accepting:
+            raise CommitterBusy("stopping")
+        future: asyncio.Future[VendOutcome] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((request, future))
+        except asyncio.QueueFull:
+            raise CommitterBusy("queue full") from None
+        # Shielded: a session that goes away must not cancel a payment already queued.
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self._batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[tuple[VendRequest, asyncio.Future[VendOutcome]]]) -> None:
+        requests = [request for request, _ in batch]
+        started = time.perf_counter()
+        try:
+            outcomes = await self._transact(requests)
+        except Exception as exc:
+            log.exception("batch_failed", batch_size=len(batch), error=type(exc).__name__)
+            if len(batch) > 1:
+                for item in batch:
+                    await self._commit([item])
+                return
+            outcomes = [decline(requests[0], ResponseCode.SYSTEM_ERROR, "system error")]
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.perf_counter() - started)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+
+    async def _transact(self, requests: list[VendRequest]) -> list[VendOutcome]:
+        for attempt in range(1, batch_retries_max + 1):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await self._service.process_batch(conn, requests, self._clock())
+            except _RETRYABLE:
+                if attempt == batch_retries_max:
+                    raise
+                await asyncio.sleep(0.001 * attempt)
+        raise AssertionError("unreachable")

@@ -1,0 +1,268 @@
+"""Handlers: typed protocol messages in, typed replies out. No sockets here.
+
+Payments (top-up, advice, reversal) go through the committer; reads (lookup, float inquiry,
+reprint, end-of-day totals) go straight to the database. Every handler checks the terminal's
+status and permissions at the time of the request, so a terminal blocked mid-session is
+refused on its next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime
+
+import asyncpg
+
+from gateway import registry, sql
+from gateway.committer import Committer, CommitterBusy
+from gateway.jsonlog import get_logger, redact_token
+from gateway.keystore import KeyStore
+from gateway.metrics import GatewayMetrics
+from gateway.vending import VendOutcome, VendRequest, open_outcome
+from protocol.codes import ResponseCode
+from protocol.messages import (
+    AdviceBatchRequest,
+    AdviceBatchResult,
+    AdviceOutcome,
+    ClientTransactionId,
+    Customer,
+    EndOfDayRequest,
+    EndOfDayResult,
+    ErrorReply,
+    FloatInquiryRequest,
+    FloatInquiryResult,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LastPurchase,
+    LogoffReply,
+    LogoffRequest,
+    LookupRequest,
+    LookupResult,
+    ReprintRequest,
+    ReprintResult,
+    ReversalRequest,
+    ReversalResult,
+    ServerMessage,
+    SupplyMode,
+    SupplyState,
+    TerminalMessage,
+    TopUpRequest,
+    TopUpResult,
+)
+
+log = get_logger("vendgate.txn")
+db_timeout_s = 10.0
+WH_PER_DECI_KWH = 100
+
+SQL_LOOKUP = """
+SELECT m.meter_number, m.supply_mode, m.supply_state, m.last_purchase_at, m.last_purchase_minor,
+       c.account_number, c.name, c.address, d.balance_minor AS debt_balance_minor
+FROM meters m JOIN customers c USING (customer_id)
+JOIN ledger_accounts d ON d.id = c.debt_account_id
+WHERE ($1::text IS NOT NULL AND m.meter_number = $1) OR ($2::text IS NOT NULL AND c.account_number = $2)
+ORDER BY m.meter_number LIMIT 1"""
+SQL_FLOAT = """
+SELECT a.currency, a.low_float_threshold_minor, l.balance_minor
+FROM terminals t JOIN agents a USING (agent_id) JOIN ledger_accounts l ON l.id = a.float_account_id
+WHERE t.terminal_id = $1"""
+SQL_EOD = """
+SELECT kind, count(*) FILTER (WHERE response_code = 0) AS n,
+       coalesce(sum(amount_minor) FILTER (WHERE response_code = 0), 0) AS total
+FROM vend_transactions WHERE terminal_id = $1 AND business_date = $2 GROUP BY kind"""
+SQL_EOD_REVERSED = """
+SELECT count(*) AS n, coalesce(sum(v.amount_minor), 0) AS total
+FROM reversals r JOIN vend_transactions v ON v.client_txn_id = r.original_txn_id
+WHERE r.original_found AND v.terminal_id = $1 AND v.business_date = $2"""
+
+
+def mask_name(name: str) -> str:
+    """'Jane Doe' -> 'J*** D**': enough for the agent to confirm, too little to harvest."""
+    return " ".join(part[0] + "*" * min(len(part) - 1, 3) for part in name.split() if part) or "*"
+
+
+def receipt_text(terminal_id: str, receipt_number: int | None) -> str | None:
+    return None if receipt_number is None else f"{terminal_id}-{receipt_number:06d}"
+
+
+def top_up_result(txn: ClientTransactionId, outcome: VendOutcome, currency: str) -> TopUpResult:
+    code = ResponseCode(outcome.response_code)
+    if code is not ResponseCode.APPROVED:
+        return TopUpResult(client_transaction_id=txn, response_code=code, currency=currency,
+                           amount_minor=outcome.amount_minor)
+    return TopUpResult(
+        client_transaction_id=txn, response_code=code, currency=outcome.currency,
+        amount_minor=outcome.amount_minor, receipt_number=receipt_text(txn.terminal_id, outcome.receipt_number),
+        receipt_lines=outcome.receipt_lines, tokens=outcome.tokens,
+        units_wh=outcome.units_deci_kwh * WH_PER_DECI_KWH, debt_recovery_minor=outcome.debt_recovery_minor,
+        energy_minor=outcome.energy_minor, fees_minor=outcome.fees_minor, vat_minor=outcome.vat_minor,
+        float_remaining_minor=max(0, outcome.float_remaining_minor or 0), issued_at=outcome.issued_at)
+
+
+class Handlers:
+    def __init__(self, pool: asyncpg.Pool, keystore: KeyStore, committer: Committer,
+                 metrics: GatewayMetrics) -> None:
+        self.pool = pool
+        self.keystore = keystore
+        self.committer = committer
+        self.metrics = metrics
+
+    async def terminal_key(self, terminal_id: str, key_version: int) -> tuple[bytes, str] | None:
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            return await registry.terminal_key(conn, self.keystore, terminal_id)
+
+    async def terminal_context(self, terminal_id: str) -> registry.TerminalContext | None:
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            return await registry.terminal_context(conn, terminal_id)
+
+    async def handle(self, terminal_id: str, message: TerminalMessage) -> ServerMessage:
+        try:
+            return await self._dispatch(terminal_id, message)
+        except CommitterBusy:
+            return ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
+                              connection_closing=False)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.error("request_failed", terminal_id=terminal_id, message_type=type(message).__name__,
+                      error=type(exc).__name__)
+            return ErrorReply(response_code=ResponseCode.SYSTEM_ERROR, detail="system error, retry",
+                              connection_closing=False)
+
+    async def _dispatch(self, terminal_id: str, message: TerminalMessage) -> ServerMessage:
+        if isinstance(message, HeartbeatRequest):
+            return HeartbeatReply(server_time=datetime.now(UTC))
+        if isinstance(message, LogoffRequest):
+            return LogoffReply()
+        context = await self.terminal_context(terminal_id)
+        if context is None or context.status != "active":
+            return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED,
+                              detail=f"terminal {context.status if context else 'unknown'}", connection_closing=True)
+        if isinstance(message, TopUpRequest):
+            return await self._top_up(context, message)
+        if isinstance(message, LookupRequest):
+            return await self._lookup(context, message)
+        if isinstance(message, FloatInquiryRequest):
+            return await self._float(context)
+        if isinstance(message, ReversalRequest):
+            return await self._reversal(context, message)
+        if isinstance(message, ReprintRequest):
+            return await self._reprint(context, message)
+        if isinstance(message, AdviceBatchRequest):
+            return await self._advices(context, message)
+        if isinstance(message, EndOfDayRequest):
+            return await self._end_of_day(context, message)
+        return ErrorReply(response_code=ResponseCode.STATE_ERROR, detail="unexpected message",
+                          connection_closing=False)
+
+    async def _top_up(self, context: registry.TerminalContext, message: TopUpRequest) -> TopUpResult:
+        txn = message.client_transaction_id
+        request = VendRequest(kind="topup", client_txn_id=txn.as_key(), terminal_id=context.terminal_id,
+                              meter_number=message.meter_number, amount_minor=message.amount_minor,
+                              currency=message.currency, tender=str(message.tender_type))
+        outcome = await self.committer.submit(request)
+        log.info("top_up", terminal_id=context.terminal_id, agent_id=context.agent_id,
+                 client_txn_id=request.client_txn_id, meter_number=message.meter_number,
+                 amount_minor=message.amount_minor, currency=message.currency,
+                 response_code=ResponseCode(outcome.response_code).name, receipt_number=outcome.receipt_number,
+                 token=outcome.tokens[0] if outcome.tokens else None)
+        return top_up_result(txn, outcome, message.currency)
+
+    async def _reversal(self, context: registry.TerminalContext, message: ReversalRequest) -> ReversalResult:
+        original = message.original_transaction_id.as_key()
+        request = VendRequest(kind="reversal", client_txn_id=f"{original}/R", terminal_id=context.terminal_id,
+                              amount_minor=message.amount_minor, currency=message.currency,
+                              original_txn_id=original, reason=str(message.reason))
+        outcome = await self.committer.submit(request)
+        log.info("reversal", terminal_id=context.terminal_id, original_txn_id=original,
+                 response_code=ResponseCode(outcome.response_code).name)
+        code = ResponseCode(outcome.response_code)
+        return ReversalResult(original_transaction_id=message.original_transaction_id, response_code=code,
+                              currency=message.currency,
+                              reversed_amount_minor=outcome.amount_minor if code is ResponseCode.APPROVED else 0,
+                              float_remaining_minor=max(0, outcome.float_remaining_minor or 0))
+
+    async def _advices(self, context: registry.TerminalContext, message: AdviceBatchRequest) -> AdviceBatchResult:
+        requests = [VendRequest(kind="advice", client_txn_id=a.client_transaction_id.as_key(),
+                                terminal_id=context.terminal_id, meter_number=a.meter_number,
+                                amount_minor=a.amount_minor, currency=a.currency, tender=str(a.tender_type),
+                                taken_at=a.taken_at) for a in message.advices]
+        outcomes = await asyncio.gather(*(self.committer.submit(r) for r in requests))
+        results = [
+            AdviceOutcome(client_transaction_id=a.client_transaction_id, response_code=ResponseCode(o.response_code),
+                          receipt_number=receipt_text(context.terminal_id, o.receipt_number)
+                          if o.response_code == ResponseCode.APPROVED else None,
+                          tokens=o.tokens if o.response_code == ResponseCode.APPROVED else [])
+            for a, o in zip(message.advices, outcomes, strict=True)
+        ]
+        return AdviceBatchResult(response_code=ResponseCode.APPROVED, outcomes=results)
+
+    async def _lookup(self, context: registry.TerminalContext, message: LookupRequest) -> LookupResult:
+        if "lookup" not in context.allowed_operations:
+            return LookupResult(response_code=ResponseCode.NOT_PERMITTED)
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            row = await conn.fetchrow(SQL_LOOKUP, message.meter_number, message.account_number)
+        if row is None:
+            code = ResponseCode.UNKNOWN_METER if message.meter_number else ResponseCode.UNKNOWN_ACCOUNT
+            return LookupResult(response_code=code)
+        last = None
+        if row["last_purchase_at"] is not None:
+            last = LastPurchase(amount_minor=int(row["last_purchase_minor"]), purchased_at=row["last_purchase_at"])
+        state = {"on": SupplyState.CONNECTED, "limited": SupplyState.LIMITED, "off": SupplyState.DISCONNECTED}
+        return LookupResult(response_code=ResponseCode.APPROVED, customer=Customer(
+            meter_number=row["meter_number"], account_number=row["account_number"],
+            masked_name=mask_name(row["name"])[:64], address=row["address"][:128],
+            supply_mode=SupplyMode.TOKEN if row["supply_mode"] == "sts" else SupplyMode.SMART,
+            supply_state=state.get(row["supply_state"], SupplyState.UNKNOWN),
+            debt_minor=max(0, -int(row["debt_balance_minor"])), currency=context.currency, last_purchase=last))
+
+    async def _float(self, context: registry.TerminalContext) -> FloatInquiryResult:
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            row = await conn.fetchrow(SQL_FLOAT, context.terminal_id)
+        assert row is not None
+        return FloatInquiryResult(response_code=ResponseCode.APPROVED, currency=row["currency"],
+                                  float_remaining_minor=int(row["balance_minor"]),
+                                  low_float_threshold_minor=int(row["low_float_threshold_minor"]))
+
+    async def _reprint(self, context: registry.TerminalContext, message: ReprintRequest) -> ReprintResult:
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            if message.client_transaction_id is not None:
+                key = message.client_transaction_id.as_key()
+                row = await conn.fetchrow(sql.TXN_GET, key)
+            else:
+                assert message.receipt_number is not None
+                terminal, _, number = message.receipt_number.rpartition("-")
+                if terminal != context.terminal_id or not number.isdigit():
+                    return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
+                row = await conn.fetchrow(
+                    "SELECT v.* FROM receipts r JOIN vend_transactions v USING (client_txn_id) "
+                    "WHERE r.terminal_id = $1 AND r.receipt_number = $2", terminal, int(number))
+        if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:
+            return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
+        outcome = open_outcome(self.keystore, row["client_txn_id"], bytes(row["reply"]))
+        log.info("reprint", terminal_id=context.terminal_id, client_txn_id=row["client_txn_id"],
+                 token=redact_token(outcome.tokens[0]) if outcome.tokens else None)
+        return ReprintResult(response_code=ResponseCode.APPROVED,
+                             client_transaction_id=ClientTransactionId.from_key(row["client_txn_id"]),
+                             receipt_number=receipt_text(context.terminal_id, outcome.receipt_number),
+                             receipt_lines=["** REPRINT **", *outcome.receipt_lines][:40], tokens=outcome.tokens)
+
+    async def _end_of_day(self, context: registry.TerminalContext, message: EndOfDayRequest) -> EndOfDayResult:
+        day: date = message.business_date
+        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+            rows = {r["kind"]: r for r in await conn.fetch(SQL_EOD, context.terminal_id, day)}
+            reversed_row = await conn.fetchrow(SQL_EOD_REVERSED, context.terminal_id, day)
+        assert reversed_row is not None
+
+        def totals(kind: str) -> tuple[int, int]:
+            row = rows.get(kind)
+            return (int(row["n"]), int(row["total"])) if row else (0, 0)
+
+        top_ups, advices = totals("topup"), totals("advice")
+        reversals = (int(reversed_row["n"]), int(reversed_row["total"]))
+        server = (top_ups, reversals, advices)
+        terminal = ((message.top_up_count, message.top_up_total_minor),
+                    (message.reversal_count, message.reversal_total_minor),
+                    (message.advice_count, message.advice_total_minor))
+        code = ResponseCode.APPROVED if server == terminal else ResponseCode.TOTALS_MISMATCH
+        return EndOfDayResult(response_code=code, business_date=day, currency=context.currency,
+                              top_up_count=top_ups[0], top_up_total_minor=top_ups[1],
+                              reversal_count=reversals[0], reversal_total_minor=reversals[1],
+                              advice_count=advices[0], advice_total_minor=advices[1])

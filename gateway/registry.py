@@ -1,0 +1,263 @@
+"""Registry service: agents, terminals, kiosks' terminals, customers, meters, tariffs, vending keys.
+
+Used by the CLI, the seeder, the admin API and the server alike; it never imports the server.
+Creating an agent or a customer opens their ledger accounts in the same transaction.
+Terminal keys are generated here, sealed under the master key and shown once to the caller.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+import msgspec
+
+from float_ledger.ledger import create_account
+from float_ledger.model import AccountKind
+from gateway import sql
+from gateway.errors import VendgateError
+from gateway.keystore import KeyStore
+
+terminal_key_bytes = 16  # AES-128 strength, as protocol v1 requires at least
+AgentKind = Literal["shop", "property_manager", "village", "mobile_hall", "staff"]
+_TERMINAL_ID = re.compile(r"^[A-Z0-9]{8}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+SYSTEM_ACCOUNT_KINDS = (
+    AccountKind.utility_collections,
+    AccountKind.vat_payable,
+    AccountKind.commission_expense,
+    AccountKind.float_deposits,
+    AccountKind.suspense,
+)
+
+
+class RegistryError(VendgateError):
+    """Bad registry input (unknown agent, duplicate serial, bad time zone ...)."""
+
+
+class Agent(msgspec.Struct, frozen=True, kw_only=True):
+    agent_id: int
+    kind: str
+    name: str
+    currency: str
+    float_account_id: int
+    commission_account_id: int
+    commission_rate_bp: int
+    low_float_threshold_minor: int
+    time_zone: str
+
+
+class TerminalContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What the vending path needs to know about a terminal and its agent."""
+
+    terminal_id: str
+    kind: str
+    status: str
+    agent_id: int
+    currency: str
+    float_account_id: int
+    commission_account_id: int
+    commission_rate_bp: int
+    low_float_threshold_minor: int
+    time_zone: str
+    allowed_operations: list[str]
+    txn_min_minor: int
+    txn_max_minor: int
+    daily_limit_minor: int
+    key_version: int
+
+
+def terminal_key_record(terminal_id: str, key_version: int) -> str:
+    return f"terminal:{terminal_id}:v{key_version}"
+
+
+def vending_key_record(supply_group_code: str, key_revision: int) -> str:
+    return f"vending:{supply_group_code}:{key_revision}"
+
+
+def _check_currency(currency: str) -> None:
+    if not _CURRENCY.match(currency):
+        raise RegistryError(f"currency must be an ISO 4217 code like EUR, not {currency!r}")
+
+
+async def system_account(conn: asyncpg.Connection, kind: AccountKind, currency: str) -> int:
+    """The utility's account of this kind and currency, opened on first use."""
+    account_id = await conn.fetchval(sql.SYSTEM_ACCOUNT_GET, kind.value, currency)
+    if account_id is not None:
+        return int(account_id)
+    async with conn.transaction():
+        new_id = await create_account(conn, kind=kind, currency=currency, owner_ref=f"system:{kind.value}",
+                                      lower_bound_minor=None)
+        await conn.execute(sql.SYSTEM_ACCOUNT_INSERT, kind.value, currency, new_id)
+        account_id = await conn.fetchval(sql.SYSTEM_ACCOUNT_GET, kind.value, currency)
+    return int(account_id)
+
+
+async def ensure_system_accounts(conn: asyncpg.Connection, currency: str) -> dict[AccountKind, int]:
+    _check_currency(currency)
+    return {kind: await system_account(conn, kind, currency) for kind in SYSTEM_ACCOUNT_KINDS}
+
+
+async def add_agent(
+    conn: asyncpg.Connection,
+    *,
+    kind: AgentKind,
+    name: str,
+    currency: str,
+    contact: str = "",
+    commission_rate_bp: int = 0,
+    low_float_threshold_minor: int = 0,
+    time_zone: str = "UTC",
+) -> Agent:
+    _check_currency(currency)
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RegistryError(f"unknown time zone {time_zone!r}") from None
+    if not 0 <= commission_rate_bp <= 10_000:
+        raise RegistryError("commission rate must be 0..10000 basis points")
+    await ensure_system_accounts(conn, currency)
+    async with conn.transaction():
+        float_id = await create_account(conn, kind=AccountKind.agent_float, currency=currency,
+                                        owner_ref=f"agent:{name}", lower_bound_minor=0,
+                                        low_threshold_minor=low_float_threshold_minor or None)
+        commission_id = await create_account(conn, kind=AccountKind.commission_payable, currency=currency,
+                                             owner_ref=f"agent:{name}", lower_bound_minor=0)
+        agent_id = await conn.fetchval(sql.AGENT_INSERT, kind, name, contact, currency, float_id, commission_id,
+                                       commission_rate_bp, low_float_threshold_minor, time_zone)
+    return await get_agent(conn, int(agent_id))
+
+
+async def get_agent(conn: asyncpg.Connection, agent_id: int) -> Agent:
+    row = await conn.fetchrow(sql.AGENT_GET, agent_id)
+    if row is None:
+        raise RegistryError(f"no agent {agent_id}")
+    return msgspec.convert({k: row[k] for k in Agent.__struct_fields__}, Agent)
+
+
+async def add_terminal(
+    conn: asyncpg.Connection,
+    keystore: KeyStore,
+    *,
+    terminal_id: str,
+    serial: str,
+    agent_id: int,
+    kind: Literal["pos", "kiosk"] = "pos",
+    model: str = "",
+    location: str = "",
+    txn_min_minor: int = 1,
+    txn_max_minor: int = 100_000_000,
+    daily_limit_minor: int = 1_000_000_000,
+) -> bytes:
+    """Register a terminal; returns its new secret key, which is shown once and never again."""
+    if not _TERMINAL_ID.match(terminal_id):
+        raise RegistryError("terminal id must be 8 characters A-Z, 0-9")
+    if not 0 < txn_min_minor <= txn_max_minor or daily_limit_minor <= 0:
+        raise RegistryError("limits must satisfy 0 < min <= max and a positive daily limit")
+    key = secrets.token_bytes(terminal_key_bytes)
+    sealed = keystore.seal(key, terminal_key_record(terminal_id, 1))
+    try:
+        await conn.execute(sql.TERMINAL_INSERT, terminal_id, serial, model, kind, agent_id, location, sealed,
+                           txn_min_minor, txn_max_minor, daily_limit_minor)
+    except asyncpg.UniqueViolationError:
+        raise RegistryError(f"terminal {terminal_id} or serial {serial} already registered") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise RegistryError(f"no agent {agent_id}") from None
+    return key
+
+
+async def terminal_context(conn: asyncpg.Connection, terminal_id: str) -> TerminalContext | None:
+    row = await conn.fetchrow(sql.TERMINAL_GET, terminal_id)
+    if row is None:
+        return None
+    return msgspec.convert({k: row[k] for k in TerminalContext.__struct_fields__}, TerminalContext)
+
+
+async def terminal_key(conn: asyncpg.Connection, keystore: KeyStore, terminal_id: str) -> tuple[bytes, str] | None:
+    """(key, status) of a terminal, or None when unknown."""
+    row = await conn.fetchrow(sql.TERMINAL_GET, terminal_id)
+    if row is None:
+        return None
+    key = keystore.open(bytes(row["key_ciphertext"]), terminal_key_record(terminal_id, row["key_version"]))
+    return key, str(row["status"])
+
+
+async def set_terminal_status(conn: asyncpg.Connection, terminal_id: str,
+                              status: Literal["active", "blocked", "retired"]) -> None:
+    if await conn.fetchval(sql.TERMINAL_SET_STATUS, terminal_id, status) is None:
+        raise RegistryError(f"no terminal {terminal_id}")
+
+
+async def add_tariff(
+    conn: asyncpg.Connection,
+    *,
+    tariff_code: str,
+    valid_from: datetime,
+    currency: str,
+    energy_price_minor_per_mwh: int,
+    energy_vat_rate_bp: int,
+    fee_per_purchase_minor: int = 0,
+    fee_vat_rate_bp: int = 0,
+) -> None:
+    _check_currency(currency)
+    if valid_from.tzinfo is None:
+        raise RegistryError("tariff valid_from must be timezone-aware")
+    await conn.execute(sql.TARIFF_INSERT, tariff_code, valid_from, currency, energy_price_minor_per_mwh,
+                       energy_vat_rate_bp, fee_per_purchase_minor, fee_vat_rate_bp)
+
+
+async def set_vending_key(conn: asyncpg.Connection, keystore: KeyStore, *, supply_group_code: str,
+                          key_revision: int, key_type: int, vending_key: bytes) -> None:
+    if len(vending_key) != 8:
+        raise RegistryError("an STS vending key is 8 bytes (16 hex digits)")
+    sealed = keystore.seal(vending_key, vending_key_record(supply_group_code, key_revision))
+    await conn.execute(sql.VENDING_KEY_UPSERT, supply_group_code, key_revision, key_type, sealed)
+
+
+async def add_customer(
+    conn: asyncpg.Connection,
+    *,
+    account_number: str,
+    name: str,
+    currency: str,
+    address: str = "",
+    phone: str = "",
+    debt_recovery_share_bp: int = 0,
+) -> int:
+    _check_currency(currency)
+    async with conn.transaction():
+        credit_id = await create_account(conn, kind=AccountKind.customer_credit, currency=currency,
+                                         owner_ref=f"customer:{account_number}", lower_bound_minor=None)
+        debt_id = await create_account(conn, kind=AccountKind.customer_debt, currency=currency,
+                                       owner_ref=f"customer:{account_number}", lower_bound_minor=None)
+        try:
+            customer_id = await conn.fetchval(sql.CUSTOMER_INSERT, account_number, name, address, phone,
+                                              credit_id, debt_id, debt_recovery_share_bp)
+        except asyncpg.UniqueViolationError:
+            raise RegistryError(f"account {account_number} already exists") from None
+    return int(customer_id)
+
+
+async def add_meter(
+    conn: asyncpg.Connection,
+    *,
+    meter_number: str,
+    customer_id: int,
+    supply_mode: Literal["smart", "sts"],
+    tariff_code: str,
+    sts_supply_group_code: str | None = None,
+    sts_tariff_index: str | None = None,
+    sts_key_revision: int | None = None,
+    sts_base_year: int | None = None,
+) -> None:
+    try:
+        await conn.execute(sql.METER_INSERT, meter_number, customer_id, supply_mode, tariff_code,
+                           sts_supply_group_code, sts_tariff_index, sts_key_revision, sts_base_year)
+    except asyncpg.UniqueViolationError:
+        raise RegistryError(f"meter {meter_number} already exists") from None
+    except asyncpg.CheckViolationError as exc:
+        raise RegistryError(f"meter {meter_number}: {exc.constraint_name or 'invalid fields'}") from None

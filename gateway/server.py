@@ -1,0 +1,307 @@
+"""The gateway server: the only place a socket meets a session.
+
+One asyncio process: a TCP listener for POS terminals (protocol v1 frames), an HTTPS listener
+for kiosks (mutual TLS, JSON), and an HTTP listener for /metrics, /healthz and /readyz.
+
+The POS read loop owns every limit of a connection: a cap on open connections, an idle
+timeout between frames, an absolute deadline for a frame once its first byte arrived, a
+bounded write drain, one live session per terminal (a new logon closes the old one) and lock
+step (one request in flight per session, by the protocol). A slow or hostile client costs one
+task and is cut off by its own deadlines, never by slowing anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import registry
+from gateway.committer import Committer
+from gateway.handlers import Handlers
+from gateway.jsonlog import get_logger
+from gateway.keystore import KeyStore
+from gateway.metrics import GatewayMetrics
+from gateway.settings import Settings
+from gateway.vending import VendingService
+from protocol.codes import ResponseCode
+from protocol.errors import ProtocolError
+from protocol.messages import ErrorReply, LogoffRequest, LogonAccepted
+from protocol.session import LoggedOn, LogonRequested, MessageReceived, ServerSession, ServerState
+
+log = get_logger("vendgate.server")
+
+connections_max = 10_000
+read_chunk_bytes = 16_384
+idle_timeout_s = 300.0
+frame_deadline_s = 30.0
+write_drain_timeout_s = 10.0
+heartbeat_interval_s = 60
+shutdown_grace_s = 20.0
+assert frame_deadline_s < idle_timeout_s
+
+
+@dataclass
+class Limits:
+    connections_max: int = connections_max
+    idle_timeout_s: float = idle_timeout_s
+    frame_deadline_s: float = frame_deadline_s
+    write_drain_timeout_s: float = write_drain_timeout_s
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    session: ServerSession
+    terminal_id: str | None = None
+    busy: bool = False
+    closing: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Gateway:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, keystore: KeyStore, *,
+                 limits: Limits | None = None, kiosk_ssl: object | None = None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.keystore = keystore
+        self.limits = limits or Limits()
+        self.metrics = GatewayMetrics()
+        self.vending = VendingService(keystore)
+        self.committer = Committer(pool, self.vending, on_batch=self.metrics.observe_batch)
+        self.handlers = Handlers(pool, keystore, self.committer, self.metrics)
+        self._connections: set[_Connection] = set()
+        self._by_terminal: dict[str, _Connection] = {}
+        self._pos_server: asyncio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._kiosk_ssl = kiosk_ssl
+        self.pos_port: int | None = None
+        self.kiosk_port: int | None = None
+        self.http_port: int | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.committer.start()
+        self._pos_server = await asyncio.start_server(
+            self._serve_pos, self.settings.pos_host, self.settings.pos_port, limit=read_chunk_bytes,
+            backlog=1024)
+        self.pos_port = self._pos_server.sockets[0].getsockname()[1]
+        self.http_port = await self._start_app(self._ops_app(), self.settings.http_host, self.settings.http_port)
+        if self._kiosk_ssl is not None:
+            from gateway.kiosk import kiosk_app
+
+            self.kiosk_port = await self._start_app(kiosk_app(self), self.settings.kiosk_host,
+                                                    self.settings.kiosk_port, ssl_context=self._kiosk_ssl)
+        log.info("gateway_started", pos_port=self.pos_port, kiosk_port=self.kiosk_port, http_port=self.http_port)
+
+    async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)  # type: ignore[arg-type]
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight work, say goodbye to idle sessions, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._pos_server is not None:
+            self._pos_server.close()
+        deadline = time.monotonic() + shutdown_grace_s
+        # Requests already read are answered; then every session is told goodbye.
+        while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
+        await self.committer.stop()
+        for conn in list(self._connections):
+            await self._goodbye(conn)
+        for runner in self._runners:
+            await runner.cleanup()
+        if self._pos_server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pos_server.wait_closed(), 5)
+        log.info("gateway_stopped")
+
+    async def _goodbye(self, conn: _Connection) -> None:
+        if conn.closing:
+            return
+        conn.closing = True
+        with contextlib.suppress(Exception):
+            if conn.session.state not in (ServerState.CLOSED, ServerState.FAILED):
+                conn.writer.write(conn.session.reject(ResponseCode.SYSTEM_BUSY, "server shutting down"))
+                await asyncio.wait_for(conn.writer.drain(), 2)
+        conn.writer.close()
+
+    # -- POS connections ---------------------------------------------------------------------
+
+    async def _serve_pos(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping or len(self._connections) >= self.limits.connections_max:
+            self.metrics.connections_refused.labels("capacity" if not self._stopping else "stopping").inc()
+            writer.close()
+            return
+        conn = _Connection(writer=writer, session=ServerSession())
+        self._connections.add(conn)
+        self.metrics.sessions_open.labels("pos").inc()
+        try:
+            await self._read_loop(reader, conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("connection_failed", terminal_id=conn.terminal_id)
+        finally:
+            self._connections.discard(conn)
+            if conn.terminal_id and self._by_terminal.get(conn.terminal_id) is conn:
+                del self._by_terminal[conn.terminal_id]
+            self.metrics.sessions_open.labels("pos").dec()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
+        frame_started: float | None = None
+        while not conn.closing:
+            now = time.monotonic()
+            if frame_started is None:
+                timeout = self.limits.idle_timeout_s
+            else:
+                timeout = frame_started + self.limits.frame_deadline_s - now
+            try:
+                data = await asyncio.wait_for(reader.read(read_chunk_bytes), max(timeout, 0.001))
+            except TimeoutError:
+                self.metrics.protocol_errors.labels("timeout").inc()
+                await self._send_final(conn, ResponseCode.FORMAT_ERROR,
+                                       "frame deadline passed" if frame_started else "idle timeout")
+                return
+            if not data:
+                return
+            try:
+                events = conn.session.receive_data(data)
+            except ProtocolError as error:
+                self.metrics.protocol_errors.labels(type(error).__name__).inc()
+                if error.close_connection:
+                    await self._send_final(conn, error.response_code, error.detail)
+                    return
+                await self._write(conn, conn.session.send(ErrorReply(
+                    response_code=error.response_code, detail=error.detail, connection_closing=False)))
+                frame_started = None
+                continue
+            frame_started = None if events else (frame_started or now)
+            for event in events:
+                if not await self._handle_event(conn, event):
+                    return
+            if conn.session.state in (ServerState.CLOSED, ServerState.FAILED):
+                return
+
+    async def _handle_event(self, conn: _Connection, event: object) -> bool:
+        """Answer one event; False ends the connection."""
+        session = conn.session
+        if isinstance(event, LogonRequested):
+            found = await self.handlers.terminal_key(event.terminal_id, event.key_version)
+            if found is None:
+                await self._send_final(conn, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
+                return False
+            key, status = found
+            if status != "active":
+                await self._send_final(conn, ResponseCode.TERMINAL_BLOCKED, f"terminal {status}")
+                return False
+            await self._write(conn, session.challenge(key, secrets.token_bytes(16)))
+            return True
+        if isinstance(event, LoggedOn):
+            previous = self._by_terminal.get(event.terminal_id)
+            if previous is not None and previous is not conn:
+                # One live session per terminal: the newer logon wins.
+                asyncio.get_running_loop().create_task(self._goodbye(previous))
+            conn.terminal_id = event.terminal_id
+            self._by_terminal[event.terminal_id] = conn
+            context = await self.handlers.terminal_context(event.terminal_id)
+            now = datetime.now(UTC)
+            accepted = LogonAccepted(server_time=now, business_date=registry_business_date(now, context),
+                                     heartbeat_interval_s=heartbeat_interval_s,
+                                     idle_timeout_s=int(self.limits.idle_timeout_s))
+            await self._write(conn, session.send(accepted))
+            log.info("terminal_logged_on", terminal_id=event.terminal_id,
+                     software_version=event.message.software_version)
+            return True
+        if isinstance(event, MessageReceived):
+            assert conn.terminal_id is not None
+            message = event.message
+            conn.busy = True
+            started = time.perf_counter()
+            try:
+                reply = await self.handlers.handle(conn.terminal_id, message)
+            finally:
+                conn.busy = False
+            kind = type(message).__name__
+            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(kind, getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
+            closing = isinstance(reply, ErrorReply) and reply.connection_closing
+            await self._write(conn, session.send(reply))
+            return not (closing or isinstance(message, LogoffRequest))
+        raise AssertionError(f"unexpected event {event!r}")
+
+    async def _write(self, conn: _Connection, data: bytes) -> None:
+        conn.writer.write(data)
+        await asyncio.wait_for(conn.writer.drain(), self.limits.write_drain_timeout_s)
+
+    async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._write(conn, conn.session.reject(code, detail[:200]))
+
+    # -- operations endpoints ----------------------------------------------------------------
+
+    def _ops_app(self) -> web.Application:
+        app = web.Application(client_max_size=1024)
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            if self._stopping:
+                return web.json_response({"status": "stopping"}, status=503)
+            try:
+                async with self.pool.acquire(timeout=2) as conn:
+                    await conn.fetchval("SELECT 1", timeout=2)
+            except Exception:
+                return web.json_response({"status": "database unavailable"}, status=503)
+            return web.json_response({"status": "ready", "sessions": len(self._connections),
+                                      "queued": self.committer.queued})
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        return app
+
+
+def registry_business_date(now: datetime, context: registry.TerminalContext | None):  # type: ignore[no-untyped-def]
+    from gateway.vending import business_date
+
+    return business_date(now, context.time_zone if context else "UTC")
+
+
+async def serve_until_signalled(gateway: Gateway) -> None:
+    """Run until SIGTERM or SIGINT, then stop within the shutdown bound."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    await stop.wait()
+    log.info("shutdown_requested")
+    await asyncio.wait_for(gateway.stop(), shutdown_grace_s + 10)

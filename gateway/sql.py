@@ -1,0 +1,134 @@
+"""Every SQL statement of the registry and vending aggregates, named and parameterised.
+
+A test prepares each constant against the live schema, so a renamed column fails there first.
+Ledger statements live in float_ledger/.
+"""
+
+# -- registry ------------------------------------------------------------------------------
+
+SYSTEM_ACCOUNT_GET = "SELECT account_id FROM system_accounts WHERE kind = $1 AND currency = $2"
+SYSTEM_ACCOUNT_INSERT = """
+INSERT INTO system_accounts (kind, currency, account_id) VALUES ($1, $2, $3)
+ON CONFLICT (kind, currency) DO NOTHING"""
+
+AGENT_INSERT = """
+INSERT INTO agents (kind, name, contact, currency, float_account_id, commission_account_id,
+                    commission_rate_bp, low_float_threshold_minor, time_zone)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+RETURNING agent_id"""
+AGENT_GET = "SELECT * FROM agents WHERE agent_id = $1"
+
+TERMINAL_INSERT = """
+INSERT INTO terminals (terminal_id, serial, model, kind, agent_id, location, key_ciphertext,
+                       txn_min_minor, txn_max_minor, daily_limit_minor)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
+TERMINAL_GET = """
+SELECT t.*, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp,
+       a.low_float_threshold_minor, a.time_zone
+FROM terminals t JOIN agents a USING (agent_id)
+WHERE t.terminal_id = $1"""
+TERMINAL_SET_STATUS = "UPDATE terminals SET status = $2 WHERE terminal_id = $1 RETURNING status"
+TERMINAL_STATUSES = "SELECT terminal_id, status, allowed_operations FROM terminals WHERE terminal_id = ANY($1::text[])"
+TERMINAL_NEXT_RECEIPTS = """
+UPDATE terminals SET receipt_seq = receipt_seq + $2 WHERE terminal_id = $1 RETURNING receipt_seq"""
+
+TARIFF_INSERT = """
+INSERT INTO tariffs (tariff_code, valid_from, currency, energy_price_minor_per_mwh, energy_vat_rate_bp,
+                     fee_per_purchase_minor, fee_vat_rate_bp)
+VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+
+VENDING_KEY_UPSERT = """
+INSERT INTO vending_keys (supply_group_code, key_revision, key_type, key_ciphertext) VALUES ($1, $2, $3, $4)
+ON CONFLICT (supply_group_code, key_revision) DO UPDATE SET key_type = EXCLUDED.key_type,
+    key_ciphertext = EXCLUDED.key_ciphertext"""
+VENDING_KEY_GET = "SELECT * FROM vending_keys WHERE supply_group_code = $1 AND key_revision = $2"
+
+CUSTOMER_INSERT = """
+INSERT INTO customers (account_number, name, address, phone, credit_account_id, debt_account_id,
+                       debt_recovery_share_bp)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING customer_id"""
+METER_INSERT = """
+INSERT INTO meters (meter_number, customer_id, supply_mode, tariff_code, sts_supply_group_code,
+                    sts_tariff_index, sts_key_revision, sts_base_year)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"""
+
+# Meter context for vending: customer, accounts and the tariff in force at $2.
+METERS_FOR_VEND = """
+SELECT m.meter_number, m.supply_mode, m.tariff_code, m.supply_state, m.sts_supply_group_code,
+       m.sts_tariff_index, m.sts_key_revision, m.sts_base_year, m.last_token_id,
+       m.last_purchase_at, m.last_purchase_minor,
+       c.customer_id, c.account_number, c.name, c.address, c.credit_account_id, c.debt_account_id,
+       c.debt_recovery_share_bp,
+       t.valid_from AS tariff_valid_from, t.currency AS tariff_currency, t.energy_price_minor_per_mwh,
+       t.energy_vat_rate_bp, t.fee_per_purchase_minor, t.fee_vat_rate_bp
+FROM meters m
+JOIN customers c USING (customer_id)
+LEFT JOIN LATERAL (
+    SELECT * FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= $2
+    ORDER BY t.valid_from DESC LIMIT 1
+) t ON true
+WHERE m.meter_number = ANY($1::text[])"""
+METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (customer_id) WHERE c.account_number = $1"
+METER_SET_LAST_TOKEN = "UPDATE meters SET last_token_id = $2 WHERE meter_number = $1"
+METER_SET_LAST_PURCHASE = """
+UPDATE meters SET last_purchase_at = $2, last_purchase_minor = $3 WHERE meter_number = $1"""
+
+# -- vending -------------------------------------------------------------------------------
+
+TXN_GET_MANY = """
+SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
+       meter_number, amount_minor, currency, created_at
+FROM vend_transactions WHERE client_txn_id = ANY($1::text[])"""
+TXN_INSERT_MANY = """
+INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
+                               meter_number, amount_minor, currency, group_id, receipt_number,
+                               business_date, reply)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
+                     $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])"""
+TXN_GET_BY_RECEIPT = """
+SELECT v.reply FROM receipts r JOIN vend_transactions v USING (client_txn_id)
+WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
+RECEIPT_INSERT_MANY = """
+INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::timestamptz[])"""
+TOKEN_INSERT_MANY = """
+INSERT INTO tokens (client_txn_id, meter_number, token_id, token_class, token_subclass, units_deci_kwh,
+                    token_ciphertext, token_last4, issued_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[], $6::bigint[], $7::bytea[],
+                     $8::text[], $9::timestamptz[])"""
+TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
+DAILY_TOTALS_GET = """
+SELECT terminal_id, approved_minor FROM terminal_daily_totals
+WHERE terminal_id = ANY($1::text[]) AND business_date = $2"""
+DAILY_TOTALS_ADD_MANY = """
+INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
+SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[])
+ON CONFLICT (terminal_id, business_date) DO UPDATE
+SET approved_count = terminal_daily_totals.approved_count + EXCLUDED.approved_count,
+    approved_minor = terminal_daily_totals.approved_minor + EXCLUDED.approved_minor"""
+REVERSALS_GET_MANY = "SELECT * FROM reversals WHERE original_txn_id = ANY($1::text[])"
+REVERSAL_INSERT = """
+INSERT INTO reversals (original_txn_id, reversal_txn_id, terminal_id, reason, original_found)
+VALUES ($1, $2, $3, $4, $5) ON CONFLICT (original_txn_id) DO NOTHING
+RETURNING reversal_txn_id"""
+OUTBOX_INSERT_MANY = """
+INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
+OUTBOX_PENDING = """
+SELECT event_id, kind, client_txn_id, meter_number, payload FROM outbox
+WHERE delivered_at IS NULL ORDER BY event_id LIMIT $1 FOR UPDATE SKIP LOCKED"""
+OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
+OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
+
+TERMINALS_FOR_VEND = """
+SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
+       t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone
+FROM terminals t JOIN agents a USING (agent_id)
+WHERE t.terminal_id = ANY($1::text[])"""
+
+ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"
+TXN_GET = """
+SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
+       meter_number, amount_minor, currency, created_at
+FROM vend_transactions WHERE client_txn_id = $1"""

@@ -1,0 +1,574 @@
+"""Vending: turn a batch of top-ups, offline advices and reversals into money, receipts and tokens.
+
+`process_batch` runs inside ONE database transaction opened by the committer. For each request,
+in arrival order, it decides (replay, guard, limit, split), then posts every approved payment's
+linked transfer group with one ledger call, numbers receipts without gaps per terminal, issues
+STS tokens (never two with one TID for one meter), records the reply under the client
+transaction id (the idempotency key) and writes the engine's outbox events. The reply leaves
+only after the transaction commits; a retry of the same id gets the stored reply byte for byte.
+
+A refused guard declines that request alone; the others in the batch go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import msgspec
+
+from float_ledger.ledger import apply_transfers, reverse_group
+from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind
+from float_ledger.split import AmountTooSmall, Tariff, commission_minor, split_payment
+from gateway import sql
+from gateway.keystore import KeyStore
+from gateway.registry import system_account, vending_key_record
+from protocol import sts
+from protocol.codes import ResponseCode
+
+GROUP_NAMESPACE = uuid.UUID("6b1c7a52-4f0e-4a43-9a55-0f3c2d8e9b10")
+sts_units_max = sts.UNITS_MAX  # largest amount an STS class-0 token carries, in 0.1 kWh
+receipt_line_chars_max = 32
+
+
+class VendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    kind: Literal["topup", "advice", "reversal"]
+    client_txn_id: str
+    terminal_id: str
+    meter_number: str = ""
+    amount_minor: int = 0
+    currency: str = ""
+    tender: str = "cash"
+    original_txn_id: str = ""
+    reason: str = ""
+    taken_at: datetime | None = None
+
+    def content_sha256(self) -> bytes:
+        """What identifies the request's content: a replay with other content is refused."""
+        return hashlib.sha256(_request_encoder.encode(self)).digest()
+
+
+class VendOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    client_txn_id: str
+    response_code: int
+    message: str = ""
+    meter_number: str = ""
+    amount_minor: int = 0
+    currency: str = ""
+    receipt_number: int | None = None
+    receipt_lines: list[str] = []
+    tokens: list[str] = []
+    units_deci_kwh: int = 0
+    debt_recovery_minor: int = 0
+    energy_minor: int = 0
+    fees_minor: int = 0
+    vat_minor: int = 0
+    commission_minor: int = 0
+    float_remaining_minor: int | None = None
+    issued_at: datetime | None = None
+    tariff_code: str = ""
+
+    @property
+    def approved(self) -> bool:
+        return self.response_code == ResponseCode.APPROVED
+
+
+_request_encoder = msgspec.msgpack.Encoder()
+_outcome_encoder = msgspec.msgpack.Encoder()
+_outcome_decoder = msgspec.msgpack.Decoder(VendOutcome)
+
+
+def seal_outcome(keystore: KeyStore, outcome: VendOutcome) -> bytes:
+    # The stored reply may hold a token (bearer value): it is sealed like a key.
+    return keystore.seal(_outcome_encoder.encode(outcome), f"reply:{outcome.client_txn_id}")
+
+
+def open_outcome(keystore: KeyStore, client_txn_id: str, sealed: bytes) -> VendOutcome:
+    return _outcome_decoder.decode(keystore.open(sealed, f"reply:{client_txn_id}"))
+
+
+def decline(request: VendRequest, code: ResponseCode, message: str) -> VendOutcome:
+    return VendOutcome(client_txn_id=request.client_txn_id, response_code=int(code), message=message,
+                       meter_number=request.meter_number, amount_minor=request.amount_minor,
+                       currency=request.currency)
+
+
+def group_id_for(client_txn_id: str) -> uuid.UUID:
+    return uuid.uuid5(GROUP_NAMESPACE, client_txn_id)
+
+
+def transfer_id_for(client_txn_id: str, part: str) -> uuid.UUID:
+    return uuid.uuid5(GROUP_NAMESPACE, f"{client_txn_id}/{part}")
+
+
+def business_date(now: datetime, time_zone: str) -> date:
+    return now.astimezone(ZoneInfo(time_zone)).date()
+
+
+class _Pending:
+    """A top-up that passed every guard and waits for the ledger's verdict."""
+
+    __slots__ = ("float_after", "group_status", "index", "meter", "request", "split", "tariff", "terminal", "transfers")
+
+    def __init__(self, index: int, request: VendRequest, terminal: asyncpg.Record, meter: asyncpg.Record,
+                 tariff: Tariff, split: Any, transfers: list[Transfer]) -> None:
+        self.index = index
+        self.request = request
+        self.terminal = terminal
+        self.meter = meter
+        self.tariff = tariff
+        self.split = split
+        self.transfers = transfers
+        self.group_status: PostStatus | None = None
+        self.float_after: int | None = None
+
+
+class VendingService:
+    """Stateless apart from caches of system account ids and decoder keys."""
+
+    def __init__(self, keystore: KeyStore) -> None:
+        self.keystore = keystore
+        self._system_accounts: dict[tuple[AccountKind, str], int] = {}
+        self._decoder_keys: dict[str, bytes] = {}
+
+    async def _system(self, conn: asyncpg.Connection, kind: AccountKind, currency: str) -> int:
+        key = (kind, currency)
+        if key not in self._system_accounts:
+            self._system_accounts[key] = await system_account(conn, kind, currency)
+        return self._system_accounts[key]
+
+    # -- the batch ---------------------------------------------------------------------------
+
+    async def process_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest],
+                            now: datetime) -> list[VendOutcome]:
+        """Decide every request; caller holds the transaction. Results are in request order."""
+        assert now.tzinfo is not None
+        outcomes: list[Any] = [None] * len(requests)
+        segment: list[int] = []
+        # Reversals cut the batch into segments, so a reversal sees every top-up before it.
+        for index, request in enumerate(requests):
+            if request.kind == "reversal":
+                if segment:
+                    await self._topups(conn, requests, segment, outcomes, now)
+                    segment = []
+                outcomes[index] = await self._reversal(conn, request, now)
+            else:
+                segment.append(index)
+        if segment:
+            await self._topups(conn, requests, segment, outcomes, now)
+        assert all(o is not None for o in outcomes)
+        return [o for o in outcomes if o is not None]
+
+    async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
+                      outcomes: list[Any], now: datetime) -> None:
+        batch = [requests[i] for i in indexes]
+        ids = [r.client_txn_id for r in batch]
+        stored = {row["client_txn_id"]: row for row in await conn.fetch(sql.TXN_GET_MANY, ids)}
+        reversed_ids = {row["original_txn_id"] for row in await conn.fetch(sql.REVERSALS_GET_MANY, ids)}
+        terminals = {row["terminal_id"]: row for row in await conn.fetch(
+            sql.TERMINALS_FOR_VEND, list({r.terminal_id for r in batch}))}
+        meters = {row["meter_number"]: row for row in await conn.fetch(
+            sql.METERS_FOR_VEND, list({r.meter_number for r in batch}), now)}
+        debt_balances = await self._balances(conn, [m["debt_account_id"] for m in meters.values()])
+        dates = {tid: business_date(now, row["time_zone"]) for tid, row in terminals.items()}
+        daily: dict[str, int] = {}
+        for tid, day in dates.items():
+            for row in await conn.fetch(sql.DAILY_TOTALS_GET, [tid], day):
+                daily[tid] = int(row["approved_minor"])
+
+        seen_in_batch: dict[str, tuple[bytes, int]] = {}
+        pending: list[_Pending] = []
+        debt_left = {m: -debt_balances.get(row["debt_account_id"], 0) for m, row in meters.items()}
+        for index, request in zip(indexes, batch, strict=True):
+            digest = request.content_sha256()
+            if request.client_txn_id in seen_in_batch:
+                first_digest, first_index = seen_in_batch[request.client_txn_id]
+                outcomes[index] = _Alias(first_index) if first_digest == digest else decline(
+                    request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT, "transaction id reused with other content")
+                continue
+            seen_in_batch[request.client_txn_id] = (digest, index)
+            row = stored.get(request.client_txn_id)
+            if row is not None:
+                if bytes(row["request_sha256"]) != digest:
+                    outcomes[index] = decline(request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT,
+                                              "transaction id reused with other content")
+                elif request.client_txn_id in reversed_ids and row["response_code"] == ResponseCode.APPROVED:
+                    outcomes[index] = decline(request, ResponseCode.ALREADY_REVERSED, "payment was reversed")
+                else:
+                    outcomes[index] = open_outcome(self.keystore, request.client_txn_id, bytes(row["reply"]))
+                continue
+            verdict = self._guard(request, terminals.get(request.terminal_id), meters.get(request.meter_number),
+                                  request.client_txn_id in reversed_ids, daily, debt_left)
+            if isinstance(verdict, VendOutcome):
+                outcomes[index] = _New(verdict)
+                continue
+            terminal, meter, tariff, split = verdict
+            if meter["supply_mode"] == "sts":
+                try:
+                    await self._decoder_key(conn, meter)
+                except (sts.StsError, LookupError):
+                    outcomes[index] = _New(decline(request, ResponseCode.UNKNOWN_METER,
+                                                   "the meter's token parameters are not usable"))
+                    daily[request.terminal_id] -= request.amount_minor
+                    continue
+            transfers = await self._transfers(conn, request, terminal, meter, split)
+            pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers))
+
+        await self._post(conn, pending)
+        await self._finish(conn, requests, pending, outcomes, terminals, dates, now)
+
+    def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,
+               reversed_first: bool, daily: dict[str, int], debt_left: dict[str, int]
+               ) -> VendOutcome | tuple[asyncpg.Record, asyncpg.Record, Tariff, Any]:
+        if terminal is None:
+            return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
+        if terminal["status"] != "active":
+            return decline(request, ResponseCode.TERMINAL_BLOCKED, f"terminal {terminal['status']}")
+        operation = "advice" if request.kind == "advice" else "topup"
+        if operation not in terminal["allowed_operations"]:
+            return decline(request, ResponseCode.NOT_PERMITTED, f"{operation} not permitted for this terminal")
+        if reversed_first:
+            return decline(request, ResponseCode.ALREADY_REVERSED, "a reversal for this payment came first")
+        if request.currency != terminal["currency"]:
+            return decline(request, ResponseCode.CURRENCY_MISMATCH, f"agent's float is in {terminal['currency']}")
+        if not terminal["txn_min_minor"] <= request.amount_minor <= terminal["txn_max_minor"]:
+            return decline(request, ResponseCode.LIMIT_EXCEEDED,
+                           f"amount outside {terminal['txn_min_minor']}..{terminal['txn_max_minor']}")
+        spent = daily.get(request.terminal_id, 0)
+        if spent + request.amount_minor > terminal["daily_limit_minor"]:
+            return decline(request, ResponseCode.LIMIT_EXCEEDED, "daily limit reached")
+        if meter is None:
+            return decline(request, ResponseCode.UNKNOWN_METER, "unknown meter")
+        if meter["tariff_valid_from"] is None or meter["tariff_currency"] != request.currency:
+            return decline(request, ResponseCode.UNKNOWN_METER, "no tariff in force for this meter")
+        tariff = Tariff(tariff_code=meter["tariff_code"], currency=meter["tariff_currency"],
+                        energy_price_minor_per_mwh=meter["energy_price_minor_per_mwh"],
+                        energy_vat_rate_bp=meter["energy_vat_rate_bp"],
+                        fee_per_purchase_minor=meter["fee_per_purchase_minor"],
+                        fee_vat_rate_bp=meter["fee_vat_rate_bp"])
+        try:
+            split = split_payment(amount_minor=request.amount_minor,
+                                  debt_outstanding_minor=max(0, debt_left.get(request.meter_number, 0)),
+                                  debt_recovery_share_bp=meter["debt_recovery_share_bp"], tariff=tariff)
+        except AmountTooSmall:
+            return decline(request, ResponseCode.INVALID_AMOUNT, "amount below the purchase fee")
+        if meter["supply_mode"] == "sts":
+            if not 0 < split.units_deci_kwh <= sts_units_max:
+                return decline(request, ResponseCode.INVALID_AMOUNT, "amount buys no whole token unit or too many")
+            # A token carries only representable amounts; sell the one at or below what was paid for.
+            split = msgspec.structs.replace(split, units_deci_kwh=token_units(split.units_deci_kwh))
+        # Provisional: undone below if the ledger refuses the group.
+        daily[request.terminal_id] = spent + request.amount_minor
+        debt_left[request.meter_number] = debt_left.get(request.meter_number, 0) - split.debt_recovery_minor
+        return terminal, meter, tariff, split
+
+    async def _transfers(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
+                         meter: asyncpg.Record, split: Any) -> list[Transfer]:
+        currency = request.currency
+        group = group_id_for(request.client_txn_id)
+        meta: dict[str, str | int] = {"client_txn_id": request.client_txn_id, "terminal_id": request.terminal_id,
+                                      "agent_id": int(terminal["agent_id"]), "meter_number": request.meter_number,
+                                      "kind": request.kind}
+        float_account = int(terminal["float_account_id"])
+        credit_account = int(meter["credit_account_id"])
+        collections = await self._system(conn, AccountKind.utility_collections, currency)
+        # Energy for a token meter is sold now (the token carries it); a smart meter's energy
+        # stays as the customer's prepayment balance, which the engine draws down.
+        sold_energy = split.energy_minor if meter["supply_mode"] == "sts" else 0
+        parts: list[tuple[str, int, int, int]] = [
+            (TransferKind.collection, float_account, credit_account, request.amount_minor),
+            (TransferKind.debt_recovery, credit_account, int(meter["debt_account_id"]), split.debt_recovery_minor),
+            (TransferKind.energy_sale, credit_account, collections, split.fees_minor + sold_energy),
+            ("vat", credit_account, await self._system(conn, AccountKind.vat_payable, currency), split.vat_minor),
+            (TransferKind.commission, await self._system(conn, AccountKind.commission_expense, currency),
+             int(terminal["commission_account_id"]),
+             commission_minor(request.amount_minor, int(terminal["commission_rate_bp"]))),
+        ]
+        return [
+            Transfer(id=transfer_id_for(request.client_txn_id, name), debit_account_id=debit,
+                     credit_account_id=credit, amount_minor=amount, currency=currency, kind=str(name),
+                     group_id=group, metadata=meta)
+            for name, debit, credit, amount in parts if amount > 0
+        ]
+
+    async def _post(self, conn: asyncpg.Connection, pending: list[_Pending]) -> None:
+        transfers = [t for p in pending for t in p.transfers]
+        if not transfers:
+            return
+        results = await apply_transfers(conn, transfers)
+        by_id = {r.id: r for r in results}
+        for p in pending:
+            statuses = [by_id[t.id].status for t in p.transfers]
+            for t in p.transfers:
+                posted = by_id[t.id].transfer
+                if posted is not None and t.debit_account_id == int(p.terminal["float_account_id"]):
+                    p.float_after = posted.debit_balance_after_minor
+            failed = [s for s in statuses if s not in (PostStatus.ok, PostStatus.exists)]
+            # The first real reason wins over the linked_failed of its siblings.
+            reasons = [s for s in failed if s != PostStatus.linked_failed]
+            p.group_status = reasons[0] if reasons else (failed[0] if failed else PostStatus.ok)
+
+    async def _finish(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], pending: list[_Pending],
+                      outcomes: list[Any], terminals: dict[str, asyncpg.Record], dates: dict[str, date],
+                      now: datetime) -> None:
+        approved = [p for p in pending if p.group_status == PostStatus.ok]
+        # Receipt numbers: one counter bump per terminal, numbers handed out in arrival order.
+        per_terminal: dict[str, list[_Pending]] = defaultdict(list)
+        for p in approved:
+            per_terminal[p.request.terminal_id].append(p)
+        receipt_numbers: dict[int, int] = {}
+        for terminal_id, items in per_terminal.items():
+            last = int(await conn.fetchval(sql.TERMINAL_NEXT_RECEIPTS, terminal_id, len(items)))
+            for offset, p in enumerate(items):
+                receipt_numbers[p.index] = last - len(items) + 1 + offset
+        token_rows: list[tuple[Any, ...]] = []
+        batch_tids: dict[str, int] = {}
+        outbox_rows: list[tuple[Any, ...]] = []
+        receipt_rows: list[tuple[Any, ...]] = []
+        for p in pending:
+            request = p.request
+            if p.group_status != PostStatus.ok:
+                code = {PostStatus.insufficient_balance: ResponseCode.INSUFFICIENT_FLOAT,
+                        PostStatus.account_blocked: ResponseCode.NOT_PERMITTED,
+                        PostStatus.currency_mismatch: ResponseCode.CURRENCY_MISMATCH,
+                        }.get(p.group_status or PostStatus.account_missing, ResponseCode.SYSTEM_ERROR)
+                outcomes[p.index] = _New(decline(request, code, "insufficient float"
+                                                 if code == ResponseCode.INSUFFICIENT_FLOAT else str(p.group_status)))
+                continue
+            tokens: list[str] = []
+            if p.meter["supply_mode"] == "sts":
+                token, tid = await self._issue_token(conn, p, now, batch_tids)
+                tokens.append(token)
+                token_rows.append((request.client_txn_id, request.meter_number, tid,
+                                   0, 0, p.split.units_deci_kwh,
+                                   self.keystore.seal(token.encode(), f"token:{request.client_txn_id}"),
+                                   token[-4:], now))
+            receipt_number = receipt_numbers[p.index]
+            outcome = VendOutcome(
+                client_txn_id=request.client_txn_id, response_code=int(ResponseCode.APPROVED), message="approved",
+                meter_number=request.meter_number, amount_minor=request.amount_minor, currency=request.currency,
+                receipt_number=receipt_number, tokens=tokens, units_deci_kwh=p.split.units_deci_kwh,
+                debt_recovery_minor=p.split.debt_recovery_minor, energy_minor=p.split.energy_minor,
+                fees_minor=p.split.fees_minor, vat_minor=p.split.vat_minor,
+                commission_minor=sum(t.amount_minor for t in p.transfers if t.kind == TransferKind.commission),
+                float_remaining_minor=p.float_after, issued_at=now, tariff_code=p.tariff.tariff_code,
+                receipt_lines=receipt_lines(request, p, receipt_number, now),
+            )
+            outcomes[p.index] = _New(outcome)
+            receipt_rows.append((request.terminal_id, receipt_number, request.client_txn_id, now,
+                                 p.tariff.tariff_code, p.meter["tariff_valid_from"]))
+            outbox_rows.append(("payment_received", request.client_txn_id, request.meter_number, msgspec.json.encode({
+                "client_txn_id": request.client_txn_id, "meter_number": request.meter_number,
+                "supply_mode": p.meter["supply_mode"], "amount_minor": request.amount_minor,
+                "currency": request.currency, "debt_recovery_minor": p.split.debt_recovery_minor,
+                "energy_minor": p.split.energy_minor, "units_deci_kwh": p.split.units_deci_kwh,
+                "paid_at": now.isoformat(), "taken_at": (request.taken_at or now).isoformat(),
+            }).decode()))
+
+        # Resolve in-batch repeats now that their first occurrence has an outcome.
+        for index, value in enumerate(outcomes):
+            if isinstance(value, _Alias):
+                first = outcomes[value.index]
+                outcomes[index] = first.outcome if isinstance(first, _New) else first
+
+        new = [(i, o.outcome) for i, o in enumerate(outcomes) if isinstance(o, _New)]
+        if new:
+            rows = []
+            for i, outcome in new:
+                request = requests[i]
+                terminal = terminals.get(request.terminal_id)
+                if terminal is None:
+                    continue  # an unknown terminal has no record to hang a transaction on
+                rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
+                             request.content_sha256(), outcome.response_code, request.meter_number or None,
+                             request.amount_minor, request.currency or terminal["currency"],
+                             group_id_for(request.client_txn_id) if outcome.approved else None,
+                             outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome)))
+            if rows:
+                await conn.execute(sql.TXN_INSERT_MANY, *map(list, zip(*rows, strict=True)))
+        if receipt_rows:
+            await conn.execute(sql.RECEIPT_INSERT_MANY, *map(list, zip(*receipt_rows, strict=True)))
+        if token_rows:
+            await conn.execute(sql.TOKEN_INSERT_MANY, *map(list, zip(*token_rows, strict=True)))
+        if outbox_rows:
+            await conn.execute(sql.OUTBOX_INSERT_MANY, *map(list, zip(*outbox_rows, strict=True)))
+        if approved:
+            totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for p in approved:
+                totals[p.request.terminal_id][0] += 1
+                totals[p.request.terminal_id][1] += p.request.amount_minor
+            tids = list(totals)
+            await conn.execute(sql.DAILY_TOTALS_ADD_MANY, tids, [dates[t] for t in tids],
+                               [totals[t][0] for t in tids], [totals[t][1] for t in tids])
+            await conn.executemany(sql.METER_SET_LAST_PURCHASE,
+                                   [(p.request.meter_number, now, p.request.amount_minor) for p in approved])
+        for i, value in enumerate(outcomes):
+            if isinstance(value, _New):
+                outcomes[i] = value.outcome
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    async def _issue_token(self, conn: asyncpg.Connection, p: _Pending, now: datetime,
+                           batch_tids: dict[str, int]) -> tuple[str, int]:
+        """A class-0 credit token with a TID newer than any this meter has had (persisted)."""
+        meter = p.meter
+        number = p.request.meter_number
+        previous = batch_tids.get(number, meter["last_token_id"])
+        tid = sts.next_token_id(now, None if previous is None else int(previous), int(meter["sts_base_year"]))
+        batch_tids[number] = tid
+        await conn.execute(sql.METER_SET_LAST_TOKEN, number, tid)
+        decoder_key = await self._decoder_key(conn, meter)
+        token = sts.credit_token(decoder_key, 0, tid, p.split.units_deci_kwh, _token_random(p.request.client_txn_id))
+        return token, tid
+
+    async def _decoder_key(self, conn: asyncpg.Connection, meter: asyncpg.Record) -> bytes:
+        number = meter["meter_number"]
+        cached = self._decoder_keys.get(number)
+        if cached is not None:
+            return cached
+        row = await conn.fetchrow(sql.VENDING_KEY_GET, meter["sts_supply_group_code"], meter["sts_key_revision"])
+        if row is None:
+            raise LookupError(f"no vending key for supply group {meter['sts_supply_group_code']}")
+        vending_key = self.keystore.open(bytes(row["key_ciphertext"]),
+                                         vending_key_record(row["supply_group_code"], row["key_revision"]))
+        key = sts.derive_decoder_key_dkga02(vending_key, int(row["key_type"]), meter["sts_supply_group_code"],
+                                            meter["sts_tariff_index"], int(row["key_revision"]), number)
+        self._decoder_keys[number] = key
+        return key
+
+    # -- reversals ---------------------------------------------------------------------------
+
+    async def _reversal(self, conn: asyncpg.Connection, request: VendRequest, now: datetime) -> VendOutcome:
+        """Undo an approved payment whose outcome its terminal did not learn (idempotent)."""
+        digest = request.content_sha256()
+        stored = await conn.fetchrow(sql.TXN_GET, request.client_txn_id)
+        if stored is not None:
+            if bytes(stored["request_sha256"]) != digest:
+                return decline(request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT, "transaction id reused")
+            return open_outcome(self.keystore, request.client_txn_id, bytes(stored["reply"]))
+        terminals = await conn.fetch(sql.TERMINALS_FOR_VEND, [request.terminal_id])
+        if not terminals:
+            return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
+        terminal = terminals[0]
+        if terminal["status"] != "active":
+            outcome = decline(request, ResponseCode.TERMINAL_BLOCKED, f"terminal {terminal['status']}")
+        elif "reversal" not in terminal["allowed_operations"]:
+            outcome = decline(request, ResponseCode.NOT_PERMITTED, "reversal not permitted for this terminal")
+        else:
+            outcome = await self._reverse(conn, request, terminal, now)
+        await self._store(conn, request, terminal, outcome, now, group_id=None)
+        return outcome
+
+    async def _reverse(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
+                       now: datetime) -> VendOutcome:
+        original_id = request.original_txn_id
+        if await conn.fetch(sql.REVERSALS_GET_MANY, [original_id]):
+            return decline(request, ResponseCode.ALREADY_REVERSED, "already reversed")
+        original = await conn.fetchrow(sql.TXN_GET, original_id)
+        if original is None or original["response_code"] != ResponseCode.APPROVED:
+            # Unknown (or declined) original: acknowledge and leave a tombstone, so an original
+            # that arrives later is refused and never applied.
+            await conn.execute(sql.REVERSAL_INSERT, original_id, request.client_txn_id, request.terminal_id,
+                               request.reason, False)
+            return decline(request, ResponseCode.ORIGINAL_NOT_FOUND, "no approved payment with that id")
+        if original["terminal_id"] != request.terminal_id:
+            return decline(request, ResponseCode.NOT_PERMITTED, "a payment of another terminal")
+        if (int(original["amount_minor"]), original["currency"]) != (request.amount_minor, request.currency):
+            return decline(request, ResponseCode.INVALID_AMOUNT, "amount or currency differs from the original")
+        results = await reverse_group(conn, original["group_id"], reason=request.reason or "reversal")
+        refused = [r.status for r in results if r.status not in (PostStatus.ok, PostStatus.exists)]
+        if refused:
+            return decline(request, ResponseCode.NOT_PERMITTED, f"cannot reverse: {refused[0]}")
+        await conn.execute(sql.REVERSAL_INSERT, original_id, request.client_txn_id, request.terminal_id,
+                           request.reason, True)
+        await conn.execute(sql.TOKEN_VOID, original_id)
+        await conn.execute(sql.OUTBOX_INSERT_MANY, ["payment_reversed"], [original_id], [original["meter_number"]],
+                           [msgspec.json.encode({"client_txn_id": original_id,
+                                                 "reversal_txn_id": request.client_txn_id,
+                                                 "amount_minor": request.amount_minor,
+                                                 "currency": request.currency, "reason": request.reason,
+                                                 "reversed_at": now.isoformat()}).decode()])
+        float_id = int(terminal["float_account_id"])
+        balances = await self._balances(conn, [float_id])
+        return VendOutcome(client_txn_id=request.client_txn_id, response_code=int(ResponseCode.APPROVED),
+                           message="reversed", meter_number=original["meter_number"] or "",
+                           amount_minor=request.amount_minor, currency=request.currency,
+                           float_remaining_minor=balances.get(float_id), issued_at=now)
+
+    async def _store(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
+                     outcome: VendOutcome, now: datetime, group_id: uuid.UUID | None) -> None:
+        await conn.execute(sql.TXN_INSERT_MANY, [request.client_txn_id], [request.kind], [request.terminal_id],
+                           [int(terminal["agent_id"])], [request.content_sha256()], [outcome.response_code],
+                           [request.meter_number or None], [request.amount_minor],
+                           [request.currency or terminal["currency"]], [group_id], [outcome.receipt_number],
+                           [business_date(now, terminal["time_zone"])], [seal_outcome(self.keystore, outcome)])
+
+    async def _balances(self, conn: asyncpg.Connection, account_ids: list[int]) -> dict[int, int]:
+        if not account_ids:
+            return {}
+        rows = await conn.fetch(sql.ACCOUNT_BALANCES, list(set(account_ids)))
+        return {int(r["account_id"]): int(r["balance_minor"]) for r in rows}
+
+
+class _New:
+    """A decision made in this batch, to be stored."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: VendOutcome) -> None:
+        self.outcome = outcome
+
+
+class _Alias:
+    """A repeat, within one batch, of an earlier request with the same id and content."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def token_units(units: int) -> int:
+    """The largest amount an STS token can carry that is not more than `units` (tenths of kWh)."""
+    field = sts.encode_amount(units)
+    if sts.decode_amount(field) > units:
+        field -= 1  # the previous representable value, also across an exponent boundary
+    result = sts.decode_amount(field)
+    assert 0 < result <= units
+    return result
+
+
+def _token_random(client_txn_id: str) -> int:
+    # Deterministic per transaction: a rebuilt token for the same payment is the same token.
+    return hashlib.sha256(client_txn_id.encode()).digest()[0] & 0x0F
+
+
+def receipt_lines(request: VendRequest, p: _Pending, receipt_number: int, now: datetime) -> list[str]:
+    s = p.split
+
+    def money(minor: int) -> str:
+        return f"{minor // 100}.{minor % 100:02d} {request.currency}"
+
+    lines = [
+        f"RECEIPT {request.terminal_id}-{receipt_number:06d}",
+        now.strftime("%Y-%m-%d %H:%M UTC"),
+        f"METER {request.meter_number}",
+        f"PAID {money(request.amount_minor)}",
+        f"DEBT {money(s.debt_recovery_minor)}",
+        f"ENERGY {money(s.energy_minor)}",
+        f"FEES {money(s.fees_minor)}",
+        f"VAT {money(s.vat_minor)}",
+        f"UNITS {s.units_deci_kwh // 10}.{s.units_deci_kwh % 10} kWh",
+        f"TARIFF {p.tariff.tariff_code}",
+    ]
+    return [line[:receipt_line_chars_max] for line in lines]
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,205 @@
+"""An asyncio POS terminal over protocol v1, with a model of a slow, lossy GPRS link.
+
+Depends on protocol/ only: this is what a terminal vendor writes. A payment whose reply is
+lost (or whose connection drops) is retried on a new connection with the SAME client
+transaction id, a bounded number of times; the gateway answers a retry with the stored reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import date
+from typing import TypeVar
+
+from protocol.codes import ResponseCode
+from protocol.messages import (
+    ClientTransactionId,
+    ErrorReply,
+    FloatInquiryRequest,
+    FloatInquiryResult,
+    LogoffReply,
+    LogoffRequest,
+    LogonAccepted,
+    LogonChallenge,
+    LogonProof,
+    LogonRequest,
+    LookupRequest,
+    LookupResult,
+    ReprintRequest,
+    ReprintResult,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
+    ServerMessage,
+    TenderType,
+    TerminalMessage,
+    TopUpRequest,
+    TopUpResult,
+)
+from protocol.session import MessageReceived, TerminalSession
+
+reply_timeout_s = 30.0
+connect_timeout_s = 10.0
+retries_max = 5
+read_chunk_bytes = 16_384
+R = TypeVar("R", bound=ServerMessage)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkModel:
+    """One-way delay per message plus jitter; chance a reply is lost after the server sent it;
+    chance the link drops before a request is sent."""
+
+    one_way_s: float = 0.0
+    jitter_s: float = 0.0
+    reply_loss_probability: float = 0.0
+    disconnect_probability: float = 0.0
+
+    def delay(self, rng: random.Random) -> float:
+        return max(0.0, self.one_way_s + rng.uniform(-self.jitter_s, self.jitter_s))
+
+
+LAN = LinkModel()
+# GPRS round trips of 300-2,000 ms; a lost reply now and then; a dropped link now and then.
+GPRS = LinkModel(one_way_s=0.5, jitter_s=0.35, reply_loss_probability=0.02, disconnect_probability=0.01)
+LINKS = {"lan": LAN, "gprs": GPRS}
+
+
+class LinkLost(Exception):
+    """The connection dropped or the reply never came: retry with the same transaction id."""
+
+
+class TerminalRefused(Exception):
+    """The gateway closed the session with an error (blocked, bad key, protocol error)."""
+
+    def __init__(self, response_code: ResponseCode, detail: str) -> None:
+        super().__init__(f"{response_code.name}: {detail}")
+        self.response_code = response_code
+
+
+class PosTerminal:
+    def __init__(self, terminal_id: str, terminal_key: bytes, host: str, port: int, *,
+                 link: LinkModel = LAN, rng: random.Random | None = None, last_sequence: int = 0) -> None:
+        self.terminal_id = terminal_id
+        self._key = terminal_key
+        self.host = host
+        self.port = port
+        self.link = link
+        self.rng = rng or random.Random()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._session: TerminalSession | None = None
+        self.business_date: date | None = None
+        # A real terminal keeps its sequence across restarts; a simulator is told where it stopped.
+        self._sequence = last_sequence
+        self.retries = 0
+
+    # -- connection --------------------------------------------------------------------------
+
+    async def logon(self) -> LogonAccepted:
+        await self.close()
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), connect_timeout_s)
+        self._session = TerminalSession(self.terminal_id, self._key)
+        challenge = await self._exchange(LogonRequest(terminal_nonce=secrets.token_bytes(16)), LogonChallenge)
+        assert challenge.server_nonce
+        accepted = await self._exchange(LogonProof(software_version="vendgate-sim 1"), LogonAccepted)
+        self.business_date = accepted.business_date
+        return accepted
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self._reader = self._writer = self._session = None
+
+    async def logoff(self) -> None:
+        if self._session is not None:
+            with contextlib.suppress(LinkLost, TerminalRefused, ConnectionError):
+                await self._exchange(LogoffRequest(), LogoffReply)
+        await self.close()
+
+    async def _exchange(self, message: TerminalMessage, expected: type[R]) -> R:
+        assert self._session is not None and self._writer is not None and self._reader is not None
+        await asyncio.sleep(self.link.delay(self.rng))
+        if self.link.disconnect_probability and self.rng.random() < self.link.disconnect_probability:
+            await self.close()
+            raise LinkLost("link dropped before sending")
+        self._writer.write(self._session.send(message))
+        await self._writer.drain()
+        reply = await self._read_reply()
+        await asyncio.sleep(self.link.delay(self.rng))
+        if isinstance(reply, ErrorReply):
+            if reply.connection_closing:
+                await self.close()
+            raise TerminalRefused(reply.response_code, reply.detail)
+        if self.link.reply_loss_probability and self.rng.random() < self.link.reply_loss_probability:
+            await self.close()
+            raise LinkLost("reply lost")
+        if not isinstance(reply, expected):
+            raise TerminalRefused(ResponseCode.FORMAT_ERROR, f"unexpected {type(reply).__name__}")
+        return reply
+
+    async def _read_reply(self) -> ServerMessage:
+        assert self._session is not None and self._reader is not None
+        while True:
+            try:
+                data = await asyncio.wait_for(self._reader.read(read_chunk_bytes), reply_timeout_s)
+            except (TimeoutError, ConnectionError) as exc:
+                await self.close()
+                raise LinkLost(type(exc).__name__) from None
+            if not data:
+                await self.close()
+                raise LinkLost("connection closed")
+            for event in self._session.receive_data(data):
+                if isinstance(event, MessageReceived):
+                    return event.message
+
+    async def _request(self, message: TerminalMessage, expected: type[R]) -> R:
+        """Send with reconnect-and-retry on a lost link; the same message (same id) every time."""
+        for attempt in range(retries_max + 1):
+            try:
+                if self._session is None:
+                    await self.logon()
+                return await self._exchange(message, expected)
+            except (LinkLost, ConnectionError, TimeoutError):
+                await self.close()
+                if attempt == retries_max:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def next_transaction_id(self) -> ClientTransactionId:
+        assert self.business_date is not None, "log on first"
+        self._sequence += 1
+        return ClientTransactionId(terminal_id=self.terminal_id, terminal_sequence=self._sequence,
+                                   business_date=self.business_date)
+
+    async def top_up(self, meter_number: str, amount_minor: int, currency: str,
+                     txn: ClientTransactionId | None = None) -> TopUpResult:
+        if self.business_date is None:
+            await self.logon()
+        request = TopUpRequest(client_transaction_id=txn or self.next_transaction_id(), meter_number=meter_number,
+                               amount_minor=amount_minor, currency=currency, tender_type=TenderType.CASH)
+        return await self._request(request, TopUpResult)
+
+    async def lookup(self, meter_number: str) -> LookupResult:
+        return await self._request(LookupRequest(meter_number=meter_number), LookupResult)
+
+    async def float_inquiry(self) -> FloatInquiryResult:
+        return await self._request(FloatInquiryRequest(), FloatInquiryResult)
+
+    async def reprint(self, txn: ClientTransactionId) -> ReprintResult:
+        return await self._request(ReprintRequest(client_transaction_id=txn), ReprintResult)
+
+    async def reverse(self, txn: ClientTransactionId, amount_minor: int, currency: str,
+                      reason: ReversalReason = ReversalReason.NO_REPLY) -> ReversalResult:
+        return await self._request(ReversalRequest(original_transaction_id=txn, amount_minor=amount_minor,
+                                                   currency=currency, reason=reason), ReversalResult)

@@ -1,0 +1,46 @@
+"""A running gateway on a fresh database with seeded agents, terminals and meters."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+
+from gateway.keystore import KeyStore
+from gateway.seeding import derive_terminal_key, seed, terminal_id
+from gateway.server import Gateway
+from gateway.settings import load_settings
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    pool: asyncpg.Pool
+    keystore: KeyStore
+    seed_secret: bytes
+
+    def key(self, n: int) -> bytes:
+        return derive_terminal_key(self.seed_secret, terminal_id(n))
+
+
+@pytest.fixture(scope="module")
+async def running(db_url: str) -> AsyncIterator[Running]:
+    keystore = KeyStore(secrets.token_bytes(32))
+    seed_secret = secrets.token_bytes(32)
+    pool = await asyncpg.create_pool(db_url, min_size=2, max_size=20)
+    assert pool is not None
+    async with pool.acquire() as conn:
+        # 2 agents; terminals 1,3,5 belong to agent 1, terminals 2,4,6 to agent 2.
+        await seed(conn, keystore, agents=2, terminals=6, meters=12, seed_secret=seed_secret,
+                   float_each_minor=1_000_000)
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, pool, keystore)
+    await gateway.start()
+    try:
+        yield Running(gateway, pool, keystore, seed_secret)
+    finally:
+        await gateway.stop()
+        await pool.close()

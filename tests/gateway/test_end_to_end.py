@@ -1,0 +1,178 @@
+"""Top-ups from a simulated POS terminal over real sockets against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from float_ledger.ledger import balance
+from gateway.seeding import meter_number, terminal_id
+from gateway.vending import group_id_for
+from protocol.codes import ResponseCode
+from tests.gateway.conftest import Running
+from terminal_sim.client import PosTerminal, TerminalRefused
+
+
+_sequences: dict[int, int] = {}
+
+
+def terminal(running: Running, n: int) -> PosTerminal:
+    """A terminal that goes on from the sequence number its previous incarnation reached."""
+    assert running.gateway.pos_port is not None
+    _sequences[n] = _sequences.get(n, 0) + 100
+    return PosTerminal(terminal_id(n), running.key(n), "127.0.0.1", running.gateway.pos_port,
+                       last_sequence=_sequences[n])
+
+
+async def accounts(running: Running, meter: str, term: str) -> tuple[int, int, int]:
+    async with running.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT c.credit_account_id, c.debt_account_id, a.float_account_id FROM meters m "
+            "JOIN customers c USING (customer_id), terminals t JOIN agents a USING (agent_id) "
+            "WHERE m.meter_number = $1 AND t.terminal_id = $2", meter, term)
+        return int(row[0]), int(row[1]), int(row[2])
+
+
+async def test_logon_lookup_top_up_debits_float_and_credits_customer(running: Running) -> None:
+    pos = terminal(running, 1)
+    await pos.logon()
+    meter = meter_number(1)  # a smart meter without debt
+    found = await pos.lookup(meter)
+    assert found.response_code is ResponseCode.APPROVED and found.customer is not None
+    assert found.customer.masked_name == "C*** 1"
+    credit_id, _, float_id = await accounts(running, meter, pos.terminal_id)
+    async with running.pool.acquire() as conn:
+        float_before, credit_before = await balance(conn, float_id), await balance(conn, credit_id)
+
+    result = await pos.top_up(meter, 10_000, "EUR")
+
+    assert result.response_code is ResponseCode.APPROVED
+    assert result.receipt_number == f"{pos.terminal_id}-000001"  # the terminal's first receipt
+    assert result.debt_recovery_minor + result.energy_minor + result.fees_minor + result.vat_minor == 10_000
+    assert result.float_remaining_minor == float_before - 10_000
+    async with running.pool.acquire() as conn:
+        assert await balance(conn, float_id) == float_before - 10_000
+        # A smart meter keeps the energy as prepayment credit; fees and VAT leave it.
+        assert await balance(conn, credit_id) == credit_before + result.energy_minor
+        outbox = await conn.fetchval("SELECT count(*) FROM outbox WHERE client_txn_id = $1",
+                                     result.client_transaction_id.as_key())
+        assert outbox == 1
+    inquiry = await pos.float_inquiry()
+    assert inquiry.float_remaining_minor == float_before - 10_000
+    await pos.logoff()
+
+
+async def test_sts_meter_gets_a_token(running: Running) -> None:
+    pos = terminal(running, 3)
+    await pos.logon()
+    result = await pos.top_up(meter_number(3), 5_000, "EUR")  # every third meter is STS
+    assert result.response_code is ResponseCode.APPROVED
+    assert len(result.tokens) == 1 and len(result.tokens[0]) == 20
+    assert result.units_wh > 0
+    await pos.logoff()
+
+
+async def test_retry_after_lost_reply_returns_the_same_receipt(running: Running) -> None:
+    pos = terminal(running, 5)
+    await pos.logon()
+    txn = pos.next_transaction_id()
+    first = await pos.top_up(meter_number(2), 2_500, "EUR", txn=txn)
+    await pos.close()  # the reply "was lost": the terminal reconnects and retries the same id
+    again = await pos.top_up(meter_number(2), 2_500, "EUR", txn=txn)
+    assert again == first
+    async with running.pool.acquire() as conn:
+        groups = await conn.fetchval("SELECT count(DISTINCT group_id) FROM ledger_transfers WHERE group_id = $1",
+                                     group_id_for(txn.as_key()))
+        assert groups == 1
+    different = await pos.top_up(meter_number(2), 2_600, "EUR", txn=txn)
+    assert different.response_code is ResponseCode.DUPLICATE_DIFFERENT_CONTENT
+    await pos.logoff()
+
+
+async def test_declines_leave_money_untouched(running: Running) -> None:
+    pos = terminal(running, 2)
+    await pos.logon()
+    unknown = await pos.top_up("99999999999", 1_000, "EUR")
+    assert unknown.response_code is ResponseCode.UNKNOWN_METER
+    wrong_currency = await pos.top_up(meter_number(4), 1_000, "USD")
+    assert wrong_currency.response_code is ResponseCode.CURRENCY_MISMATCH
+    too_much = await pos.top_up(meter_number(4), 2_000_000, "EUR")  # above the float of 1,000,000
+    assert too_much.response_code is ResponseCode.INSUFFICIENT_FLOAT
+    assert too_much.receipt_number is None
+    await pos.logoff()
+
+
+async def test_wrong_key_is_refused(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    pos = PosTerminal(terminal_id(4), bytes(16), "127.0.0.1", running.gateway.pos_port)
+    with pytest.raises((TerminalRefused, Exception)):
+        await pos.logon()
+    await pos.close()
+
+
+async def test_blocked_terminal_refused_at_logon_and_mid_session(running: Running) -> None:
+    pos = terminal(running, 6)
+    await pos.logon()
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE terminals SET status = 'blocked' WHERE terminal_id = $1", pos.terminal_id)
+    with pytest.raises(TerminalRefused) as mid:
+        await pos.top_up(meter_number(5), 1_000, "EUR")
+    assert mid.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    fresh = terminal(running, 6)
+    with pytest.raises(TerminalRefused) as at_logon:
+        await fresh.logon()
+    assert at_logon.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    await fresh.close()
+    await pos.close()
+
+
+async def test_reversal_after_commit_compensates_and_repeats_are_idempotent(running: Running) -> None:
+    pos = terminal(running, 1)
+    await pos.logon()
+    credit_id, _, float_id = await accounts(running, meter_number(7), pos.terminal_id)
+    async with running.pool.acquire() as conn:
+        float_before = await balance(conn, float_id)
+    txn = pos.next_transaction_id()
+    paid = await pos.top_up(meter_number(7), 3_000, "EUR", txn=txn)
+    assert paid.response_code is ResponseCode.APPROVED
+    reversed_ = await pos.reverse(txn, 3_000, "EUR")
+    assert reversed_.response_code is ResponseCode.APPROVED and reversed_.reversed_amount_minor == 3_000
+    again = await pos.reverse(txn, 3_000, "EUR")
+    assert again == reversed_
+    async with running.pool.acquire() as conn:
+        assert await balance(conn, float_id) == float_before
+    retried_original = await pos.top_up(meter_number(7), 3_000, "EUR", txn=txn)
+    assert retried_original.response_code is ResponseCode.ALREADY_REVERSED
+    await pos.logoff()
+
+
+async def test_reversal_before_original_means_original_is_never_applied(running: Running) -> None:
+    pos = terminal(running, 3)
+    await pos.logon()
+    txn = pos.next_transaction_id()
+    early = await pos.reverse(txn, 1_500, "EUR")
+    assert early.response_code is ResponseCode.ORIGINAL_NOT_FOUND
+    late = await pos.top_up(meter_number(8), 1_500, "EUR", txn=txn)
+    assert late.response_code is ResponseCode.ALREADY_REVERSED
+    async with running.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE group_id = $1",
+                                   group_id_for(txn.as_key())) == 0
+    await pos.logoff()
+
+
+async def test_reprint_returns_the_stored_receipt(running: Running) -> None:
+    pos = terminal(running, 5)
+    await pos.logon()
+    txn = pos.next_transaction_id()
+    paid = await pos.top_up(meter_number(6), 4_000, "EUR", txn=txn)
+    reprint = await pos.reprint(txn)
+    assert reprint.response_code is ResponseCode.APPROVED
+    assert reprint.receipt_number == paid.receipt_number
+    assert reprint.receipt_lines[1:] == paid.receipt_lines and reprint.tokens == paid.tokens
+    await pos.logoff()
+
+
+def test_uuid_group_ids_are_stable() -> None:
+    assert group_id_for("T0000001-20250101-000001") == group_id_for("T0000001-20250101-000001")
+    assert isinstance(group_id_for("x"), uuid.UUID)
