@@ -48,6 +48,7 @@ __all__ = [
     "REGISTER_ALL",
     "TOKEN_DIGITS",
     "TOKEN_ID_MAX",
+    "TOKEN_VALUE_MAX",
     "UNITS_MAX",
     "CreditSubclass",
     "DecodedToken",
