@@ -110,9 +110,9 @@ class Gateway:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)  # type: ignore[arg-type]
         await site.start()
         self._runners.append(runner)
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        return int(server.sockets[0].getsockname()[1])
+        sockets = getattr(site._server, "sockets", None)  # asyncio.Server or uvloop's Server
+        assert sockets, "the site is listening"
+        return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, say goodbye to idle sessions, close."""
