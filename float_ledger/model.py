@@ -407,6 +407,7 @@ class Deposit(msgspec.Struct, frozen=True, kw_only=True):
     external_ref: str
     maker: str
     checker: str | None
+    metadata: Metadata
     status: DepositStatus
     reason: str | None
     requested_at: datetime

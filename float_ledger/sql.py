@@ -111,13 +111,13 @@ SELECT id, kind, account_id, transfer_id, balance_minor, threshold_minor, create
 # -- deposits ---------------------------------------------------------------------------------------
 
 _DEPOSIT_COLUMNS = """id, float_account_id, source_account_id, amount_minor, currency, external_ref, maker, checker,
-       status, reason, requested_at, decided_at"""
+       metadata, status, reason, requested_at, decided_at"""
 
 # No row returned: the id or the (source account, external reference) is already taken.
 SQL_INSERT_DEPOSIT = f"""
 INSERT INTO ledger_deposits (id, float_account_id, source_account_id, amount_minor, currency, external_ref, maker,
-                             status)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                             metadata, status)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
 ON CONFLICT DO NOTHING
 RETURNING {_DEPOSIT_COLUMNS}"""
 

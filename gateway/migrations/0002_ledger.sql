@@ -92,6 +92,8 @@ CREATE TABLE ledger_deposits (
     external_ref      text NOT NULL CHECK (length(external_ref) BETWEEN 1 AND 200),
     maker             text NOT NULL CHECK (length(maker) BETWEEN 1 AND 200),
     checker           text CHECK (checker IS NULL OR checker <> maker),
+    -- Copied into the posted transfer's metadata (agent_id...).
+    metadata          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(metadata) = 'object'),
     status            text NOT NULL CHECK (status IN ('pending_approval', 'posted', 'rejected', 'refused')),
     -- Why the deposit was rejected (checker's reason) or refused (the posting status).
     reason            text,

@@ -1,0 +1,182 @@
+"""Float deposits: money an agent paid in (bank transfer, cash office) credited to its float.
+
+Rules:
+- A deposit names its external reference (bank or receipt reference); one reference of one source
+  account credits a float once, and the deposit id is the idempotency key of the request.
+- A deposit of at most `approval_threshold_minor` posts at once. A larger one waits for a second
+  operator (maker/checker): the checker, never the maker, approves (posts it) or rejects it.
+- The posting transfer's id is the deposit id, kind `deposit`, from the source account (a
+  float_deposits account, unbounded) to the float; its metadata carries external_ref, maker and
+  checker. A refused posting (account blocked...) leaves the deposit `refused` with the reason.
+- Every function runs in the caller's transaction (a savepoint of it) or in its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from float_ledger import sql
+from float_ledger.errors import AccountNotFound, CheckerIsMaker, DepositConflict, DepositNotFound, InvalidTransfer
+from float_ledger.ledger import apply_transfers, get_transfer
+from float_ledger.model import (
+    Deposit,
+    DepositResult,
+    DepositStatus,
+    Metadata,
+    PostResult,
+    PostStatus,
+    Transfer,
+    TransferKind,
+    amount_minor_max,
+    batch_columns,
+    reason_chars_max,
+)
+
+operator_chars_max = 200
+pending_page_size_max = 1000
+
+_metadata_decoder = msgspec.json.Decoder(Metadata)
+_metadata_encoder = msgspec.json.Encoder()
+
+
+def _deposit(record: Any) -> Deposit:
+    return Deposit(
+        id=record["id"], float_account_id=record["float_account_id"], source_account_id=record["source_account_id"],
+        amount_minor=record["amount_minor"], currency=record["currency"], external_ref=record["external_ref"],
+        maker=record["maker"], checker=record["checker"], metadata=_metadata_decoder.decode(record["metadata"]),
+        status=DepositStatus(record["status"]), reason=record["reason"], requested_at=record["requested_at"],
+        decided_at=record["decided_at"])
+
+
+def _check_operator(role: str, name: str) -> None:
+    if not 0 < len(name) <= operator_chars_max:
+        raise InvalidTransfer(f"{role} must be 1..{operator_chars_max} chars")
+
+
+def deposit_transfer(deposit: Deposit) -> Transfer:
+    metadata: Metadata = {**deposit.metadata, "external_ref": deposit.external_ref, "maker": deposit.maker}
+    if deposit.checker is not None:
+        metadata["checker"] = deposit.checker
+    return Transfer(id=deposit.id, debit_account_id=deposit.source_account_id,
+                    credit_account_id=deposit.float_account_id, amount_minor=deposit.amount_minor,
+                    currency=deposit.currency, kind=TransferKind.deposit, metadata=metadata)
+
+
+async def _post(conn: Any, deposit: Deposit, checker: str | None) -> DepositResult:
+    [result] = await apply_transfers(conn, [deposit_transfer(msgspec.structs.replace(deposit, checker=checker))])
+    if result.status.posted:
+        record = await conn.fetchrow(sql.SQL_DECIDE_DEPOSIT, deposit.id, DepositStatus.posted.value, checker, None)
+    else:
+        record = await conn.fetchrow(sql.SQL_DECIDE_DEPOSIT, deposit.id, DepositStatus.refused.value, checker,
+                                     result.status.value)
+    return DepositResult(deposit=_deposit(record), post=result)
+
+
+async def _with_stored_post(conn: Any, deposit: Deposit) -> DepositResult:
+    post = None
+    if deposit.status is DepositStatus.posted:
+        stored = await get_transfer(conn, deposit.id)
+        assert stored is not None, f"posted deposit {deposit.id} without its transfer"
+        post = PostResult(deposit.id, PostStatus.exists, stored)
+    return DepositResult(deposit=deposit, post=post)
+
+
+async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id: int, source_account_id: int,
+                          amount_minor: int, currency: str, external_ref: str, maker: str,
+                          approval_threshold_minor: int, metadata: Metadata | None = None) -> DepositResult:
+    """Record a deposit; post it now when amount_minor <= approval_threshold_minor, else leave it pending.
+
+    A repeated request (same id, same content) returns the deposit as it stands; the same id or
+    external reference with other content raises DepositConflict.
+    """
+    if not 0 < amount_minor <= amount_minor_max:
+        raise InvalidTransfer(f"amount_minor {amount_minor} not in 1..{amount_minor_max}")
+    if approval_threshold_minor < 0:
+        raise InvalidTransfer("approval_threshold_minor is an amount, never negative")
+    if not 0 < len(external_ref) <= operator_chars_max:
+        raise InvalidTransfer(f"external_ref must be 1..{operator_chars_max} chars")
+    _check_operator("maker", maker)
+    deposit_metadata: Metadata = dict(metadata or {})
+    # Refuse now what the posting would refuse later (currency, metadata size with a checker's name).
+    batch_columns([Transfer(id=deposit_id, debit_account_id=source_account_id, credit_account_id=float_account_id,
+                            amount_minor=amount_minor, currency=currency, kind=TransferKind.deposit,
+                            metadata={**deposit_metadata, "external_ref": external_ref, "maker": maker,
+                                      "checker": "c" * operator_chars_max})])
+    async with conn.transaction():
+        try:
+            record = await conn.fetchrow(
+                sql.SQL_INSERT_DEPOSIT, deposit_id, float_account_id, source_account_id, amount_minor, currency,
+                external_ref, maker, _metadata_encoder.encode(deposit_metadata).decode(),
+                DepositStatus.pending_approval.value)
+        except asyncpg.ForeignKeyViolationError:
+            raise AccountNotFound(f"no ledger account {float_account_id} or {source_account_id}") from None
+        if record is None:
+            existing = await conn.fetchrow(sql.SQL_GET_DEPOSIT, deposit_id)
+            if existing is None:
+                taken = _deposit(await conn.fetchrow(sql.SQL_DEPOSIT_BY_EXTERNAL_REF, source_account_id,
+                                                     external_ref))
+                raise DepositConflict(f"external reference {external_ref!r} already belongs to deposit {taken.id}")
+            deposit = _deposit(existing)
+            asked = (float_account_id, source_account_id, amount_minor, currency, external_ref, maker,
+                     deposit_metadata)
+            stored = (deposit.float_account_id, deposit.source_account_id, deposit.amount_minor, deposit.currency,
+                      deposit.external_ref, deposit.maker, deposit.metadata)
+            if asked != stored:
+                raise DepositConflict(f"deposit {deposit_id} exists with other content")
+            return await _with_stored_post(conn, deposit)
+        deposit = _deposit(record)
+        if amount_minor > approval_threshold_minor:
+            return DepositResult(deposit=deposit)
+        return await _post(conn, deposit, None)
+
+
+async def approve_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str) -> DepositResult:
+    """Post a pending deposit. Approving one already decided returns it as it stands."""
+    _check_operator("checker", checker)
+    async with conn.transaction():
+        record = await conn.fetchrow(sql.SQL_LOCK_DEPOSIT, deposit_id)
+        if record is None:
+            raise DepositNotFound(f"no deposit {deposit_id}")
+        deposit = _deposit(record)
+        if deposit.status is not DepositStatus.pending_approval:
+            return await _with_stored_post(conn, deposit)
+        if checker == deposit.maker:
+            raise CheckerIsMaker(f"deposit {deposit_id} was requested by {checker}: another operator approves it")
+        return await _post(conn, deposit, checker)
+
+
+async def reject_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str, reason: str) -> DepositResult:
+    """Refuse a pending deposit; nothing is posted. Rejecting one already decided returns it as it stands."""
+    _check_operator("checker", checker)
+    if not 0 < len(reason) <= reason_chars_max:
+        raise InvalidTransfer(f"reason must be 1..{reason_chars_max} chars")
+    async with conn.transaction():
+        record = await conn.fetchrow(sql.SQL_LOCK_DEPOSIT, deposit_id)
+        if record is None:
+            raise DepositNotFound(f"no deposit {deposit_id}")
+        deposit = _deposit(record)
+        if deposit.status is not DepositStatus.pending_approval:
+            return await _with_stored_post(conn, deposit)
+        if checker == deposit.maker:
+            raise CheckerIsMaker(f"deposit {deposit_id} was requested by {checker}: another operator decides it")
+        record = await conn.fetchrow(sql.SQL_DECIDE_DEPOSIT, deposit_id, DepositStatus.rejected.value, checker,
+                                     reason)
+        return DepositResult(deposit=_deposit(record))
+
+
+async def get_deposit(conn: Any, deposit_id: uuid.UUID) -> Deposit:
+    record = await conn.fetchrow(sql.SQL_GET_DEPOSIT, deposit_id)
+    if record is None:
+        raise DepositNotFound(f"no deposit {deposit_id}")
+    return _deposit(record)
+
+
+async def pending_deposits(conn: Any, *, limit: int = 100) -> list[Deposit]:
+    """Deposits awaiting a checker, oldest first."""
+    if not 0 < limit <= pending_page_size_max:
+        raise ValueError(f"limit {limit} not in 1..{pending_page_size_max}")
+    return [_deposit(record) for record in await conn.fetch(sql.SQL_PENDING_DEPOSITS, limit)]

@@ -1,0 +1,213 @@
+"""`vendgate ledger check`: green on a healthy ledger, red, naming the invariant, on corrupted ones.
+
+Each corruption gets its own fresh database; the immutability trigger is disabled to corrupt and
+enabled again (unless the corruption is the disabled trigger itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from float_ledger.check import check_ledger
+from float_ledger.errors import LedgerError
+from float_ledger.ledger import post_transfers, reverse_group
+from float_ledger.model import AccountKind, TopUpAccounts, top_up_transfers
+from tests.conftest import create_fresh_database
+from tests.ledger.conftest import account, transfer
+
+ALL_INVARIANTS = {"transfers_balanced", "currencies_sum_to_zero", "balances_match_transfers",
+                  "running_balances_consistent", "balances_within_bounds", "transfers_unchanged",
+                  "transfers_immutable"}
+
+
+@pytest.fixture
+async def fresh(pg_server_url: str, template_db: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
+    """A fresh database holding a small healthy ledger: deposits, top-ups, a reversal."""
+    url = await create_fresh_database(pg_server_url, template_db, request.node.name)
+    conn = await asyncpg.connect(url)
+    try:
+        source = await account(conn, AccountKind.float_deposits, "utility", lower_bound_minor=None)
+        accounts = TopUpAccounts(
+            float_account_id=await account(conn, AccountKind.agent_float, "A-1"),
+            customer_credit_account_id=await account(conn, AccountKind.customer_credit, "M-1"),
+            customer_debt_account_id=await account(conn, AccountKind.customer_debt, "M-1", lower_bound_minor=None),
+            collections_account_id=await account(conn, AccountKind.utility_collections, lower_bound_minor=None),
+            commission_expense_account_id=await account(conn, AccountKind.commission_expense, lower_bound_minor=None),
+            commission_payable_account_id=await account(conn, AccountKind.commission_payable, "A-1"))
+        await post_transfers(conn, [transfer(source, accounts.float_account_id, 50_000, kind="deposit")])
+        groups = []
+        for amount in (1_000, 2_500, 4_000):
+            group = uuid.uuid4()
+            groups.append(group)
+            results = await post_transfers(conn, top_up_transfers(
+                top_up_id=group, accounts=accounts, amount_minor=amount, debt_recovery_minor=amount // 10,
+                commission_rate_ppm=20_000, currency="KES", metadata={"agent_id": "A-1", "terminal_id": "T-1"}))
+            assert all(r.status.posted for r in results)
+        async with conn.transaction():
+            assert all(r.status.posted for r in await reverse_group(conn, groups[1], reason="terminal timed out"))
+        yield conn, url
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def ledger(fresh: tuple[Any, str]) -> Any:
+    return fresh[0]
+
+
+@pytest.fixture
+def ledger_url(fresh: tuple[Any, str]) -> str:
+    return fresh[1]
+
+
+async def broken(conn: Any) -> set[str]:
+    report = await check_ledger(conn)
+    return set(report.broken)
+
+
+async def corrupt(conn: Any, statement: str, *args: Any) -> None:
+    await conn.execute("ALTER TABLE ledger_transfers DISABLE TRIGGER ledger_transfers_immutable")
+    await conn.execute(statement, *args)
+    await conn.execute("ALTER TABLE ledger_transfers ENABLE TRIGGER ledger_transfers_immutable")
+
+
+async def a_collection(conn: Any) -> Any:
+    return await conn.fetchrow("SELECT * FROM ledger_transfers WHERE kind = 'collection' ORDER BY seq LIMIT 1")
+
+
+async def vendgate_ledger_check(url: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")} | {"VENDGATE_DATABASE_URL": url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "ledger", "check", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_a_healthy_ledger_passes(ledger: Any) -> None:
+    report = await check_ledger(ledger)
+    assert report.holds and {i.name for i in report.invariants} == ALL_INVARIANTS
+    assert report.transfers == 1 + 3 * 4 + 4 and report.currencies == 1
+    assert len(report.digest_hex) == 64
+
+
+async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked(ledger_url: str) -> None:
+    status, stdout, stderr = await vendgate_ledger_check(ledger_url)
+    assert status == 0, stderr
+    lines = stdout.strip().splitlines()
+    for name in ALL_INVARIANTS:
+        assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
+    assert lines[-1] == "ledger check passed: 7 invariants hold over 17 transfers and 7 accounts"
+
+
+async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
+    await corrupt(ledger, "UPDATE ledger_transfers SET metadata = metadata || '{\"terminal_id\": \"T-9\"}' "
+                          "WHERE id = $1", (await a_collection(ledger))["id"])
+    status, stdout, _ = await vendgate_ledger_check(ledger_url)
+    assert status == 1
+    assert "BROKEN  transfers_unchanged: " in stdout
+    assert stdout.strip().splitlines()[-1] == "ledger check FAILED: broken invariants: transfers_unchanged"
+
+
+async def test_the_command_reports_a_missing_schema_in_one_line(pg_server_url: str) -> None:
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute("DROP DATABASE IF EXISTS ledger_check_empty")
+        await conn.execute("CREATE DATABASE ledger_check_empty")
+    finally:
+        await conn.close()
+    status, _, stderr = await vendgate_ledger_check(pg_server_url.rsplit("/", 1)[0] + "/ledger_check_empty")
+    assert status == 2 and stderr.strip() == "vendgate: error: the ledger's tables are missing: run `vendgate migrate`"
+
+
+async def test_a_changed_amount_is_found(ledger: Any) -> None:
+    await corrupt(ledger, "UPDATE ledger_transfers SET amount_minor = amount_minor + 1 WHERE id = $1",
+                  (await a_collection(ledger))["id"])
+    assert await broken(ledger) == {"balances_match_transfers", "running_balances_consistent", "transfers_unchanged"}
+
+
+async def test_changed_metadata_is_found_by_the_hash_alone(ledger: Any) -> None:
+    await corrupt(ledger, "UPDATE ledger_transfers SET metadata = '{}' WHERE id = $1",
+                  (await a_collection(ledger))["id"])
+    assert await broken(ledger) == {"transfers_unchanged"}
+
+
+async def test_a_rehashed_change_still_breaks_the_chain_at_the_next_transfer(ledger: Any) -> None:
+    first = await a_collection(ledger)
+    # Recompute the changed row's own hash from its predecessors: its successors still name the old one.
+    await corrupt(ledger, """
+        UPDATE ledger_transfers t SET metadata = '{}', hash = ledger_transfer_hash(
+            (SELECT coalesce((SELECT p.hash FROM ledger_transfers p WHERE t.debit_account_id IN
+                              (p.debit_account_id, p.credit_account_id) AND p.seq < t.seq ORDER BY p.seq DESC LIMIT 1),
+                             ledger_genesis_hash(t.debit_account_id))),
+            (SELECT coalesce((SELECT p.hash FROM ledger_transfers p WHERE t.credit_account_id IN
+                              (p.debit_account_id, p.credit_account_id) AND p.seq < t.seq ORDER BY p.seq DESC LIMIT 1),
+                             ledger_genesis_hash(t.credit_account_id))),
+            t.id, t.seq, t.debit_account_id, t.credit_account_id, t.amount_minor, t.currency, t.kind, t.group_id,
+            '{}', t.debit_balance_after_minor, t.credit_balance_after_minor, t.created_at)
+        WHERE id = $1""", first["id"])
+    report = await check_ledger(ledger)
+    assert report.broken == ["transfers_unchanged"]
+    [problems] = [i.problems for i in report.invariants if i.name == "transfers_unchanged"]
+    assert str(first["id"]) not in " ".join(problems)
+
+
+async def test_a_deleted_transfer_is_found(ledger: Any) -> None:
+    await corrupt(ledger, "DELETE FROM ledger_transfers WHERE id = $1", (await a_collection(ledger))["id"])
+    assert await broken(ledger) == {"balances_match_transfers", "running_balances_consistent", "transfers_unchanged"}
+
+
+async def test_a_deleted_last_transfer_is_found_by_the_chain_tip(ledger: Any) -> None:
+    last = await ledger.fetchrow("SELECT * FROM ledger_transfers ORDER BY seq DESC LIMIT 1")
+    await corrupt(ledger, "DELETE FROM ledger_transfers WHERE id = $1", last["id"])
+    # Put the balances back as if the transfer never was: only the chain tips remember it.
+    await ledger.execute("UPDATE ledger_accounts SET balance_minor = balance_minor + $2 WHERE id = $1",
+                         last["debit_account_id"], last["amount_minor"])
+    await ledger.execute("UPDATE ledger_accounts SET balance_minor = balance_minor - $2 WHERE id = $1",
+                         last["credit_account_id"], last["amount_minor"])
+    assert await broken(ledger) == {"transfers_unchanged"}
+
+
+async def test_a_changed_balance_is_found(ledger: Any) -> None:
+    row = await a_collection(ledger)
+    await ledger.execute("UPDATE ledger_accounts SET balance_minor = balance_minor + 5 WHERE id = $1",
+                         row["debit_account_id"])
+    assert await broken(ledger) == {"currencies_sum_to_zero", "balances_match_transfers"}
+
+
+async def test_a_transfer_between_currencies_is_found(ledger: Any) -> None:
+    await corrupt(ledger, "UPDATE ledger_transfers SET currency = 'USD' WHERE id = $1",
+                  (await a_collection(ledger))["id"])
+    assert await broken(ledger) == {"transfers_balanced", "transfers_unchanged"}
+
+
+async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
+    row = await a_collection(ledger)
+    await ledger.execute("ALTER TABLE ledger_accounts DROP CONSTRAINT ledger_accounts_balance_within_bound")
+    await ledger.execute("UPDATE ledger_accounts SET lower_bound_minor = balance_minor + 1 WHERE id = $1",
+                         row["debit_account_id"])
+    assert await broken(ledger) == {"balances_within_bounds"}
+
+
+async def test_a_disabled_trigger_is_found(ledger: Any) -> None:
+    await ledger.execute("ALTER TABLE ledger_transfers DISABLE TRIGGER ledger_transfers_immutable")
+    assert await broken(ledger) == {"transfers_immutable"}
+    await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
+    report = await check_ledger(ledger)
+    [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]
+    assert problems == ["trigger ledger_transfers_immutable is missing"]
+
+
+async def test_the_check_runs_in_its_own_transaction(ledger: Any) -> None:
+    async with ledger.transaction():
+        with pytest.raises(LedgerError, match="outside"):
+            await check_ledger(ledger)
