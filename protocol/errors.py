@@ -1,0 +1,84 @@
+"""Errors the protocol raises, each with the response code to report and whether to hang up.
+
+    ProtocolError                 response_code        close_connection
+     ├── FrameTooLarge            FORMAT_ERROR         yes  length prefix above frame_bytes_max
+     ├── FormatError              FORMAT_ERROR         yes  bad header, length, body or field
+     │    └── UnsupportedVersion  UNSUPPORTED_VERSION  yes  header version is not 1
+     ├── MacFailure               MAC_FAILURE          yes  MAC trailer wrong (AUTH_FAILED at logon)
+     ├── ReplayError              REPLAY               yes  sequence number not previous + 1
+     ├── StateError               STATE_ERROR          yes  message not allowed in this state
+     ├── NotPermitted             NOT_PERMITTED        no   a transaction id of another terminal
+     └── LocalProtocolError       SYSTEM_ERROR         no   our own side asked to send a message
+                                                            the protocol forbids (a bug here)
+
+A receiving session raises the first five and NotPermitted for what the peer sent; `send` raises
+LocalProtocolError and leaves the session unchanged. `close_connection` is per instance: a body
+that fails to decode in an authenticated, in-sequence frame is a FormatError that does not close
+(the session is still in step; the server answers with an error frame and carries on).
+
+`detail` is short, plain text about the peer's input, safe to put in an error frame: it never
+holds key material, MACs or body bytes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from protocol.codes import ResponseCode
+
+
+class ProtocolError(Exception):
+    default_response_code: ClassVar[ResponseCode] = ResponseCode.FORMAT_ERROR
+    default_close_connection: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        response_code: ResponseCode | None = None,
+        close_connection: bool | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.response_code = self.default_response_code if response_code is None else response_code
+        self.close_connection = self.default_close_connection if close_connection is None else close_connection
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.detail!r}, response_code={self.response_code.name},"
+            f" close_connection={self.close_connection})"
+        )
+
+
+class FrameTooLarge(ProtocolError):
+    pass
+
+
+class FormatError(ProtocolError):
+    pass
+
+
+class UnsupportedVersion(FormatError):
+    default_response_code = ResponseCode.UNSUPPORTED_VERSION
+
+
+class MacFailure(ProtocolError):
+    default_response_code = ResponseCode.MAC_FAILURE
+
+
+class ReplayError(ProtocolError):
+    default_response_code = ResponseCode.REPLAY
+
+
+class StateError(ProtocolError):
+    default_response_code = ResponseCode.STATE_ERROR
+
+
+class NotPermitted(ProtocolError):
+    default_response_code = ResponseCode.NOT_PERMITTED
+    default_close_connection = False
+
+
+class LocalProtocolError(ProtocolError):
+    default_response_code = ResponseCode.SYSTEM_ERROR
+    default_close_connection = False
