@@ -271,6 +271,7 @@ class LogonRequested(msgspec.Struct, frozen=True, kw_only=True):
     terminal_nonce: bytes
     key_version: int
     protocol_version: int
+    message: LogonRequest
 
 
 class LoggedOn(msgspec.Struct, frozen=True, kw_only=True):
@@ -312,7 +313,8 @@ _FRAME_BYTES_MIN: Final = limits.frame_bytes_min
 _FRAME_BYTES_MAX: Final = limits.frame_bytes_max
 _VERSION: Final = limits.protocol_version
 _SEQUENCE_MAX: Final = limits.sequence_max
-_DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError)
+# msgspec raises UnicodeDecodeError, not DecodeError, for some invalid UTF-8 (found by the fuzz test).
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError)
 _encode_body: Final = MSGPACK_ENCODER.encode
 _pack_header: Final = framing.HEADER.pack
 _unpack_header: Final = framing.HEADER.unpack_from
@@ -573,6 +575,7 @@ class ServerSession(_Session):
                 terminal_nonce=message.terminal_nonce,
                 key_version=message.key_version,
                 protocol_version=_VERSION,
+                message=message,
             )
         assert isinstance(message, LogonProof), "the table admits no other non-request"
         self._proven_key = True

@@ -89,7 +89,11 @@ def test_logon_handshake_step_by_step() -> None:
     assert request.endswith(framing.ZERO_MAC)
     [requested] = server.receive_data(request)
     assert requested == LogonRequested(
-        terminal_id=TERMINAL_ID, terminal_nonce=TERMINAL_NONCE, key_version=1, protocol_version=1
+        terminal_id=TERMINAL_ID,
+        terminal_nonce=TERMINAL_NONCE,
+        key_version=1,
+        protocol_version=1,
+        message=LogonRequest(terminal_nonce=TERMINAL_NONCE),
     )
     assert server.state is ServerState.LOGON_REQUESTED and server.terminal_id == TERMINAL_ID
 
