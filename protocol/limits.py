@@ -46,7 +46,6 @@ customer_name_chars_max: Final = 64
 address_chars_max: Final = 128
 detail_chars_max: Final = 200
 software_version_chars_max: Final = 32
-reason_text_chars_max: Final = 100
 amount_minor_max: Final = 10**12  # far above any payment; bounds arithmetic on untrusted input
 units_wh_max: Final = 10**12
 count_max: Final = 10**6
