@@ -238,6 +238,10 @@ def _compile(side: Side, action: Action) -> _Compiled:
         # Before its body is decoded a received ErrorReply's kind is unknown: both must agree on auth.
         assert action is SEND or None in error_rows or error_rows[0].auth is error_rows[1].auth  # type: ignore[union-attr]
         errors[state] = error_rows
+        if action is RECEIVE and (error_rows.open or error_rows.closing):
+            # Received, an ErrorReply is admitted by class (either kind, same auth); the decoded
+            # body then picks the exact row. Sent, its kind is known: see lookup().
+            exact[ErrorReply] = error_rows.open or error_rows.closing  # type: ignore[assignment]
     return _Compiled(rows, errors)
 
 
@@ -447,10 +451,7 @@ class _Session:
             raise FormatError(f"message type 0x{code:02x} is not one the {self._side.value} receives")
         if raw_terminal_id != self._terminal_id_bytes:
             self._adopt_terminal_id(raw_terminal_id)
-        if message_type is ErrorReply:
-            row = lookup(self._side, self._state, RECEIVE, ErrorReply)
-        else:
-            row = self._receive_rows[self._state].get(message_type)
+        row = self._receive_rows[self._state].get(message_type)
         cut = len(frame) - _MAC_BYTES
         mac = frame[cut:]
         key = self._receive_key
