@@ -46,19 +46,20 @@ class MacKey:
     redo the key padding for every frame; the output is the same (a test checks it).
     """
 
-    __slots__ = ("_inner_copy", "_outer_copy")
+    __slots__ = ("inner_copy", "outer_copy")
 
     def __init__(self, key: bytes) -> None:
         if len(key) > _SHA256_BLOCK_BYTES:
             key = hashlib.sha256(key).digest()
         padded = key.ljust(_SHA256_BLOCK_BYTES, b"\x00")
-        self._inner_copy = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded)).copy
-        self._outer_copy = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded)).copy
+        # Fresh copies of SHA-256 states that have absorbed key XOR ipad / key XOR opad.
+        self.inner_copy = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded)).copy
+        self.outer_copy = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded)).copy
 
     def mac(self, data: bytes | bytearray | memoryview) -> bytes:
-        inner = self._inner_copy()
+        inner = self.inner_copy()
         inner.update(data)
-        outer = self._outer_copy()
+        outer = self.outer_copy()
         outer.update(inner.digest())
         return outer.digest()[:_MAC_BYTES]
 

@@ -615,7 +615,8 @@ TERMINAL_DECODER: Final[msgspec.msgpack.Decoder[TerminalMessage]] = msgspec.msgp
 SERVER_DECODER: Final[msgspec.msgpack.Decoder[ServerMessage]] = msgspec.msgpack.Decoder(ServerMessage)
 
 
-_TRANSACTION_IDS: Final[dict[type[AnyMessage], Callable[[Any], tuple[ClientTransactionId, ...]]]] = {
+# Where each request names client transaction ids: each must carry the sender's terminal id.
+TRANSACTION_IDS_OF: Final[dict[type[AnyMessage], Callable[[Any], tuple[ClientTransactionId, ...]]]] = {
     TopUpRequest: lambda message: (message.client_transaction_id,),
     ReversalRequest: lambda message: (message.original_transaction_id,),
     ReprintRequest: lambda message: () if message.client_transaction_id is None else (message.client_transaction_id,),
@@ -625,13 +626,13 @@ _TRANSACTION_IDS: Final[dict[type[AnyMessage], Callable[[Any], tuple[ClientTrans
 
 def transaction_ids(message: AnyMessage) -> tuple[ClientTransactionId, ...]:
     """Every client transaction id a terminal message names (to check it is the terminal's own)."""
-    getter = _TRANSACTION_IDS.get(type(message))
+    getter = TRANSACTION_IDS_OF.get(type(message))
     return () if getter is None else getter(message)
 
 
 def foreign_transaction_id(message: AnyMessage, terminal_id: str) -> ClientTransactionId | None:
     """The first transaction id in `message` that belongs to another terminal, if any."""
-    getter = _TRANSACTION_IDS.get(type(message))
+    getter = TRANSACTION_IDS_OF.get(type(message))
     if getter is not None:
         for txid in getter(message):
             if txid.terminal_id != terminal_id:

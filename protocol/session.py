@@ -77,6 +77,7 @@ from protocol.messages import (
     TERMINAL_DECODER,
     TERMINAL_MESSAGE_TYPES,
     TERMINAL_TYPE_BY_CODE,
+    TRANSACTION_IDS_OF,
     AnyMessage,
     ErrorReply,
     LogoffReply,
@@ -86,7 +87,6 @@ from protocol.messages import (
     LogonRequest,
     ServerMessage,
     TerminalMessage,
-    foreign_transaction_id,
     is_terminal_id,
 )
 
@@ -326,6 +326,7 @@ _MAC: Final = Auth.MAC
 _NONE: Final = Auth.NONE
 _EITHER: Final = Auth.EITHER
 _REQUEST: Final = Kind.REQUEST
+_TRANSACTION_IDS: Final = TRANSACTION_IDS_OF
 _REPLY_OF: Final[Mapping[type[AnyMessage], type[ServerMessage]]] = REPLY_TYPE  # type: ignore[assignment]
 _REPLY: Final = Kind.REPLY
 
@@ -424,7 +425,12 @@ class _Session:
             return signed + _ZERO_MAC
         key = self._send_key
         assert key is not None, "a MACed row is reachable only with session keys"
-        return signed + key.mac(signed)
+        # framing.MacKey.mac inlined: one Python call less on every frame.
+        inner = key.inner_copy()
+        inner.update(signed)
+        outer = key.outer_copy()
+        outer.update(inner.digest())
+        return signed + outer.digest()[:_MAC_BYTES]
 
     # -- receiving --
 
@@ -464,7 +470,14 @@ class _Session:
         auth = row.auth
         authenticated = True
         if auth is _MAC or (auth is _EITHER and mac != _ZERO_MAC):
-            if key is None or not compare_digest(key.mac(frame[:cut]), mac):
+            if key is None:
+                raise MacFailure("MAC does not verify", response_code=self._mac_failure_code())
+            # framing.MacKey.mac inlined: one Python call less on every frame.
+            inner = key.inner_copy()
+            inner.update(frame[:cut])
+            outer = key.outer_copy()
+            outer.update(inner.digest())
+            if not compare_digest(outer.digest()[:_MAC_BYTES], mac):
                 raise MacFailure("MAC does not verify", response_code=self._mac_failure_code())
         elif mac == _ZERO_MAC:
             authenticated = False
@@ -560,10 +573,12 @@ class ServerSession(_Session):
         terminal_id = self._terminal_id
         assert terminal_id is not None, "the header check adopted it"
         if row.message is _REQUEST:
-            foreign = foreign_transaction_id(message, terminal_id)
-            if foreign is not None:
-                self._state = ServerState.REJECTING
-                raise NotPermitted(f"transaction {foreign.as_key()} belongs to another terminal")
+            owned = _TRANSACTION_IDS.get(message_type)
+            if owned is not None:
+                for txid in owned(message):
+                    if txid.terminal_id != terminal_id:
+                        self._state = ServerState.REJECTING
+                        raise NotPermitted(f"transaction {txid.as_key()} belongs to another terminal")
             self._state = row.next_state
             self._pending = message_type
             self._expected_reply = _REPLY_OF[message_type]
@@ -679,7 +694,9 @@ class TerminalSession(_Session):
 
     def send(self, message: TerminalMessage) -> bytes:
         """Frame bytes of `message`; raises LocalProtocolError (session unchanged) if the table forbids it."""
-        row = self._send_row(message)
+        row = self._send_rows[self._state].get(type(message))
+        if row is None:
+            row = self._send_row(message)  # raises: the table has no row for it
         frame = self._encode(message, row.auth)
         self._state = row.next_state
         if row.message is _REQUEST:
