@@ -227,31 +227,36 @@ WITH legs AS (
     UNION ALL
     SELECT id, seq, credit_account_id, false, hash FROM ledger_transfers),
 chained AS (
-    SELECT id, account_id, is_debit,
+    SELECT id, is_debit,
            coalesce(lag(hash) OVER (PARTITION BY account_id ORDER BY seq), ledger_genesis_hash(account_id))
                AS previous_hash
-      FROM legs)
+      FROM legs),
+paired AS (
+    SELECT id, (array_agg(previous_hash) FILTER (WHERE is_debit))[1] AS previous_debit_hash,
+           (array_agg(previous_hash) FILTER (WHERE NOT is_debit))[1] AS previous_credit_hash
+      FROM chained
+     GROUP BY id)
 SELECT t.id, t.seq
   FROM ledger_transfers t
-  JOIN chained d ON d.id = t.id AND d.is_debit
-  JOIN chained c ON c.id = t.id AND NOT c.is_debit
+  JOIN paired p ON p.id = t.id
  WHERE t.hash IS DISTINCT FROM ledger_transfer_hash(
-           d.previous_hash, c.previous_hash, t.id, t.seq, t.debit_account_id, t.credit_account_id, t.amount_minor,
-           t.currency, t.kind, t.group_id, t.metadata, t.debit_balance_after_minor, t.credit_balance_after_minor,
-           t.created_at)
+           p.previous_debit_hash, p.previous_credit_hash, t.id, t.seq, t.debit_account_id, t.credit_account_id,
+           t.amount_minor, t.currency, t.kind, t.group_id, t.metadata, t.debit_balance_after_minor,
+           t.credit_balance_after_minor, t.created_at)
  ORDER BY t.seq
  LIMIT $1"""
 
 # Each account's stored chain tip is the hash of its last transfer (NULL without transfers).
 SQL_CHECK_CHAIN_TIPS = """
+WITH last AS (
+    SELECT DISTINCT ON (legs.account_id) legs.account_id, legs.hash
+      FROM (SELECT debit_account_id AS account_id, seq, hash FROM ledger_transfers
+            UNION ALL
+            SELECT credit_account_id, seq, hash FROM ledger_transfers) legs
+     ORDER BY legs.account_id, legs.seq DESC)
 SELECT a.id, a.chain_hash, last.hash AS last_hash
   FROM ledger_accounts a
-  LEFT JOIN LATERAL (
-      SELECT legs.hash FROM (
-          (SELECT hash, seq FROM ledger_transfers WHERE debit_account_id = a.id ORDER BY seq DESC LIMIT 1)
-          UNION ALL
-          (SELECT hash, seq FROM ledger_transfers WHERE credit_account_id = a.id ORDER BY seq DESC LIMIT 1)) legs
-      ORDER BY legs.seq DESC LIMIT 1) last ON true
+  LEFT JOIN last ON last.account_id = a.id
  WHERE a.chain_hash IS DISTINCT FROM last.hash
  ORDER BY a.id
  LIMIT $1"""
