@@ -248,7 +248,13 @@ class Gateway:
             self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
             self.metrics.requests.labels(kind, getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
             closing = isinstance(reply, ErrorReply) and reply.connection_closing
+            if conn.closing:
+                return False  # said goodbye while this request ran: it is committed, the reply is not sent
             await self._write(conn, session.send(reply))
+            if self._stopping:
+                # Shutting down: this request was answered; the session gets its goodbye now.
+                await self._goodbye(conn)
+                return False
             return not (closing or isinstance(message, LogoffRequest))
         raise AssertionError(f"unexpected event {event!r}")
 

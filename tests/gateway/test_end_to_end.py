@@ -10,9 +10,8 @@ from float_ledger.ledger import balance
 from gateway.seeding import meter_number, terminal_id
 from gateway.vending import group_id_for
 from protocol.codes import ResponseCode
-from tests.gateway.conftest import Running
 from terminal_sim.client import PosTerminal, TerminalRefused
-
+from tests.gateway.conftest import Running
 
 _sequences: dict[int, int] = {}
 
@@ -130,7 +129,7 @@ async def test_blocked_terminal_refused_at_logon_and_mid_session(running: Runnin
 async def test_reversal_after_commit_compensates_and_repeats_are_idempotent(running: Running) -> None:
     pos = terminal(running, 1)
     await pos.logon()
-    credit_id, _, float_id = await accounts(running, meter_number(7), pos.terminal_id)
+    _, _, float_id = await accounts(running, meter_number(7), pos.terminal_id)
     async with running.pool.acquire() as conn:
         float_before = await balance(conn, float_id)
     txn = pos.next_transaction_id()

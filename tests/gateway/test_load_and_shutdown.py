@@ -1,0 +1,148 @@
+"""Many terminals over a GPRS-like link, and SIGTERM under load: nothing lost, nothing half-applied."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import asyncpg
+import pytest
+
+from float_ledger.check import check_ledger
+from gateway.seeding import meter_number, terminal_id
+from gateway.server import Limits
+from gateway.vending import group_id_for
+from protocol.codes import ResponseCode
+from protocol.errors import ProtocolError
+from protocol.messages import TenderType, TopUpRequest, TopUpResult
+from terminal_sim.client import LinkLost, LinkModel, PosTerminal, TerminalRefused
+from terminal_sim.sim import run_simulation
+from tests.gateway.conftest import Running
+
+FAST_GPRS = LinkModel(one_way_s=0.15, jitter_s=0.1, reply_loss_probability=0.03, disconnect_probability=0.01)
+
+
+async def assert_each_approved_has_one_group(pool: asyncpg.Pool, txn_ids: list[str]) -> None:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT group_id, count(*) AS legs, bool_or(kind = 'collection') AS has_collection "
+            "FROM ledger_transfers WHERE group_id = ANY($1::uuid[]) GROUP BY group_id",
+            [group_id_for(t) for t in txn_ids])
+        assert len(rows) == len(set(txn_ids))
+        assert all(r["has_collection"] for r in rows)
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1::text[]) AND response_code = 0",
+            txn_ids)
+        assert stored == len(set(txn_ids))
+
+
+@pytest.mark.timeout(180)
+async def test_200_terminals_over_gprs_keep_the_ledger_whole(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    terminals = [(terminal_id(n), running.key(n)) for n in range(7, 207)]
+    summary, notes = await run_simulation(
+        host="127.0.0.1", port=running.gateway.pos_port, terminals=terminals,
+        meters=[meter_number(n) for n in range(13, 43)], currency="EUR", duration_s=8, link=FAST_GPRS, seed=7)
+    assert summary.ok, notes
+    assert summary.approved > 200
+    assert summary.retries > 0  # the link model did lose replies, and retries were answered
+    await assert_each_approved_has_one_group(running.pool, summary.approved_txn_ids)
+    async with running.pool.acquire() as conn:
+        report = await check_ledger(conn)
+    assert report.holds, report.broken
+
+
+async def test_metrics_and_health_endpoints(running: Running) -> None:
+    port = running.gateway.http_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    assert "vendgate_requests_total" in body and "vendgate_commit_batch_size_bucket" in body
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"200 OK" in await reader.read()
+    writer.close()
+
+
+async def test_idle_connection_is_cut_off(running: Running) -> None:
+    gateway = running.gateway
+    previous = gateway.limits
+    gateway.limits = Limits(idle_timeout_s=0.5, frame_deadline_s=0.3)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.pos_port)
+        writer.write(b"\x00")  # the first byte of a frame, then silence
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - started < 2
+        writer.close()
+    finally:
+        gateway.limits = previous
+
+
+async def test_oversize_frame_is_refused_before_buffering(running: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.gateway.pos_port)
+    writer.write(b"\xff\xff" + b"\x00" * 64)
+    await writer.drain()
+    assert len(await asyncio.wait_for(reader.read(), 5)) < 1024
+    writer.close()
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_during_load_loses_nothing(running: Running, tmp_path: os.PathLike[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    env.update({"VENDGATE_DATABASE_URL": running.db_url, "VENDGATE_MASTER_KEY": running.master_key.hex(),
+                "VENDGATE_POS_PORT": str(port), "VENDGATE_HTTP_PORT": "0", "VENDGATE_DATA_DIR": str(tmp_path),
+                "VENDGATE_LOG_LEVEL": "warning"})
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", env=env)
+    try:
+        for _ in range(200):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        approved: list[str] = []
+        stop_at = time.monotonic() + 30
+
+        async def pay(n: int) -> None:
+            pos = PosTerminal(terminal_id(n), running.key(n), "127.0.0.1", port, last_sequence=900_000)
+            try:
+                await pos.logon()
+                while time.monotonic() < stop_at:
+                    txn = pos.next_transaction_id()
+                    request = TopUpRequest(client_transaction_id=txn, meter_number=meter_number(13 + n % 30),
+                                           amount_minor=700, currency="EUR", tender_type=TenderType.CASH)
+                    # No retry here: a reply either came (and must be committed) or it did not.
+                    result = await pos._exchange(request, TopUpResult)
+                    if result.response_code is ResponseCode.APPROVED:
+                        approved.append(txn.as_key())
+            except (LinkLost, TerminalRefused, ProtocolError, ConnectionError, OSError):
+                return
+            finally:
+                await pos.close()
+
+        workers = [asyncio.create_task(pay(n)) for n in range(207, 257)]
+        await asyncio.sleep(2.0)
+        assert approved, "load was flowing before the signal"
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.wait_for(process.wait(), 40)
+        assert code == 0 and time.monotonic() - started < 35
+        await asyncio.gather(*workers)
+        await assert_each_approved_has_one_group(running.pool, approved)
+        async with running.pool.acquire() as conn:
+            report = await check_ledger(conn)
+        assert report.holds, report.broken
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
