@@ -16,14 +16,16 @@ LocalProtocolError and leaves the session unchanged. `close_connection` is per i
 that fails to decode in an authenticated, in-sequence frame is a FormatError that does not close
 (the session is still in step; the server answers with an error frame and carries on).
 
-`detail` is short, plain text about the peer's input, safe to put in an error frame: it never
-holds key material, MACs or body bytes.
+`detail` is short, plain text about the peer's input, safe to put in an error frame as it is
+(printable ASCII, at most detail_chars_max characters): it never holds key material, MACs or
+body bytes.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+from protocol import limits
 from protocol.codes import ResponseCode
 
 
@@ -38,6 +40,9 @@ class ProtocolError(Exception):
         response_code: ResponseCode | None = None,
         close_connection: bool | None = None,
     ) -> None:
+        # Bounded, printable ASCII: fit to go straight into an ErrorReply's `detail`.
+        detail = "".join(char if char.isascii() and char.isprintable() else "?" for char in detail)
+        detail = detail[: limits.detail_chars_max]
         super().__init__(detail)
         self.detail = detail
         self.response_code = self.default_response_code if response_code is None else response_code

@@ -101,11 +101,6 @@ def http_status(reply: ServerMessage) -> int:
 
 def kiosk_error(error: ProtocolError) -> tuple[int, bytes]:
     """HTTP status and JSON body of the ErrorReply that answers `error`."""
-    detail = error.detail[: limits.detail_chars_max]
-    reply = ErrorReply(
-        response_code=error.response_code,
-        detail=detail if detail.isprintable() else "request refused",
-        connection_closing=False,
-    )
+    reply = ErrorReply(response_code=error.response_code, detail=error.detail, connection_closing=False)
     status = 413 if isinstance(error, FrameTooLarge) else http_status(reply)
     return status, encode_kiosk_message(reply)

@@ -662,7 +662,7 @@ class ServerSession(_Session):
 
 
 def _clean_detail(detail: str) -> str:
-    printable = "".join(char if char.isprintable() and char.isascii() else "?" for char in detail)
+    printable = "".join(char if char.isprintable() else "?" for char in detail)
     return printable[: limits.detail_chars_max]
 
 

@@ -248,5 +248,11 @@ def test_error_tree_defaults(error_class: type[errors.ProtocolError], code: Resp
     assert "AUTH_FAILED" in repr(overridden)
 
 
+def test_error_detail_is_always_fit_for_an_error_frame() -> None:
+    error = errors.FormatError("bad\nbody \x1b" + "x" * 500)
+    assert len(error.detail) == limits.detail_chars_max and error.detail.isprintable()
+    assert ErrorReply(response_code=error.response_code, detail=error.detail).detail == error.detail
+
+
 def test_top_up_request_example_is_valid() -> None:
     assert TopUpRequest.message_type == 0x09 and TOP_UP_REQUEST.tender_type is TenderType.CASH
