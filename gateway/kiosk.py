@@ -1,0 +1,80 @@
+"""The kiosk HTTPS listener: mutual TLS, then one JSON message per POST (protocol.kiosk).
+
+TLS itself refuses a kiosk without a client certificate or with one from another CA. A
+middleware then binds the certificate to its kiosk record by SHA-256 fingerprint and refuses a
+revoked, expired or unknown certificate, or a kiosk that is not active, before any handler runs.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.ca import fingerprint_of_der
+from gateway.jsonlog import get_logger
+from protocol import limits
+from protocol.codes import ResponseCode
+from protocol.errors import ProtocolError
+from protocol.kiosk import (
+    CONTENT_TYPE,
+    KIOSK_PATH,
+    decode_kiosk_request,
+    encode_kiosk_message,
+    http_status,
+    kiosk_error,
+)
+from protocol.messages import ErrorReply
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = get_logger("vendgate.kiosk")
+KIOSK_KEY = web.RequestKey("kiosk_id", str)
+
+SQL_KIOSK_BY_FINGERPRINT = """
+SELECT c.terminal_id, t.status, t.kind FROM kiosk_certificates c JOIN terminals t USING (terminal_id)
+WHERE c.fingerprint = $1 AND c.revoked_at IS NULL AND c.not_after > now()"""
+
+
+def _refuse(code: ResponseCode, detail: str, status: int) -> web.Response:
+    body = encode_kiosk_message(ErrorReply(response_code=code, detail=detail, connection_closing=False))
+    return web.Response(status=status, body=body, content_type=CONTENT_TYPE)
+
+
+def kiosk_app(gateway: Gateway) -> web.Application:
+    @web.middleware
+    async def authenticate(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+        if not der:
+            return _refuse(ResponseCode.AUTH_FAILED, "client certificate required", 401)
+        async with gateway.pool.acquire(timeout=10) as conn:
+            row = await conn.fetchrow(SQL_KIOSK_BY_FINGERPRINT, fingerprint_of_der(der))
+        if row is None or row["kind"] != "kiosk":
+            gateway.metrics.connections_refused.labels("kiosk_certificate").inc()
+            return _refuse(ResponseCode.AUTH_FAILED, "certificate unknown or revoked", 403)
+        if row["status"] != "active":
+            return _refuse(ResponseCode.TERMINAL_BLOCKED, f"kiosk {row['status']}", 403)
+        request[KIOSK_KEY] = row["terminal_id"]
+        return await handler(request)
+
+    async def message(request: web.Request) -> web.Response:
+        kiosk_id = request[KIOSK_KEY]
+        body = await request.read()
+        try:
+            decoded = decode_kiosk_request(body, kiosk_id=kiosk_id)
+        except ProtocolError as error:
+            status, payload = kiosk_error(error)
+            return web.Response(status=status, body=payload, content_type=CONTENT_TYPE)
+        reply = await gateway.handlers.handle(kiosk_id, decoded)
+        gateway.metrics.requests.labels(type(decoded).__name__,
+                                        getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
+        return web.Response(status=http_status(reply), body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
+
+    app = web.Application(middlewares=[authenticate], client_max_size=limits.kiosk_body_bytes_max)
+    app.router.add_post(KIOSK_PATH, message)
+    return app

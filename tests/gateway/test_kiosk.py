@@ -1,0 +1,94 @@
+"""Kiosks over HTTPS with mutual TLS: only a current certificate of vendgate's CA gets through."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import aiohttp
+import pytest
+
+from gateway import registry
+from gateway.ca import CertificateAuthority
+from gateway.cli.commands.ca_cmds import issue_kiosk_certificate
+from gateway.seeding import meter_number
+from gateway.server import Gateway
+from gateway.settings import load_settings
+from protocol.codes import ResponseCode
+from protocol.messages import TopUpResult
+from terminal_sim.kiosk import Kiosk, client_ssl_context
+from tests.gateway.conftest import Running
+
+KIOSK_ID = "K0000001"
+
+
+@pytest.fixture(scope="module")
+async def kiosk_setup(running: Running, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, object]]:
+    base = tmp_path_factory.mktemp("kiosk")
+    authority = CertificateAuthority(base / "ca")
+    authority.init(now=datetime.now(UTC))
+    async with running.pool.acquire() as conn:
+        await registry.add_terminal(conn, running.keystore, terminal_id=KIOSK_ID, serial="KSN1", agent_id=1,
+                                    kind="kiosk")
+        await registry.add_terminal(conn, running.keystore, terminal_id="K0000002", serial="KSN2", agent_id=1,
+                                    kind="kiosk")
+        good = await issue_kiosk_certificate(conn, authority, KIOSK_ID, base / "issued")
+        revoked = await issue_kiosk_certificate(conn, authority, "K0000002", base / "issued")
+        await conn.execute("UPDATE kiosk_certificates SET revoked_at = now() WHERE terminal_id = 'K0000002'")
+    other = CertificateAuthority(base / "other-ca")
+    other.init(now=datetime.now(UTC))
+    stranger_cert, stranger_path, stranger_key = other.issue_client(KIOSK_ID, base / "stranger", datetime.now(UTC))
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0",
+                                      "VENDGATE_KIOSK_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
+    await gateway.start()
+    try:
+        yield {"gateway": gateway, "ca": str(authority.ca_cert_path), "good": good, "revoked": revoked,
+               "stranger": (stranger_path, stranger_key), "base": base}
+    finally:
+        await gateway.stop()
+
+
+def kiosk(setup: dict[str, object], context: ssl.SSLContext) -> Kiosk:
+    gateway = setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    return Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", context, datetime.now(UTC).date())
+
+
+async def test_kiosk_with_valid_certificate_tops_up(kiosk_setup: dict[str, object]) -> None:
+    cert, key, _ = kiosk_setup["good"]  # type: ignore[misc]
+    client = kiosk(kiosk_setup, client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key)))
+    status, reply = await client.top_up(meter_number(9), 2_000, "EUR")
+    assert status == 200 and isinstance(reply, TopUpResult)
+    assert reply.response_code is ResponseCode.APPROVED and reply.receipt_number == f"{KIOSK_ID}-000001"
+
+
+async def test_kiosk_without_certificate_is_refused_in_tls(kiosk_setup: dict[str, object]) -> None:
+    context = ssl.create_default_context(cafile=str(kiosk_setup["ca"]))
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+        await kiosk(kiosk_setup, context).top_up(meter_number(9), 2_000, "EUR")
+
+
+async def test_certificate_of_another_ca_is_refused_in_tls(kiosk_setup: dict[str, object]) -> None:
+    cert, key = kiosk_setup["stranger"]  # type: ignore[misc]
+    context = client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key))
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+        await kiosk(kiosk_setup, context).top_up(meter_number(9), 2_000, "EUR")
+
+
+async def test_revoked_certificate_is_refused_before_any_handler(kiosk_setup: dict[str, object]) -> None:
+    cert, key, _ = kiosk_setup["revoked"]  # type: ignore[misc]
+    client = Kiosk("K0000002", f"https://127.0.0.1:{kiosk_setup['gateway'].kiosk_port}",  # type: ignore[attr-defined]
+                   client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key)), datetime.now(UTC).date())
+    status, reply = await client.top_up(meter_number(9), 2_000, "EUR")
+    assert status == 403 and reply.response_code is ResponseCode.AUTH_FAILED  # type: ignore[union-attr]
+
+
+async def test_kiosk_may_not_use_another_terminals_transaction_id(kiosk_setup: dict[str, object]) -> None:
+    cert, key, _ = kiosk_setup["good"]  # type: ignore[misc]
+    client = kiosk(kiosk_setup, client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key)))
+    other = Kiosk("T0000001", client.base_url, None, client.business_date)
+    status, reply = await client.top_up(meter_number(9), 2_000, "EUR", txn=other.next_transaction_id())
+    assert status == 403 and reply.response_code is ResponseCode.NOT_PERMITTED  # type: ignore[union-attr]
+
