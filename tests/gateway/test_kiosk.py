@@ -38,7 +38,7 @@ async def kiosk_setup(running: Running, tmp_path_factory: pytest.TempPathFactory
         await conn.execute("UPDATE kiosk_certificates SET revoked_at = now() WHERE terminal_id = 'K0000002'")
     other = CertificateAuthority(base / "other-ca")
     other.init(now=datetime.now(UTC))
-    stranger_cert, stranger_path, stranger_key = other.issue_client(KIOSK_ID, base / "stranger", datetime.now(UTC))
+    _, stranger_path, stranger_key = other.issue_client(KIOSK_ID, base / "stranger", datetime.now(UTC))
     settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0",
                                       "VENDGATE_KIOSK_PORT": "0"})
     gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
