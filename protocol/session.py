@@ -451,6 +451,9 @@ class _Session:
         """Header, MAC, sequence and state checks of one frame: all before its body is touched."""
         _length, version, code, raw_terminal_id, sequence = _unpack_header(frame)
         if version != _VERSION:
+            if self._terminal_id is None and is_terminal_id(raw_terminal_id.decode("ascii", errors="replace")):
+                # Every version keeps the terminal id at bytes 4-11: the refusal can be addressed.
+                self._adopt_terminal_id(raw_terminal_id)
             raise UnsupportedVersion(f"protocol version {version} is not supported; this end speaks 1")
         message_type = self._type_by_code.get(code)
         if message_type is None:

@@ -429,6 +429,19 @@ def test_unknown_version_is_a_format_error_with_its_own_code() -> None:
     assert caught.value.response_code is ResponseCode.UNSUPPORTED_VERSION
 
 
+def test_a_logon_in_an_unknown_version_is_refused_in_version_1_framing() -> None:
+    terminal, server = TerminalSession(TERMINAL_ID, TERMINAL_KEY), ServerSession()
+    frame = bytearray(terminal.send(LogonRequest(terminal_nonce=TERMINAL_NONCE)))
+    frame[2] = 2
+    with pytest.raises(UnsupportedVersion) as caught:
+        server.receive_data(bytes(frame))
+    refusal = server.send_error(caught.value)
+    assert refusal[2] == 1 and refusal.endswith(framing.ZERO_MAC)
+    [event] = terminal.receive_data(refusal)
+    assert event.message.response_code is ResponseCode.UNSUPPORTED_VERSION  # type: ignore[union-attr]
+    assert terminal.state is TerminalState.CLOSED
+
+
 @pytest.mark.parametrize("code", [0x00, 0x02, 0x0A, 0x17, 0x7E, 0xFF])
 def test_unknown_or_wrong_direction_message_type_is_a_format_error(code: int) -> None:
     terminal, server = logged_on_pair()
