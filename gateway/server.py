@@ -30,6 +30,7 @@ from gateway.handlers import Handlers
 from gateway.jsonlog import get_logger
 from gateway.keystore import KeyStore
 from gateway.metrics import GatewayMetrics
+from gateway.outbox import OutboxRelay
 from gateway.settings import Settings
 from gateway.vending import VendingService
 from protocol.codes import ResponseCode
@@ -46,6 +47,10 @@ frame_deadline_s = 30.0
 write_drain_timeout_s = 10.0
 heartbeat_interval_s = 60
 shutdown_grace_s = 20.0
+float_watch_interval_s = 5.0
+SQL_FLOATS_BELOW = """
+SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
+WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
 assert frame_deadline_s < idle_timeout_s
 
 
@@ -87,11 +92,17 @@ class Gateway:
         self.kiosk_port: int | None = None
         self.http_port: int | None = None
         self._stopping = False
+        self.relay = OutboxRelay(pool, settings.engine_url, timeout_s=settings.engine_timeout_s) \
+            if settings.engine_url else None
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.committer.start()
+        if self.relay is not None:
+            self.relay.start()
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_floats())
         self._pos_server = await asyncio.start_server(
             self._serve_pos, self.settings.pos_host, self.settings.pos_port, limit=read_chunk_bytes,
             backlog=1024)
@@ -130,6 +141,12 @@ class Gateway:
             await self._goodbye(conn)
         for runner in self._runners:
             await runner.cleanup()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self._pos_server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pos_server.wait_closed(), 5)
@@ -265,6 +282,15 @@ class Gateway:
     async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
         with contextlib.suppress(Exception):
             await self._write(conn, conn.session.reject(code, detail[:200]))
+
+    async def _watch_floats(self) -> None:
+        """Keep the floats-below-threshold gauge current (the low-float warning's metric)."""
+        while True:
+            with contextlib.suppress(Exception):
+                async with self.pool.acquire(timeout=5) as conn:
+                    count = await conn.fetchval(SQL_FLOATS_BELOW, timeout=5)
+                self.metrics.floats_below_threshold.set(int(count))
+            await asyncio.sleep(float_watch_interval_s)
 
     # -- operations endpoints ----------------------------------------------------------------
 

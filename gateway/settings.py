@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kiosk_port: Port = 7443
     http_host: str = "127.0.0.1"
     http_port: Port = 7780
+    # The prepayment engine's event endpoint; unset: events wait in the outbox.
+    engine_url: str | None = None
+    engine_timeout_s: PositiveFloat = 5.0
     # Hex of a 32-byte key that encrypts terminal and vending keys at rest.
     master_key: str | None = None
     master_key_file: str | None = None

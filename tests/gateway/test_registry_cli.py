@@ -1,0 +1,68 @@
+"""Registry commands as an operator runs them, against an external (test) PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway.keystore import KeyStore
+from gateway.registry import terminal_key, terminal_key_record
+
+
+def vendgate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          env={**base, **env}, timeout=120, check=False)
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> dict[str, str]:
+    return {"VENDGATE_DATABASE_URL": db_url, "VENDGATE_MASTER_KEY": "11" * 32, "VENDGATE_DATA_DIR": str(tmp_path)}
+
+
+async def test_agent_and_terminal_add_print_the_key_once_and_seal_it(env: dict[str, str], db_url: str) -> None:
+    agent = vendgate(env, "agent", "add", "--name", "Corner Shop", "--kind", "shop", "--time-zone",
+                     "Africa/Nairobi", "--commission-bp", "150")
+    assert agent.returncode == 0, agent.stderr
+    agent_id = agent.stdout.split()[1]
+    added = vendgate(env, "terminal", "add", "--id", "P0000001", "--serial", "SN-P1", "--agent", agent_id)
+    assert added.returncode == 0, added.stderr
+    printed_key = bytes.fromhex(added.stdout.strip().splitlines()[-1])
+    assert len(printed_key) == 16
+    conn = await asyncpg.connect(db_url)
+    try:
+        sealed = bytes(await conn.fetchval("SELECT key_ciphertext FROM terminals WHERE terminal_id = 'P0000001'"))
+        assert printed_key not in sealed  # encrypted at rest
+        found = await terminal_key(conn, KeyStore(bytes.fromhex("11" * 32)), "P0000001")
+        assert found == (printed_key, "active")
+        assert KeyStore(bytes.fromhex("11" * 32)).open(sealed, terminal_key_record("P0000001", 1)) == printed_key
+    finally:
+        await conn.close()
+    duplicate = vendgate(env, "terminal", "add", "--id", "P0000001", "--serial", "SN-P1", "--agent", agent_id)
+    assert duplicate.returncode == 2 and "already registered" in duplicate.stderr
+    blocked = vendgate(env, "terminal", "block", "P0000001")
+    assert blocked.returncode == 0 and "blocked" in blocked.stdout
+
+
+def test_bad_registry_input_gets_one_line(env: dict[str, str]) -> None:
+    zone = vendgate(env, "agent", "add", "--name", "X", "--kind", "shop", "--time-zone", "Mars/Olympus")
+    assert zone.returncode == 2
+    assert zone.stderr.strip().splitlines() == ["vendgate: error: unknown time zone 'Mars/Olympus'"]
+    bad_id = vendgate(env, "terminal", "add", "--id", "p-1", "--serial", "S", "--agent", "1")
+    assert bad_id.returncode == 2 and "8 characters" in bad_id.stderr
+    unknown = vendgate(env, "terminal", "block", "NOPE0000")
+    assert unknown.returncode == 2 and "no terminal NOPE0000" in unknown.stderr
+
+
+def test_missing_master_key_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
+    env = {"VENDGATE_DATABASE_URL": db_url, "VENDGATE_DATA_DIR": str(tmp_path)}
+    result = vendgate(env, "terminal", "add", "--id", "P0000009", "--serial", "SN-P9", "--agent", "1")
+    assert result.returncode == 2
+    assert "no master key" in result.stderr and "Traceback" not in result.stderr
+    bad = vendgate({**env, "VENDGATE_MASTER_KEY": "zz"}, "serve")
+    assert bad.returncode == 2 and "VENDGATE_MASTER_KEY is not hex" in bad.stderr
