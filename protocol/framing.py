@@ -12,23 +12,21 @@
 
 Rules: the length is checked against `frame_bytes_max` as soon as its two bytes are in, before
 anything else is buffered; a MAC is compared in constant time; no body byte is decoded before
-the MAC has been verified (`bodies_decoded()` counts every body handed to a decoder, so a test
-can prove it; protocol.session keeps that counter).
+the MAC has been verified. protocol.session applies these rules (and counts decoded bodies in
+`bodies_decoded()`, so a test can prove the last one); this module holds the pieces.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
-from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol import limits
-from protocol.errors import FormatError, FrameTooLarge, UnsupportedVersion
+from protocol.errors import FormatError, FrameTooLarge
 
 HEADER: Final = struct.Struct(">HBB8sI")
 ZERO_MAC: Final = bytes(limits.mac_bytes)
@@ -63,9 +61,6 @@ class MacKey:
         outer.update(inner.digest())
         return outer.digest()[:_MAC_BYTES]
 
-    def verify(self, data: bytes | bytearray | memoryview, mac: bytes | memoryview) -> bool:
-        return hmac.compare_digest(self.mac(data), mac)
-
 
 class SessionKeys(NamedTuple):
     terminal_to_server: bytes
@@ -87,32 +82,6 @@ def derive_session_keys(
     return SessionKeys(okm[: limits.session_key_bytes], okm[limits.session_key_bytes :])
 
 
-class FrameHeader(NamedTuple):
-    length: int
-    version: int
-    message_type: int
-    terminal_id: bytes
-    sequence: int
-
-
-def encode_frame(
-    message_type: int,
-    terminal_id: bytes,
-    sequence: int,
-    write_body: Callable[[bytearray, int], None],
-    mac_key: MacKey | None,
-) -> bytes:
-    """One frame: `write_body(buffer, offset)` appends the body; no key means a zero MAC."""
-    buffer = bytearray(limits.header_bytes)
-    write_body(buffer, limits.header_bytes)
-    length = len(buffer) + limits.mac_bytes - limits.length_prefix_bytes
-    if len(buffer) + limits.mac_bytes > limits.frame_bytes_max:
-        raise FrameTooLarge(f"frame of {len(buffer) + limits.mac_bytes} bytes exceeds {limits.frame_bytes_max}")
-    HEADER.pack_into(buffer, 0, length, limits.protocol_version, message_type, terminal_id, sequence)
-    buffer += ZERO_MAC if mac_key is None else mac_key.mac(buffer)
-    return bytes(buffer)
-
-
 def frame_length(prefix: bytes | bytearray) -> int:
     """Total frame size announced by a 2-byte length prefix, checked against the limits."""
     total = int.from_bytes(prefix[: limits.length_prefix_bytes], "big") + limits.length_prefix_bytes
@@ -121,11 +90,3 @@ def frame_length(prefix: bytes | bytearray) -> int:
     if total < limits.frame_bytes_min:
         raise FormatError(f"frame of {total} bytes announced, at least {limits.frame_bytes_min} needed")
     return total
-
-
-def parse_header(frame: bytes) -> FrameHeader:
-    """Header of a whole frame whose length was checked by `frame_length`."""
-    header = FrameHeader._make(HEADER.unpack_from(frame))
-    if header.version != limits.protocol_version:
-        raise UnsupportedVersion(f"protocol version {header.version} is not supported; this server speaks 1")
-    return header

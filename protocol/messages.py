@@ -15,8 +15,9 @@ Rules every message follows:
 - Any change to a field, tag, code or constraint is a new protocol version (docs/protocol.md,
   "Versioning"); the page lists every field of every message and a test holds it to this file.
 
-Encoders and decoders are built once here and reused (`encode_body`, `decode_terminal_body`,
-`decode_server_body`); the JSON mapping for kiosks lives in protocol.kiosk.
+The MessagePack encoder and one decoder per direction's union are built once here and reused
+(`MSGPACK_ENCODER`, `TERMINAL_DECODER`, `SERVER_DECODER`); the JSON mapping for kiosks lives in
+protocol.kiosk.
 """
 
 from __future__ import annotations
