@@ -20,6 +20,7 @@ from datetime import datetime
 
 import asyncpg
 
+from float_ledger.model import batch_transfers_max
 from gateway.jsonlog import get_logger
 from gateway.vending import VendingService, VendOutcome, VendRequest, decline, now_utc
 from protocol.codes import ResponseCode
@@ -28,6 +29,8 @@ batch_requests_max = 256
 queue_requests_max = 20_000
 batch_retries_max = 5
 assert batch_requests_max <= queue_requests_max
+# A top-up posts at most 5 transfers; one batch must fit one ledger call.
+assert batch_requests_max * 5 <= batch_transfers_max
 
 log = get_logger("vendgate.committer")
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
