@@ -17,7 +17,12 @@ from typing import TypeVar
 
 from protocol.codes import ResponseCode
 from protocol.messages import (
+    Advice,
+    AdviceBatchRequest,
+    AdviceBatchResult,
     ClientTransactionId,
+    EndOfDayRequest,
+    EndOfDayResult,
     ErrorReply,
     FloatInquiryRequest,
     FloatInquiryResult,
@@ -190,8 +195,15 @@ class PosTerminal:
                                amount_minor=amount_minor, currency=currency, tender_type=TenderType.CASH)
         return await self._request(request, TopUpResult)
 
-    async def lookup(self, meter_number: str) -> LookupResult:
-        return await self._request(LookupRequest(meter_number=meter_number), LookupResult)
+    async def lookup(self, meter_number: str | None = None, account_number: str | None = None) -> LookupResult:
+        return await self._request(LookupRequest(meter_number=meter_number, account_number=account_number),
+                                   LookupResult)
+
+    async def send_advices(self, advices: list[Advice]) -> AdviceBatchResult:
+        return await self._request(AdviceBatchRequest(advices=advices), AdviceBatchResult)
+
+    async def end_of_day(self, request: EndOfDayRequest) -> EndOfDayResult:
+        return await self._request(request, EndOfDayResult)
 
     async def float_inquiry(self) -> FloatInquiryResult:
         return await self._request(FloatInquiryRequest(), FloatInquiryResult)

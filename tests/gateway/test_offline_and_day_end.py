@@ -1,0 +1,51 @@
+"""Offline advices, lookup by account, and end-of-day totals reconciled against the server's."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from gateway.seeding import meter_number, terminal_id
+from protocol.codes import ResponseCode
+from protocol.messages import Advice, EndOfDayRequest, TenderType
+from terminal_sim.client import PosTerminal
+from tests.gateway.conftest import Running
+
+
+async def test_advices_then_end_of_day_totals_match(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    pos = PosTerminal(terminal_id(260), running.key(260), "127.0.0.1", running.gateway.pos_port)
+    await pos.logon()
+    taken = datetime.now(UTC) - timedelta(hours=2)
+    advices = [Advice(client_transaction_id=pos.next_transaction_id(), meter_number=meter_number(21 + n),
+                      amount_minor=1_000 + n, currency="EUR", tender_type=TenderType.CASH, taken_at=taken)
+               for n in range(3)]
+    result = await pos.send_advices(advices)
+    assert [o.response_code for o in result.outcomes] == [ResponseCode.APPROVED] * 3
+    assert len({o.receipt_number for o in result.outcomes}) == 3
+    again = await pos.send_advices(advices)  # forwarded twice after a dropped link: applied once
+    assert again.outcomes == result.outcomes
+    paid = await pos.top_up(meter_number(22), 2_000, "EUR")
+    assert paid.response_code is ResponseCode.APPROVED
+    assert pos.business_date is not None
+    mine = EndOfDayRequest(business_date=pos.business_date, currency="EUR", top_up_count=1,
+                           top_up_total_minor=2_000, reversal_count=0, reversal_total_minor=0,
+                           advice_count=3, advice_total_minor=3_003)
+    totals = await pos.end_of_day(mine)
+    assert totals.response_code is ResponseCode.APPROVED
+    assert (totals.top_up_count, totals.advice_total_minor) == (1, 3_003)
+    wrong = await pos.end_of_day(EndOfDayRequest(**{**{f: getattr(mine, f) for f in mine.__struct_fields__},
+                                                     "top_up_total_minor": 1_999}))
+    assert wrong.response_code is ResponseCode.TOTALS_MISMATCH and wrong.top_up_total_minor == 2_000
+    await pos.logoff()
+
+
+async def test_lookup_by_account_number_and_unknown(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    pos = PosTerminal(terminal_id(261), running.key(261), "127.0.0.1", running.gateway.pos_port)
+    await pos.logon()
+    found = await pos.lookup(account_number="AC00000024")
+    assert found.response_code is ResponseCode.APPROVED and found.customer is not None
+    assert found.customer.meter_number == meter_number(24)
+    missing = await pos.lookup(account_number="AC99999999")
+    assert missing.response_code is ResponseCode.UNKNOWN_ACCOUNT and missing.customer is None
+    await pos.logoff()
