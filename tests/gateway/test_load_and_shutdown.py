@@ -146,3 +146,39 @@ async def test_sigterm_during_load_loses_nothing(running: Running, tmp_path: os.
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_connection_cap_refuses_extra_connections(running: Running) -> None:
+    gateway = running.gateway
+    previous = gateway.limits
+    open_now = len(gateway._connections)
+    gateway.limits = Limits(connections_max=open_now + 2)
+    writers = []
+    try:
+        for _ in range(2):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.pos_port)
+            writers.append(writer)
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.pos_port)
+        writers.append(writer)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once, nothing read from it
+    finally:
+        gateway.limits = previous
+        for w in writers:
+            w.close()
+
+
+async def test_new_logon_replaces_the_old_session(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    old = PosTerminal(terminal_id(262), running.key(262), "127.0.0.1", running.gateway.pos_port)
+    await old.logon()
+    new = PosTerminal(terminal_id(262), running.key(262), "127.0.0.1", running.gateway.pos_port, last_sequence=50)
+    await new.logon()
+    with pytest.raises((LinkLost, TerminalRefused, ProtocolError)):
+        await old._exchange(TopUpRequest(client_transaction_id=old.next_transaction_id(),
+                                         meter_number=meter_number(25), amount_minor=500, currency="EUR",
+                                         tender_type=TenderType.CASH), TopUpResult)
+    paid = await new.top_up(meter_number(25), 500, "EUR")
+    assert paid.response_code is ResponseCode.APPROVED
+    await new.logoff()
+    await old.close()
