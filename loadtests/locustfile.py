@@ -35,13 +35,12 @@ from locust.exception import StopUser
 from locust.runners import WorkerRunner
 
 from loadtests.pos_client import PosClient
+from loadtests.rules import failure_reason, first_sequence
 from loadtests.target import TARGET_ENV, KioskCredential, Target, load_target
-from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, encode_kiosk_message
 from protocol.messages import (
     ClientTransactionId,
-    ErrorReply,
     FloatInquiryRequest,
     FloatInquiryResult,
     LogonAccepted,
@@ -65,7 +64,6 @@ reprint_probability = 0.10
 reversal_probability = 0.03
 float_inquiry_probability = 0.10
 cash_pause_s = (0.2, 1.0)  # the agent counts the cash between lookup and payment
-sequence_per_second = 10  # first sequence = seconds since midnight x this: no id reuse across runs
 kiosk_request_timeout_s = 30.0
 
 R = TypeVar("R", bound=ServerMessage)
@@ -129,19 +127,6 @@ def _think(user: User) -> float:
     options = user.environment.parsed_options
     low, high = (options.think_min_s, options.think_max_s) if options is not None else (1.0, 3.0)
     return random.uniform(low, max(low, high))
-
-
-def first_sequence(now: datetime | None = None) -> int:
-    moment = now or datetime.now(UTC)
-    return (moment.hour * 3600 + moment.minute * 60 + moment.second) * sequence_per_second
-
-
-def failure_reason(reply: ServerMessage) -> str | None:
-    """None when the reply is a success, else why not (the response code's name)."""
-    if isinstance(reply, ErrorReply):
-        return f"{reply.response_code.name}: {reply.detail}"
-    code = getattr(reply, "response_code", ResponseCode.APPROVED)
-    return None if code is ResponseCode.APPROVED else ResponseCode(code).name
 
 
 class PosUser(User):

@@ -1,0 +1,113 @@
+"""The load generators' terminals speak the real protocol to a real gateway, and report failures as such."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from loadtests.aio_terminal import AioTerminal
+from loadtests.bench_gateway import closed_loop, open_loop, percentile_ms
+from loadtests.pos_client import PosClient
+from protocol.codes import ResponseCode
+from protocol.messages import (
+    FloatInquiryRequest,
+    FloatInquiryResult,
+    LookupRequest,
+    LookupResult,
+    TenderType,
+    TopUpRequest,
+    TopUpResult,
+)
+from terminal_sim.client import LinkLost, TerminalRefused
+from tests.loadtests.conftest import Served
+
+
+def blocking_session(served: Served, index: int) -> list[object]:
+    """Log on, look up, pay, ask the float, log off: all on a blocking socket (run in a thread)."""
+    tid, key = served.target.terminal(index)
+    client = PosClient(tid, key, served.target.host, served.target.pos_port, first_sequence=10)
+    client.logon()
+    lookup = client.request(LookupRequest(meter_number=served.target.meter(0)), LookupResult)
+    txn = client.next_transaction_id()
+    paid = client.request(TopUpRequest(client_transaction_id=txn, meter_number=served.target.meter(0),
+                                       amount_minor=1_000, currency="EUR", tender_type=TenderType.CASH), TopUpResult)
+    float_left = client.request(FloatInquiryRequest(), FloatInquiryResult)
+    client.logoff()
+    return [lookup, txn, paid, float_left, client.connected]
+
+
+async def test_blocking_client_pays_through_the_gateway(served: Served) -> None:
+    lookup, txn, paid, float_left, connected = await asyncio.to_thread(blocking_session, served, 7)
+    assert isinstance(lookup, LookupResult) and lookup.response_code is ResponseCode.APPROVED
+    assert isinstance(paid, TopUpResult) and paid.response_code is ResponseCode.APPROVED
+    assert paid.client_transaction_id == txn and txn.terminal_sequence == 11  # type: ignore[attr-defined]
+    assert isinstance(float_left, FloatInquiryResult) and float_left.float_remaining_minor < 10_000_000_000
+    assert connected is False
+
+
+def wrong_key_logon(served: Served) -> None:
+    tid, _ = served.target.terminal(6)
+    PosClient(tid, b"\x00" * 16, served.target.host, served.target.pos_port).logon()
+
+
+async def test_blocking_client_with_a_wrong_key_is_refused(served: Served) -> None:
+    with pytest.raises(TerminalRefused) as refused:
+        await asyncio.to_thread(wrong_key_logon, served)
+    assert refused.value.response_code is ResponseCode.AUTH_FAILED
+
+
+def unreachable(port: int) -> None:
+    PosClient("T0000001", b"\x01" * 16, "127.0.0.1", port).logon()
+
+
+async def test_blocking_client_reports_an_unreachable_gateway_as_link_lost(served: Served) -> None:
+    with pytest.raises(LinkLost):
+        await asyncio.to_thread(unreachable, 1)  # nothing listens on port 1
+    client = PosClient("T0000001", b"\x01" * 16, "127.0.0.1", 1)
+    with pytest.raises(LinkLost):
+        client.request(FloatInquiryRequest(), FloatInquiryResult)  # never connected
+
+
+def terminals(served: Served, indexes: range) -> list[AioTerminal]:
+    return [AioTerminal(*served.target.terminal(i), served.target.host, served.target.pos_port,
+                        first_sequence=1_000 * (1 + i)) for i in indexes]
+
+
+async def test_open_loop_offers_its_rate_and_counts_queueing_in_latency(served: Served) -> None:
+    meters = [served.target.meter(i) for i in range(4)]
+    pool = terminals(served, range(0, 3))
+    for terminal in pool:
+        await terminal.logon()
+    try:
+        tally = await open_loop(pool, meters, rate_per_s=60.0, duration_s=1.0, seed=3)
+        assert tally.errors == {}
+        approved = tally.codes[ResponseCode.APPROVED.name]
+        assert 25 <= approved <= 110  # Poisson arrivals: about 60 in the second
+        # One terminal, arrivals far faster than a round trip: later arrivals wait, and it shows.
+        backlog = await open_loop(pool[:1], meters, rate_per_s=2_000.0, duration_s=0.2, seed=4)
+        ordered = sorted(backlog.latencies_s)
+        assert len(ordered) > 100 and ordered[-1] > 5 * ordered[0]
+        closed = await closed_loop(pool, meters, 0.5, seed=5)
+        assert closed.codes[ResponseCode.APPROVED.name] > 3 and closed.errors == {}
+    finally:
+        for terminal in pool:
+            await terminal.logoff()
+
+
+async def test_loop_counts_a_refused_terminal_as_an_error(served: Served) -> None:
+    tid, _ = served.target.terminal(5)
+    stranger = AioTerminal(tid, bytes(16), served.target.host, served.target.pos_port)
+    tally = await closed_loop([stranger], [served.target.meter(0)], 0.2, seed=1)
+    assert sum(tally.errors.values()) >= 1 and not tally.latencies_s
+    assert any("AUTH_FAILED" in reason for reason in tally.errors)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = sorted(random.Random(1).random() for _ in range(1_000))
+    assert percentile_ms(values, 0.5) == round(values[499] * 1000, 2)
+    assert percentile_ms(values, 0.99) == round(values[989] * 1000, 2)
+    assert percentile_ms(values, 1.0) == round(values[-1] * 1000, 2)
+    assert percentile_ms([0.002], 0.99) == 2.0
+    assert percentile_ms([], 0.5) is None
