@@ -229,13 +229,20 @@ class Handlers:
             else:
                 assert message.receipt_number is not None
                 terminal, _, number = message.receipt_number.rpartition("-")
-                if terminal != context.terminal_id or not number.isdigit():
+                if terminal != context.terminal_id or not number.isdigit() or len(number) > 18:
                     return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
                 row = await conn.fetchrow(
                     "SELECT v.* FROM receipts r JOIN vend_transactions v USING (client_txn_id) "
                     "WHERE r.terminal_id = $1 AND r.receipt_number = $2", terminal, int(number))
-        if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:
-            return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
+            if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:
+                return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
+            async with conn.transaction():
+                # Same lock as a reversal of this payment: a reprint and a reversal never cross.
+                await conn.execute(sql.LOCK_TXN_IDS, [row["client_txn_id"]])
+                if await conn.fetchval(sql.TXN_IS_REVERSED, row["client_txn_id"]):
+                    # The payment was undone: its receipt and token are void.
+                    return ReprintResult(response_code=ResponseCode.ALREADY_REVERSED)
+                await conn.execute(sql.TXN_COUNT_REPRINT, row["client_txn_id"])
         outcome = open_outcome(self.keystore, row["client_txn_id"], bytes(row["reply"]))
         log.info("reprint", terminal_id=context.terminal_id, client_txn_id=row["client_txn_id"],
                  token=redact_token(outcome.tokens[0]) if outcome.tokens else None)

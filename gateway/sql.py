@@ -56,7 +56,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"""
 # Meter context for vending: customer, accounts and the tariff in force at $2.
 METERS_FOR_VEND = """
 SELECT m.meter_number, m.supply_mode, m.tariff_code, m.supply_state, m.sts_supply_group_code,
-       m.sts_tariff_index, m.sts_key_revision, m.sts_base_year, m.last_token_id,
+       m.sts_tariff_index, m.sts_key_revision, m.sts_base_year, m.last_token_id, m.last_token_base_year,
        m.last_purchase_at, m.last_purchase_minor,
        c.customer_id, c.account_number, c.name, c.address, c.credit_account_id, c.debt_account_id,
        c.debt_recovery_share_bp,
@@ -70,7 +70,8 @@ LEFT JOIN LATERAL (
 ) t ON true
 WHERE m.meter_number = ANY($1::text[])"""
 METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (customer_id) WHERE c.account_number = $1"
-METER_SET_LAST_TOKEN = "UPDATE meters SET last_token_id = $2 WHERE meter_number = $1"
+METER_SET_LAST_TOKEN = """
+UPDATE meters SET last_token_id = $2, last_token_base_year = $3 WHERE meter_number = $1"""
 METER_SET_LAST_PURCHASE = """
 UPDATE meters SET last_purchase_at = $2, last_purchase_minor = $3 WHERE meter_number = $1"""
 
@@ -130,5 +131,12 @@ WHERE t.terminal_id = ANY($1::text[])"""
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"
 TXN_GET = """
 SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
-       meter_number, amount_minor, currency, created_at
+       meter_number, amount_minor, currency, created_at, reprints
 FROM vend_transactions WHERE client_txn_id = $1"""
+TXN_COUNT_REPRINT = "UPDATE vend_transactions SET reprints = reprints + 1 WHERE client_txn_id = $1"
+TXN_IS_REVERSED = "SELECT original_found FROM reversals WHERE original_txn_id = $1"
+
+# Transaction-scoped advisory locks on client transaction ids, taken in one sorted order.
+LOCK_TXN_IDS = """
+SELECT pg_advisory_xact_lock(h) FROM (
+    SELECT DISTINCT hashtextextended(id, 7) AS h FROM unnest($1::text[]) AS id ORDER BY 1) AS keys"""

@@ -16,7 +16,7 @@ import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -25,16 +25,19 @@ import msgspec
 
 from float_ledger.ledger import apply_transfers, reverse_group
 from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind
-from float_ledger.split import AmountTooSmall, Tariff, commission_minor, split_payment
+from float_ledger.split import DECI_KWH_PER_MWH, AmountTooSmall, Tariff, commission_minor, split_payment
 from gateway import sql
 from gateway.keystore import KeyStore
-from gateway.registry import system_account, vending_key_record
+from gateway.registry import vending_key_record
 from protocol import sts
 from protocol.codes import ResponseCode
 
 GROUP_NAMESPACE = uuid.UUID("6b1c7a52-4f0e-4a43-9a55-0f3c2d8e9b10")
 sts_units_max = sts.UNITS_MAX  # largest amount an STS class-0 token carries, in 0.1 kWh
 receipt_line_chars_max = 32
+decoder_key_cache_max = 100_000
+# A reversal undoes a payment whose outcome the terminal did not learn: it follows soon after.
+reversal_window_s = 24 * 3600
 
 
 class VendRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,8 +53,12 @@ class VendRequest(msgspec.Struct, frozen=True, kw_only=True):
     taken_at: datetime | None = None
 
     def content_sha256(self) -> bytes:
-        """What identifies the request's content: a replay with other content is refused."""
-        return hashlib.sha256(_request_encoder.encode(self)).digest()
+        """What identifies the request's content: a replay with other content is refused.
+
+        A reversal's reason is not part of it: a repeated reversal is the same reversal.
+        """
+        subject = msgspec.structs.replace(self, reason="") if self.kind == "reversal" else self
+        return hashlib.sha256(_request_encoder.encode(subject)).digest()
 
 
 class VendOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,12 +142,17 @@ class VendingService:
     def __init__(self, keystore: KeyStore) -> None:
         self.keystore = keystore
         self._system_accounts: dict[tuple[AccountKind, str], int] = {}
-        self._decoder_keys: dict[str, bytes] = {}
+        self._decoder_keys: dict[tuple[object, ...], bytes] = {}
 
     async def _system(self, conn: asyncpg.Connection, kind: AccountKind, currency: str) -> int:
+        """A system account id. Never created here: an id made inside a batch that then rolls
+        back must not be cached. Agents' registration opens them (registry.add_agent)."""
         key = (kind, currency)
         if key not in self._system_accounts:
-            self._system_accounts[key] = await system_account(conn, kind, currency)
+            account_id = await conn.fetchval(sql.SYSTEM_ACCOUNT_GET, kind.value, currency)
+            if account_id is None:
+                raise LookupError(f"no {kind.value} account in {currency}: register an agent in {currency} first")
+            self._system_accounts[key] = int(account_id)
         return self._system_accounts[key]
 
     # -- the batch ---------------------------------------------------------------------------
@@ -167,6 +179,30 @@ class VendingService:
 
     async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
                       outcomes: list[Any], now: datetime) -> None:
+        """Decide a run of top-ups. When the ledger refuses some groups, the run is rolled back to
+        a savepoint and decided again with those declined up front, so no in-memory bookkeeping
+        (daily totals, debt left) is ever based on a payment that did not happen."""
+        ids = sorted({requests[i].client_txn_id for i in indexes})
+        # Serialises this id against a reversal of it on another gateway (tombstone race).
+        await conn.execute(sql.LOCK_TXN_IDS, ids)
+        refused: dict[int, PostStatus] = {}
+        for _ in range(len(indexes) + 1):
+            attempt = list(outcomes)
+            try:
+                async with conn.transaction():
+                    failed = await self._topups_pass(conn, requests, indexes, attempt, now, refused)
+                    if failed:
+                        raise _RefusedByLedger(failed)
+            except _RefusedByLedger as refusal:
+                assert not refusal.failed.keys() & refused.keys()
+                refused.update(refusal.failed)
+                continue
+            outcomes[:] = attempt
+            return
+        raise AssertionError("every pass declines at least one more request, so the loop ends")
+
+    async def _topups_pass(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
+                           outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
         batch = [requests[i] for i in indexes]
         ids = [r.client_txn_id for r in batch]
         stored = {row["client_txn_id"]: row for row in await conn.fetch(sql.TXN_GET_MANY, ids)}
@@ -184,7 +220,9 @@ class VendingService:
 
         seen_in_batch: dict[str, tuple[bytes, int]] = {}
         pending: list[_Pending] = []
-        debt_left = {m: -debt_balances.get(row["debt_account_id"], 0) for m, row in meters.items()}
+        # Debt belongs to the customer (one debt account), whichever of their meters is paid.
+        debt_left = {int(row["debt_account_id"]): -debt_balances.get(row["debt_account_id"], 0)
+                     for row in meters.values()}
         for index, request in zip(indexes, batch, strict=True):
             digest = request.content_sha256()
             if request.client_txn_id in seen_in_batch:
@@ -202,6 +240,9 @@ class VendingService:
                     outcomes[index] = decline(request, ResponseCode.ALREADY_REVERSED, "payment was reversed")
                 else:
                     outcomes[index] = open_outcome(self.keystore, request.client_txn_id, bytes(row["reply"]))
+                continue
+            if index in refused:
+                outcomes[index] = _New(ledger_decline(request, refused[index]))
                 continue
             verdict = self._guard(request, terminals.get(request.terminal_id), meters.get(request.meter_number),
                                   request.client_txn_id in reversed_ids, daily, debt_left)
@@ -221,10 +262,14 @@ class VendingService:
             pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers))
 
         await self._post(conn, pending)
+        failed = {p.index: p.group_status for p in pending if p.group_status != PostStatus.ok}
+        if failed:
+            return failed  # type: ignore[return-value]
         await self._finish(conn, requests, pending, outcomes, terminals, dates, now)
+        return {}
 
     def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,
-               reversed_first: bool, daily: dict[str, int], debt_left: dict[str, int]
+               reversed_first: bool, daily: dict[str, int], debt_left: dict[int, int]
                ) -> VendOutcome | tuple[asyncpg.Record, asyncpg.Record, Tariff, Any]:
         if terminal is None:
             return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
@@ -254,7 +299,7 @@ class VendingService:
                         fee_vat_rate_bp=meter["fee_vat_rate_bp"])
         try:
             split = split_payment(amount_minor=request.amount_minor,
-                                  debt_outstanding_minor=max(0, debt_left.get(request.meter_number, 0)),
+                                  debt_outstanding_minor=max(0, debt_left.get(int(meter["debt_account_id"]), 0)),
                                   debt_recovery_share_bp=meter["debt_recovery_share_bp"], tariff=tariff)
         except AmountTooSmall:
             return decline(request, ResponseCode.INVALID_AMOUNT, "amount below the purchase fee")
@@ -263,9 +308,10 @@ class VendingService:
                 return decline(request, ResponseCode.INVALID_AMOUNT, "amount buys no whole token unit or too many")
             # A token carries only representable amounts; sell the one at or below what was paid for.
             split = msgspec.structs.replace(split, units_deci_kwh=token_units(split.units_deci_kwh))
-        # Provisional: undone below if the ledger refuses the group.
+        # Provisional: a refusal by the ledger re-runs the pass without this payment (_topups).
         daily[request.terminal_id] = spent + request.amount_minor
-        debt_left[request.meter_number] = debt_left.get(request.meter_number, 0) - split.debt_recovery_minor
+        debt_key = int(meter["debt_account_id"])
+        debt_left[debt_key] = debt_left.get(debt_key, 0) - split.debt_recovery_minor
         return terminal, meter, tariff, split
 
     async def _transfers(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
@@ -280,7 +326,12 @@ class VendingService:
         collections = await self._system(conn, AccountKind.utility_collections, currency)
         # Energy for a token meter is sold now (the token carries it); a smart meter's energy
         # stays as the customer's prepayment balance, which the engine draws down.
-        sold_energy = split.energy_minor if meter["supply_mode"] == "sts" else 0
+        sold_energy = 0
+        if meter["supply_mode"] == "sts":
+            # Sell what the token carries (units were rounded down to a representable amount);
+            # the money for the part-unit stays on the customer's credit for the next purchase.
+            price = int(meter["energy_price_minor_per_mwh"])
+            sold_energy = min(split.energy_minor, -(-split.units_deci_kwh * price // DECI_KWH_PER_MWH))
         parts: list[tuple[str, int, int, int]] = [
             (TransferKind.collection, float_account, credit_account, request.amount_minor),
             (TransferKind.debt_recovery, credit_account, int(meter["debt_account_id"]), split.debt_recovery_minor),
@@ -333,14 +384,7 @@ class VendingService:
         receipt_rows: list[tuple[Any, ...]] = []
         for p in pending:
             request = p.request
-            if p.group_status != PostStatus.ok:
-                code = {PostStatus.insufficient_balance: ResponseCode.INSUFFICIENT_FLOAT,
-                        PostStatus.account_blocked: ResponseCode.NOT_PERMITTED,
-                        PostStatus.currency_mismatch: ResponseCode.CURRENCY_MISMATCH,
-                        }.get(p.group_status or PostStatus.account_missing, ResponseCode.SYSTEM_ERROR)
-                outcomes[p.index] = _New(decline(request, code, "insufficient float"
-                                                 if code == ResponseCode.INSUFFICIENT_FLOAT else str(p.group_status)))
-                continue
+            assert p.group_status == PostStatus.ok, "refused groups were taken out by _topups"
             tokens: list[str] = []
             if p.meter["supply_mode"] == "sts":
                 token, tid = await self._issue_token(conn, p, now, batch_tids)
@@ -419,27 +463,35 @@ class VendingService:
         """A class-0 credit token with a TID newer than any this meter has had (persisted)."""
         meter = p.meter
         number = p.request.meter_number
-        previous = batch_tids.get(number, meter["last_token_id"])
+        stored = meter["last_token_id"] if meter["last_token_base_year"] == meter["sts_base_year"] else None
+        previous = batch_tids.get(number, stored)
         tid = sts.next_token_id(now, None if previous is None else int(previous), int(meter["sts_base_year"]))
         batch_tids[number] = tid
-        await conn.execute(sql.METER_SET_LAST_TOKEN, number, tid)
+        await conn.execute(sql.METER_SET_LAST_TOKEN, number, tid, int(meter["sts_base_year"]))
         decoder_key = await self._decoder_key(conn, meter)
         token = sts.credit_token(decoder_key, 0, tid, p.split.units_deci_kwh, _token_random(p.request.client_txn_id))
         return token, tid
 
     async def _decoder_key(self, conn: asyncpg.Connection, meter: asyncpg.Record) -> bytes:
-        number = meter["meter_number"]
-        cached = self._decoder_keys.get(number)
-        if cached is not None:
-            return cached
+        """The meter's decoder key. The vending key row is read every time (one indexed row), so
+        a re-key or a new vending key takes effect at once; the derivation is what is cached,
+        keyed by everything it depends on."""
         row = await conn.fetchrow(sql.VENDING_KEY_GET, meter["sts_supply_group_code"], meter["sts_key_revision"])
         if row is None:
             raise LookupError(f"no vending key for supply group {meter['sts_supply_group_code']}")
-        vending_key = self.keystore.open(bytes(row["key_ciphertext"]),
-                                         vending_key_record(row["supply_group_code"], row["key_revision"]))
+        sealed = bytes(row["key_ciphertext"])
+        number = meter["meter_number"]
+        cache_key = (number, meter["sts_supply_group_code"], meter["sts_tariff_index"], int(row["key_revision"]),
+                     int(row["key_type"]), hashlib.sha256(sealed).digest())
+        cached = self._decoder_keys.get(cache_key)
+        if cached is not None:
+            return cached
+        vending_key = self.keystore.open(sealed, vending_key_record(row["supply_group_code"], row["key_revision"]))
         key = sts.derive_decoder_key_dkga02(vending_key, int(row["key_type"]), meter["sts_supply_group_code"],
                                             meter["sts_tariff_index"], int(row["key_revision"]), number)
-        self._decoder_keys[number] = key
+        if len(self._decoder_keys) >= decoder_key_cache_max:
+            self._decoder_keys.clear()
+        self._decoder_keys[cache_key] = key
         return key
 
     # -- reversals ---------------------------------------------------------------------------
@@ -457,12 +509,15 @@ class VendingService:
             return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
         terminal = terminals[0]
         if terminal["status"] != "active":
-            outcome = decline(request, ResponseCode.TERMINAL_BLOCKED, f"terminal {terminal['status']}")
-        elif "reversal" not in terminal["allowed_operations"]:
-            outcome = decline(request, ResponseCode.NOT_PERMITTED, "reversal not permitted for this terminal")
-        else:
-            outcome = await self._reverse(conn, request, terminal, now)
-        await self._store(conn, request, terminal, outcome, now, group_id=None)
+            return decline(request, ResponseCode.TERMINAL_BLOCKED, f"terminal {terminal['status']}")
+        if "reversal" not in terminal["allowed_operations"]:
+            return decline(request, ResponseCode.NOT_PERMITTED, "reversal not permitted for this terminal")
+        await conn.execute(sql.LOCK_TXN_IDS, [request.original_txn_id])
+        outcome = await self._reverse(conn, request, terminal, now)
+        # Only final answers are recorded: a reversal refused for a wrong amount, a blocked
+        # terminal or a ledger refusal may be sent again, corrected, under the same id.
+        if outcome.response_code in (ResponseCode.APPROVED, ResponseCode.ORIGINAL_NOT_FOUND):
+            await self._store(conn, request, terminal, outcome, now, group_id=None)
         return outcome
 
     async def _reverse(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
@@ -481,6 +536,11 @@ class VendingService:
             return decline(request, ResponseCode.NOT_PERMITTED, "a payment of another terminal")
         if (int(original["amount_minor"]), original["currency"]) != (request.amount_minor, request.currency):
             return decline(request, ResponseCode.INVALID_AMOUNT, "amount or currency differs from the original")
+        if now - original["created_at"] > timedelta(seconds=reversal_window_s):
+            return decline(request, ResponseCode.NOT_PERMITTED, "too late to reverse: ask the back office")
+        if original["reprints"]:
+            # A reprinted receipt (and token) reached the customer: not a payment whose outcome was lost.
+            return decline(request, ResponseCode.NOT_PERMITTED, "the receipt was reprinted: ask the back office")
         results = await reverse_group(conn, original["group_id"], reason=request.reason or "reversal")
         refused = [r.status for r in results if r.status not in (PostStatus.ok, PostStatus.exists)]
         if refused:
@@ -514,6 +574,19 @@ class VendingService:
             return {}
         rows = await conn.fetch(sql.ACCOUNT_BALANCES, list(set(account_ids)))
         return {int(r["account_id"]): int(r["balance_minor"]) for r in rows}
+
+
+def ledger_decline(request: VendRequest, status: PostStatus) -> VendOutcome:
+    code = {PostStatus.insufficient_balance: ResponseCode.INSUFFICIENT_FLOAT,
+            PostStatus.account_blocked: ResponseCode.NOT_PERMITTED,
+            PostStatus.currency_mismatch: ResponseCode.CURRENCY_MISMATCH}.get(status, ResponseCode.SYSTEM_ERROR)
+    return decline(request, code, "insufficient float" if code == ResponseCode.INSUFFICIENT_FLOAT else str(status))
+
+
+class _RefusedByLedger(Exception):
+    def __init__(self, failed: dict[int, PostStatus]) -> None:
+        super().__init__(f"{len(failed)} groups refused")
+        self.failed = failed
 
 
 class _New:

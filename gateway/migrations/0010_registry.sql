@@ -96,7 +96,10 @@ CREATE TABLE meters (
     sts_tariff_index    text,
     sts_key_revision    integer,
     sts_base_year       integer CHECK (sts_base_year IN (1993, 2014)),
+    -- The last TID issued to this meter, and the base date it counts from: a meter moved to
+    -- another base date (with its key change) starts a new TID sequence.
     last_token_id       bigint,
+    last_token_base_year integer,
     last_purchase_at    timestamptz,
     last_purchase_minor bigint,
     CHECK (supply_mode = 'smart' OR (sts_supply_group_code IS NOT NULL AND sts_tariff_index IS NOT NULL
@@ -119,6 +122,8 @@ CREATE TABLE vend_transactions (
     receipt_number  bigint,
     business_date   date NOT NULL,
     reply           bytea NOT NULL,
+    -- Reprints of the receipt; a reprinted payment can no longer be reversed.
+    reprints        integer NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX vend_transactions_terminal_day ON vend_transactions (terminal_id, business_date);

@@ -175,3 +175,31 @@ async def test_reprint_returns_the_stored_receipt(running: Running) -> None:
 def test_uuid_group_ids_are_stable() -> None:
     assert group_id_for("T0000001-20250101-000001") == group_id_for("T0000001-20250101-000001")
     assert isinstance(group_id_for("x"), uuid.UUID)
+
+
+async def test_reversed_payment_cannot_be_reprinted_and_reprinted_cannot_be_reversed(running: Running) -> None:
+    pos = terminal(running, 3)
+    await pos.logon()
+    first = pos.next_transaction_id()
+    assert (await pos.top_up(meter_number(9), 2_000, "EUR", txn=first)).response_code is ResponseCode.APPROVED
+    assert (await pos.reverse(first, 2_000, "EUR")).response_code is ResponseCode.APPROVED
+    reprint = await pos.reprint(first)
+    assert reprint.response_code is ResponseCode.ALREADY_REVERSED and reprint.tokens == []
+    second = pos.next_transaction_id()
+    assert (await pos.top_up(meter_number(9), 2_000, "EUR", txn=second)).response_code is ResponseCode.APPROVED
+    assert (await pos.reprint(second)).response_code is ResponseCode.APPROVED
+    refused = await pos.reverse(second, 2_000, "EUR")
+    assert refused.response_code is ResponseCode.NOT_PERMITTED
+    await pos.logoff()
+
+
+async def test_refused_reversal_can_be_sent_again_corrected(running: Running) -> None:
+    pos = terminal(running, 5)
+    await pos.logon()
+    txn = pos.next_transaction_id()
+    assert (await pos.top_up(meter_number(10), 1_700, "EUR", txn=txn)).response_code is ResponseCode.APPROVED
+    wrong = await pos.reverse(txn, 1_600, "EUR")
+    assert wrong.response_code is ResponseCode.INVALID_AMOUNT
+    right = await pos.reverse(txn, 1_700, "EUR")
+    assert right.response_code is ResponseCode.APPROVED and right.reversed_amount_minor == 1_700
+    await pos.logoff()

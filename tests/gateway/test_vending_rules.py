@@ -1,0 +1,74 @@
+"""Batch rules that only show when several payments share a batch: debt per customer, limits after refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+from float_ledger.ledger import balance, post_transfers
+from float_ledger.model import AccountKind, Transfer
+from gateway import registry
+from gateway.committer import Committer
+from gateway.seeding import DEMO_TARIFF, meter_number
+from gateway.vending import VendingService, VendRequest
+from protocol.codes import ResponseCode
+from tests.gateway.conftest import Running
+
+TODAY = datetime.now(UTC).strftime("%Y%m%d")
+
+
+async def fund(conn, agent: registry.Agent, amount: int) -> None:  # type: ignore[no-untyped-def]
+    deposits = await registry.system_account(conn, AccountKind.float_deposits, "EUR")
+    await post_transfers(conn, [Transfer(id=uuid.uuid4(), debit_account_id=deposits,
+                                         credit_account_id=agent.float_account_id, amount_minor=amount,
+                                         currency="EUR", kind="deposit")])
+
+
+async def run_batch(running: Running, requests: list[VendRequest]) -> list[int]:
+    committer = Committer(running.pool, VendingService(running.keystore))
+    committer.start()
+    try:
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in requests))
+    finally:
+        await committer.stop()
+    return [o.response_code for o in outcomes]
+
+
+async def test_debt_is_recovered_once_across_a_customers_meters(running: Running) -> None:
+    async with running.pool.acquire() as conn:
+        agent = await registry.add_agent(conn, kind="shop", name="Debt test", currency="EUR")
+        await fund(conn, agent, 100_000)
+        await registry.add_terminal(conn, running.keystore, terminal_id="D0000001", serial="DSN1",
+                                    agent_id=agent.agent_id)
+        customer = await registry.add_customer(conn, account_number="DEBT0001", name="Owes Money", currency="EUR",
+                                               debt_recovery_share_bp=5_000)
+        for number in ("90000000001", "90000000002"):
+            await registry.add_meter(conn, meter_number=number, customer_id=customer, supply_mode="smart",
+                                     tariff_code=DEMO_TARIFF)
+        debt_id = await conn.fetchval("SELECT debt_account_id FROM customers WHERE customer_id = $1", customer)
+        collections = await registry.system_account(conn, AccountKind.utility_collections, "EUR")
+        await post_transfers(conn, [Transfer(id=uuid.uuid4(), debit_account_id=debt_id, credit_account_id=collections,
+                                             amount_minor=1_000, currency="EUR", kind="adjustment")])
+    codes = await run_batch(running, [
+        VendRequest(kind="topup", client_txn_id=f"D0000001-{TODAY}-00000{n}", terminal_id="D0000001",
+                    meter_number=number, amount_minor=5_000, currency="EUR")
+        for n, number in ((1, "90000000001"), (2, "90000000002"))])
+    assert codes == [ResponseCode.APPROVED, ResponseCode.APPROVED]
+    async with running.pool.acquire() as conn:
+        assert await balance(conn, debt_id) == 0  # 1,000 recovered in all, not 1,000 per meter
+
+
+async def test_a_refused_payment_does_not_count_against_the_daily_limit(running: Running) -> None:
+    async with running.pool.acquire() as conn:
+        agent = await registry.add_agent(conn, kind="village", name="Limit test", currency="EUR")
+        await fund(conn, agent, 500)
+        await registry.add_terminal(conn, running.keystore, terminal_id="L0000001", serial="LSN1",
+                                    agent_id=agent.agent_id, daily_limit_minor=1_000)
+    codes = await run_batch(running, [
+        VendRequest(kind="topup", client_txn_id=f"L0000001-{TODAY}-000001", terminal_id="L0000001",
+                    meter_number=meter_number(26), amount_minor=800, currency="EUR"),
+        VendRequest(kind="topup", client_txn_id=f"L0000001-{TODAY}-000002", terminal_id="L0000001",
+                    meter_number=meter_number(27), amount_minor=300, currency="EUR"),
+    ])
+    assert codes == [ResponseCode.INSUFFICIENT_FLOAT, ResponseCode.APPROVED]
