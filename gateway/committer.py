@@ -28,12 +28,19 @@ from protocol.codes import ResponseCode
 batch_requests_max = 256
 queue_requests_max = 20_000
 batch_retries_max = 5
+acquire_timeout_s = 10.0
+# A session waits this long for its payment's batch; then it answers SYSTEM_BUSY ("retry with
+# the same id"), which is safe: the payment either committed and the retry replays it, or not.
+submit_timeout_s = 30.0
 assert batch_requests_max <= queue_requests_max
 # A top-up posts at most 5 transfers; one batch must fit one ledger call.
 assert batch_requests_max * 5 <= batch_transfers_max
 
 log = get_logger("vendgate.committer")
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Failures of the database or the link, not of a request: splitting the batch would only repeat them.
+_INFRASTRUCTURE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                   asyncpg.QueryCanceledError, asyncpg.CannotConnectNowError)
 
 
 class CommitterBusy(Exception):
@@ -86,7 +93,10 @@ class Committer:
         except asyncio.QueueFull:
             raise CommitterBusy("queue full") from None
         # Shielded: a session that goes away must not cancel a payment already queued.
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), submit_timeout_s)
+        except TimeoutError:
+            raise CommitterBusy("batch still running") from None
 
     async def _run(self) -> None:
         while True:
@@ -99,6 +109,11 @@ class Committer:
                     break
             try:
                 await self._commit(batch)
+            except Exception as exc:  # our own bug: still, every waiting session gets an answer
+                log.exception("commit_crashed", batch_size=len(batch), error=type(exc).__name__)
+                for request, future in batch:
+                    if not future.done():
+                        future.set_result(decline(request, ResponseCode.SYSTEM_ERROR, "system error"))
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -110,13 +125,14 @@ class Committer:
             outcomes = await self._transact(requests)
         except Exception as exc:
             log.exception("batch_failed", batch_size=len(batch), error=type(exc).__name__)
-            if len(batch) > 1:
+            if len(batch) > 1 and not isinstance(exc, _INFRASTRUCTURE):
                 for item in batch:
                     await self._commit([item])
                 return
             outcomes = [decline(requests[0], ResponseCode.SYSTEM_ERROR, "system error")]
         if self._on_batch is not None:
-            self._on_batch(len(batch), time.perf_counter() - started)
+            with contextlib.suppress(Exception):
+                self._on_batch(len(batch), time.perf_counter() - started)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
@@ -124,7 +140,7 @@ class Committer:
     async def _transact(self, requests: list[VendRequest]) -> list[VendOutcome]:
         for attempt in range(1, batch_retries_max + 1):
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
+                async with self._pool.acquire(timeout=acquire_timeout_s) as conn, conn.transaction():
                     return await self._service.process_batch(conn, requests, self._clock())
             except _RETRYABLE:
                 if attempt == batch_retries_max:

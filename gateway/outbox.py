@@ -20,6 +20,8 @@ from gateway import sql
 from gateway.jsonlog import get_logger
 
 events_per_post_max = 100
+# An event the engine refuses this many times is parked (dead letter) so the rest flow on.
+event_attempts_max = 20
 poll_interval_s = 0.2
 backoff_s_max = 30.0
 log = get_logger("vendgate.outbox")
@@ -54,32 +56,47 @@ class OutboxRelay:
                 pause_s = poll_interval_s if sent >= 0 else min(pause_s * 2, backoff_s_max)
                 if sent > 0:
                     continue  # there may be more waiting
-            except (asyncpg.PostgresError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the relay must outlive any one bad round
                 log.error("outbox_round_failed", error=type(exc).__name__)
                 pause_s = min(pause_s * 2, backoff_s_max)
             await asyncio.sleep(pause_s)
 
     async def deliver_once(self) -> int:
-        """Send one batch; the number delivered, 0 when nothing waited, -1 when the engine refused."""
+        """Send one batch; the number delivered, 0 when nothing waited, -1 when the engine refused.
+
+        A refused batch is retried event by event at once, so one event the engine cannot take
+        does not hold back the others; an event refused event_attempts_max times is parked.
+        """
         assert self._session is not None
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(sql.OUTBOX_PENDING, events_per_post_max)
+        async with self._pool.acquire(timeout=10) as conn, conn.transaction():
+            rows = await conn.fetch(sql.OUTBOX_PENDING, events_per_post_max, event_attempts_max)
             if not rows:
                 return 0
-            ids = [int(r["event_id"]) for r in rows]
-            document = {"events": [{"event_id": int(r["event_id"]), "kind": r["kind"],
-                                    "client_txn_id": r["client_txn_id"], "meter_number": r["meter_number"],
-                                    "payload": json.loads(r["payload"])} for r in rows]}
-            try:
-                async with self._session.post(self._url, json=document) as response:
-                    ok = 200 <= response.status < 300
-                    status = str(response.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                ok, status = False, type(exc).__name__
-            if not ok:
-                await conn.execute(sql.OUTBOX_MARK_ATTEMPT, ids)
-                log.warning("engine_refused", events=len(ids), status=status)
-                return -1
-            await conn.execute(sql.OUTBOX_MARK_DELIVERED, ids)
-        self.delivered += len(ids)
-        return len(ids)
+            events = [{"event_id": int(r["event_id"]), "kind": r["kind"], "client_txn_id": r["client_txn_id"],
+                       "meter_number": r["meter_number"], "payload": json.loads(r["payload"])} for r in rows]
+            delivered: list[int] = []
+            refused: list[int] = []
+            if await self._post(events):
+                delivered = [e["event_id"] for e in events]
+            elif len(events) == 1:
+                refused = [events[0]["event_id"]]
+            else:
+                for event in events:
+                    (delivered if await self._post([event]) else refused).append(event["event_id"])
+            if delivered:
+                await conn.execute(sql.OUTBOX_MARK_DELIVERED, delivered)
+            if refused:
+                await conn.execute(sql.OUTBOX_MARK_ATTEMPT, refused)
+                log.warning("engine_refused", events=len(refused))
+        self.delivered += len(delivered)
+        return len(delivered) if delivered else -1
+
+    async def _post(self, events: list[dict[str, object]]) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.post(self._url, json={"events": events}) as response:
+                return 200 <= response.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False

@@ -44,6 +44,7 @@ connections_max = 10_000
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
+logon_deadline_s = 15.0  # from accept to a proven logon: an unauthenticated socket holds a slot briefly
 write_drain_timeout_s = 10.0
 heartbeat_interval_s = 60
 shutdown_grace_s = 20.0
@@ -51,7 +52,7 @@ float_watch_interval_s = 5.0
 SQL_FLOATS_BELOW = """
 SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
 WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
-assert frame_deadline_s < idle_timeout_s
+assert frame_deadline_s < idle_timeout_s and logon_deadline_s < idle_timeout_s
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Limits:
     connections_max: int = connections_max
     idle_timeout_s: float = idle_timeout_s
     frame_deadline_s: float = frame_deadline_s
+    logon_deadline_s: float = logon_deadline_s
     write_drain_timeout_s: float = write_drain_timeout_s
 
 
@@ -92,6 +94,7 @@ class Gateway:
         self.kiosk_port: int | None = None
         self.http_port: int | None = None
         self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
         self.relay = OutboxRelay(pool, settings.engine_url, timeout_s=settings.engine_timeout_s) \
             if settings.engine_url else None
         self._watch_task: asyncio.Task[None] | None = None
@@ -137,6 +140,9 @@ class Gateway:
         while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
         await self.committer.stop()
+        # Handlers whose payment was in the last batches now write their replies.
+        while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
         for conn in list(self._connections):
             await self._goodbye(conn)
         for runner in self._runners:
@@ -189,18 +195,22 @@ class Gateway:
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
+        logon_by = time.monotonic() + self.limits.logon_deadline_s
         while not conn.closing:
             now = time.monotonic()
             if frame_started is None:
                 timeout = self.limits.idle_timeout_s
             else:
                 timeout = frame_started + self.limits.frame_deadline_s - now
+            if conn.terminal_id is None:
+                timeout = min(timeout, logon_by - now)
             try:
                 data = await asyncio.wait_for(reader.read(read_chunk_bytes), max(timeout, 0.001))
             except TimeoutError:
                 self.metrics.protocol_errors.labels("timeout").inc()
-                await self._send_final(conn, ResponseCode.FORMAT_ERROR,
-                                       "frame deadline passed" if frame_started else "idle timeout")
+                reason = ("logon deadline passed" if conn.terminal_id is None
+                          else "frame deadline passed" if frame_started else "idle timeout")
+                await self._send_final(conn, ResponseCode.FORMAT_ERROR, reason)
                 return
             if not data:
                 return
@@ -240,7 +250,9 @@ class Gateway:
             previous = self._by_terminal.get(event.terminal_id)
             if previous is not None and previous is not conn:
                 # One live session per terminal: the newer logon wins.
-                asyncio.get_running_loop().create_task(self._goodbye(previous))
+                task = asyncio.get_running_loop().create_task(self._goodbye(previous))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             conn.terminal_id = event.terminal_id
             self._by_terminal[event.terminal_id] = conn
             context = await self.handlers.terminal_context(event.terminal_id)

@@ -118,7 +118,7 @@ INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
 OUTBOX_PENDING = """
 SELECT event_id, kind, client_txn_id, meter_number, payload FROM outbox
-WHERE delivered_at IS NULL ORDER BY event_id LIMIT $1 FOR UPDATE SKIP LOCKED"""
+WHERE delivered_at IS NULL AND attempts < $2 ORDER BY event_id LIMIT $1 FOR UPDATE SKIP LOCKED"""
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
 

@@ -182,3 +182,17 @@ async def test_new_logon_replaces_the_old_session(running: Running) -> None:
     assert paid.response_code is ResponseCode.APPROVED
     await new.logoff()
     await old.close()
+
+
+async def test_unauthenticated_connection_must_log_on_quickly(running: Running) -> None:
+    gateway = running.gateway
+    previous = gateway.limits
+    gateway.limits = Limits(logon_deadline_s=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.pos_port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # silent socket: cut at the logon deadline
+        assert 0.4 < time.monotonic() - started < 2
+        writer.close()
+    finally:
+        gateway.limits = previous
