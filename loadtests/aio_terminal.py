@@ -27,7 +27,7 @@ from protocol.messages import (
     ServerMessage,
     TerminalMessage,
 )
-from protocol.session import MessageReceived, TerminalSession
+from protocol.session import MessageReceived, TerminalSession, TerminalState
 from terminal_sim.client import LinkLost, TerminalRefused
 
 connect_timeout_s = 10.0
@@ -110,7 +110,7 @@ class AioTerminal:
         return reply
 
     async def logoff(self) -> None:
-        if self._session is not None:
+        if self._session is not None and self._session.state is TerminalState.READY:
             with contextlib.suppress(LinkLost, TerminalRefused, TimeoutError, OSError):
                 await asyncio.wait_for(self.request(LogoffRequest(), LogoffReply), logoff_timeout_s)
         self.close()

@@ -29,7 +29,7 @@ from protocol.messages import (
     ServerMessage,
     TerminalMessage,
 )
-from protocol.session import MessageReceived, TerminalSession
+from protocol.session import MessageReceived, TerminalSession, TerminalState
 from terminal_sim.client import LinkLost, TerminalRefused
 
 connect_timeout_s = 10.0
@@ -74,7 +74,8 @@ class PosClient:
         return accepted
 
     def logoff(self) -> None:
-        if self._session is not None:
+        # A user stopped mid-request (locust ends a run by killing its greenlets) just hangs up.
+        if self._session is not None and self._session.state is TerminalState.READY:
             try:
                 self.request(LogoffRequest(), LogoffReply)
             except (LinkLost, TerminalRefused):
