@@ -5,8 +5,9 @@ Rules:
   top-ups together with its own rows and commit once. It costs one round trip, locks the batch's
   accounts in id order, applies transfers in the given order against running balances and never
   raises for a refusal: a refusal is a PostStatus and the transaction stays usable.
-- post_transfers() owns its transaction and retries it on serialization failure (40001) and
-  deadlock (40P01) only, at most retries_max times.
+- post_transfers() posts a batch as one statement outside a transaction block (PostgreSQL makes
+  it a transaction of its own: one round trip) and retries it on serialization failure (40001)
+  and deadlock (40P01) only, at most retries_max times.
 - A transfer id is the idempotency key: a replay gets `exists` with the stored original, other
   content under a known id gets `exists_with_different_content` and posts nothing.
 - The database enforces each lower bound too (a CHECK); meeting it would be a bug here, so it
@@ -40,6 +41,7 @@ from float_ledger.model import (
     StatementEntry,
     StatementPage,
     Transfer,
+    TransferColumns,
     batch_columns,
     check_account,
     commission_transfer,
@@ -133,19 +135,22 @@ async def set_lower_bound(conn: Connection, account_id: int, *, lower_bound_mino
 
 
 async def apply_transfers(conn: Connection, transfers: Sequence[Transfer]) -> list[PostResult]:
-    """Post a batch inside the caller's transaction; one PostResult per transfer, in order.
+    """Post a batch inside the caller's (READ COMMITTED) transaction; one PostResult per transfer, in order.
 
     Raises InvalidTransfer (before any SQL) for a structural error: amount not positive, debit =
     credit, bad currency or kind, group not consecutive, metadata too large, batch too long.
     """
-    columns = batch_columns(transfers)
+    return await _apply_columns(conn, transfers, batch_columns(transfers))
+
+
+async def _apply_columns(conn: Connection, transfers: Sequence[Transfer], columns: TransferColumns) -> list[PostResult]:
     if not transfers:
         return []
     record = await conn.fetchrow(
         sql.SQL_APPLY_TRANSFERS, columns.ids, columns.debit_account_ids, columns.credit_account_ids,
         columns.amounts_minor, columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json)
     statuses, seqs, created_ats = record["statuses"], record["seqs"], record["created_ats"]
-    debit_afters, credit_afters = record["debit_afters"], record["credit_afters"]
+    debit_afters, credit_afters, posted_at = record["debit_afters"], record["credit_afters"], record["posted_at"]
     assert len(statuses) == len(transfers)
     results = []
     for index, transfer in enumerate(transfers):
@@ -157,7 +162,8 @@ async def apply_transfers(conn: Connection, transfers: Sequence[Transfer]) -> li
                 id=transfer.id, debit_account_id=transfer.debit_account_id,
                 credit_account_id=transfer.credit_account_id, amount_minor=transfer.amount_minor,
                 currency=transfer.currency, kind=transfer.kind, group_id=transfer.group_id,
-                metadata=transfer.metadata, seq=seqs[index], created_at=created_ats[index],
+                metadata=transfer.metadata, seq=seqs[index],
+                created_at=posted_at if status is PostStatus.ok else created_ats[index],
                 debit_balance_after_minor=debit_afters[index], credit_balance_after_minor=credit_afters[index])
         results.append(PostResult(transfer.id, status, posted))
     return results
@@ -169,7 +175,11 @@ def _is_retryable(exc: BaseException) -> bool:
 
 async def post_transfers(pool_or_conn: PoolOrConnection, transfers: Sequence[Transfer], *,
                          retries_max: int = post_retries_max) -> list[PostResult]:
-    """Post a batch in a transaction of its own (READ COMMITTED), retrying only on 40001/40P01."""
+    """Post a batch as a transaction of its own, retrying only on 40001/40P01, at most retries_max times.
+
+    The batch is one statement outside any transaction block, so PostgreSQL runs it as its own
+    transaction (at the session's isolation level, READ COMMITTED by default): one round trip.
+    """
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
             return await _post_own_transaction(conn, transfers, retries_max)
@@ -180,12 +190,11 @@ async def _post_own_transaction(conn: Connection, transfers: Sequence[Transfer],
                                 retries_max: int) -> list[PostResult]:
     if conn.is_in_transaction():
         raise LedgerError("post_transfers runs its own transaction: inside yours, call apply_transfers")
-    batch_columns(transfers)  # refuse a malformed batch before the first attempt
+    columns = batch_columns(transfers)
     backoff_s = retry_backoff_s_first
     for attempt in range(retries_max + 1):
         try:
-            async with conn.transaction(isolation="read_committed"):
-                return await apply_transfers(conn, transfers)
+            return await _apply_columns(conn, transfers, columns)
         except asyncpg.PostgresError as exc:
             if not _is_retryable(exc):
                 raise

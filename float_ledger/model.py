@@ -118,8 +118,8 @@ class Transfer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     currency: str
     kind: str
     group_id: uuid.UUID | None = None
-    # terminal_id, agent_id, client_txn_id, receipt_number...: reconciliation reads agent_id,
-    # terminal_id; a reversal adds reverses, reversed_kind and reason.
+    # terminal_id, agent_id, client_txn_id, receipt_number...: reconciliation reads terminal_id;
+    # a reversal adds reverses, reversed_kind and reason.
     metadata: Metadata = {}
 
 
@@ -177,6 +177,11 @@ def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
     columns = TransferColumns([], [], [], [], [], [], [], [])
     groups_closed: set[uuid.UUID] = set()
     previous_group: uuid.UUID | None = None
+    # The transfers of a group usually share one metadata dict, kind and currency: check each once.
+    # id() is stable here: the transfers keep their dicts alive for the whole call.
+    metadata_json: dict[int, str] = {}
+    currencies_seen: set[str] = set()
+    kinds_seen: set[str] = set()
     for index, transfer in enumerate(transfers):
         if not isinstance(transfer, Transfer):
             raise InvalidTransfer(f"transfer {index}: not a Transfer but {type(transfer).__name__}")
@@ -185,10 +190,14 @@ def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
             raise InvalidTransfer(f"transfer {index}: amount_minor {amount!r} not in 1..{amount_minor_max}")
         if transfer.debit_account_id == transfer.credit_account_id:
             raise InvalidTransfer(f"transfer {index}: debit and credit account are both {transfer.debit_account_id}")
-        if not CURRENCY_PATTERN.match(transfer.currency):
-            raise InvalidTransfer(f"transfer {index}: currency {transfer.currency!r} is not an ISO 4217 code")
-        if not KIND_PATTERN.match(transfer.kind):
-            raise InvalidTransfer(f"transfer {index}: kind {transfer.kind!r} does not match {KIND_PATTERN.pattern}")
+        if transfer.currency not in currencies_seen:
+            if not isinstance(transfer.currency, str) or not CURRENCY_PATTERN.match(transfer.currency):
+                raise InvalidTransfer(f"transfer {index}: currency {transfer.currency!r} is not an ISO 4217 code")
+            currencies_seen.add(transfer.currency)
+        if transfer.kind not in kinds_seen:
+            if not isinstance(transfer.kind, str) or not KIND_PATTERN.match(transfer.kind):
+                raise InvalidTransfer(f"transfer {index}: kind {transfer.kind!r} does not match {KIND_PATTERN.pattern}")
+            kinds_seen.add(transfer.kind)
         group = transfer.group_id
         if group != previous_group:
             if previous_group is not None:
@@ -203,7 +212,10 @@ def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
         columns.currencies.append(transfer.currency)
         columns.kinds.append(transfer.kind)
         columns.group_ids.append(group)
-        columns.metadata_json.append(_check_metadata(index, transfer.metadata))
+        encoded = metadata_json.get(id(transfer.metadata))
+        if encoded is None:
+            encoded = metadata_json[id(transfer.metadata)] = _check_metadata(index, transfer.metadata)
+        columns.metadata_json.append(encoded)
     return columns
 
 
@@ -430,7 +442,7 @@ class TerminalDay(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AgentDay(msgspec.Struct, frozen=True, kw_only=True):
-    """One agent's business day from its float's transfers (and commission naming the agent).
+    """One agent's business day from its float's transfers (and its commission accounts' transfers).
 
     closing = opening + deposits - collections + reversals + other_net, always.
     """
@@ -450,7 +462,7 @@ class AgentDay(msgspec.Struct, frozen=True, kw_only=True):
     # Reversed collections credited back to the float.
     reversals_count: int
     reversals_minor: int
-    # Commission accrued to the agent, net of reversed commission.
+    # Commission credited to the agent's commission_payable accounts, net of reversed commission.
     commission_minor: int
     # Every other movement of the float (reversed deposits, remittances, adjustments), signed.
     other_count: int

@@ -7,7 +7,8 @@ midnight), 23 or 25 hours across a DST change. For the agent's float account it 
   start and end (stored in every transfer and verified by `vendgate ledger check`);
 - deposits (kind deposit credited to the float), collections (kind collection debited from it),
   reversals (kind reversal of a collection, credited back), every other movement (signed);
-- commission: kind commission naming the agent in metadata agent_id, less its reversals;
+- commission: kind commission credited to the agent's commission_payable accounts (those with the
+  float's owner_ref), less reversals of it;
 - per terminal (metadata terminal_id): collections, reversals and commission.
 
 closing = opening + deposits - collections + reversals + other_net holds by construction; an
@@ -67,8 +68,7 @@ async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day:
             totals["other_count"] += count
             totals["other_net_minor"] += amount if row["credited"] else -amount
     for row in commissions:
-        amount = int(row["amount_minor"])
-        signed = amount if row["kind"] == TransferKind.commission else -amount
+        signed = int(row["amount_minor"])
         totals["commission_minor"] += signed
         terminals[row["terminal_id"]]["commission_minor"] += signed
 

@@ -43,7 +43,7 @@ SELECT target.balance_minor, EXISTS (SELECT 1 FROM changed) AS ok FROM target"""
 # -- posting ----------------------------------------------------------------------------------------
 
 SQL_APPLY_TRANSFERS = """
-SELECT statuses, seqs, created_ats, debit_afters, credit_afters
+SELECT statuses, seqs, created_ats, debit_afters, credit_afters, posted_at
   FROM ledger_apply_transfers($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],
                               $7::uuid[], $8::jsonb[])"""
 
@@ -151,14 +151,22 @@ SELECT kind, metadata ->> 'reversed_kind' AS reversed_kind, metadata ->> 'termin
  WHERE (debit_account_id = $1 OR credit_account_id = $1) AND created_at >= $2 AND created_at < $3
  GROUP BY 1, 2, 3, 4"""
 
-# Commission naming agent $1 in [$2, $3), and reversals of it, by terminal.
+# Commission credited in [$2, $3) to the commission_payable accounts owned by $1 (the float's owner),
+# less reversals of it, by terminal; amounts are signed.
 SQL_RECONCILE_COMMISSION = """
-SELECT kind, metadata ->> 'terminal_id' AS terminal_id, count(*) AS transfers, sum(amount_minor) AS amount_minor
-  FROM ledger_transfers
- WHERE metadata ->> 'agent_id' = $1 AND kind IN ('commission', 'reversal')
-   AND created_at >= $2 AND created_at < $3
-   AND (kind = 'commission' OR metadata ->> 'reversed_kind' = 'commission')
- GROUP BY 1, 2"""
+SELECT legs.terminal_id, count(*) AS transfers, sum(legs.signed_minor) AS amount_minor
+  FROM ledger_accounts p
+ CROSS JOIN LATERAL (
+       SELECT t.metadata ->> 'terminal_id' AS terminal_id, t.amount_minor AS signed_minor
+         FROM ledger_transfers t
+        WHERE t.credit_account_id = p.id AND t.created_at >= $2 AND t.created_at < $3 AND t.kind = 'commission'
+       UNION ALL
+       SELECT t.metadata ->> 'terminal_id', -t.amount_minor
+         FROM ledger_transfers t
+        WHERE t.debit_account_id = p.id AND t.created_at >= $2 AND t.created_at < $3 AND t.kind = 'reversal'
+          AND t.metadata ->> 'reversed_kind' = 'commission') legs
+ WHERE p.owner_ref = $1 AND p.kind = 'commission_payable'
+ GROUP BY legs.terminal_id"""
 
 # -- ledger check -----------------------------------------------------------------------------------
 
@@ -240,9 +248,10 @@ SELECT t.id, t.seq
   FROM ledger_transfers t
   JOIN paired p ON p.id = t.id
  WHERE t.hash IS DISTINCT FROM ledger_transfer_hash(
-           p.previous_debit_hash, p.previous_credit_hash, t.id, t.seq, t.debit_account_id, t.credit_account_id,
-           t.amount_minor, t.currency, t.kind, t.group_id, t.metadata, t.debit_balance_after_minor,
-           t.credit_balance_after_minor, t.created_at)
+           p.previous_debit_hash, p.previous_credit_hash,
+           ledger_transfer_content_hash(t.id, t.debit_account_id, t.credit_account_id, t.amount_minor, t.currency,
+                                        t.kind, t.group_id, t.metadata),
+           t.seq, t.debit_balance_after_minor, t.credit_balance_after_minor, t.created_at)
  ORDER BY t.seq
  LIMIT $1"""
 

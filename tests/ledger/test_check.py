@@ -152,8 +152,9 @@ async def test_a_rehashed_change_still_breaks_the_chain_at_the_next_transfer(led
             (SELECT coalesce((SELECT p.hash FROM ledger_transfers p WHERE t.credit_account_id IN
                               (p.debit_account_id, p.credit_account_id) AND p.seq < t.seq ORDER BY p.seq DESC LIMIT 1),
                              ledger_genesis_hash(t.credit_account_id))),
-            t.id, t.seq, t.debit_account_id, t.credit_account_id, t.amount_minor, t.currency, t.kind, t.group_id,
-            '{}', t.debit_balance_after_minor, t.credit_balance_after_minor, t.created_at)
+            ledger_transfer_content_hash(t.id, t.debit_account_id, t.credit_account_id, t.amount_minor, t.currency,
+                                         t.kind, t.group_id, '{}'),
+            t.seq, t.debit_balance_after_minor, t.credit_balance_after_minor, t.created_at)
         WHERE id = $1""", first["id"])
     report = await check_ledger(ledger)
     assert report.broken == ["transfers_unchanged"]
