@@ -1,6 +1,6 @@
 """Benchmark of the float ledger's batched posting against pgbench, on one durable cluster.
 
-    python -m loadtests.bench_ledger [--duration-s 10] [--connections 1,2,4,16] [--rounds 2]
+    python -m loadtests.bench_ledger [--duration-s 8] [--connections 1,2,4,16] [--rounds 2]
                                      [--agents 1000] [--batch-sizes 1,16,128] [--pgbench-scale 20]
 
 A throw-away PostgreSQL cluster with durable settings (fsync, synchronous_commit and
@@ -63,7 +63,7 @@ CURRENCY = "KES"
 DATABASE = "bench_ledger"
 spread_target_ratio = 1.5
 hot_target_ratio = 3.0
-duration_s_default = 10.0
+duration_s_default = 8.0
 warmup_s = 1.0
 connections_default = [1, 2, 4, 16]
 agents_default = 1_000
