@@ -114,9 +114,12 @@ class Handlers:
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
             return await registry.terminal_context(conn, terminal_id)
 
-    async def handle(self, terminal_id: str, message: TerminalMessage) -> ServerMessage:
+    async def handle(self, terminal_id: str, message: TerminalMessage,
+                     session_context: registry.TerminalContext | None = None) -> ServerMessage:
+        """One reply for one request. `session_context` (read at logon) spares payments a read:
+        the payment batch itself checks the terminal's current status."""
         try:
-            return await self._dispatch(terminal_id, message)
+            return await self._dispatch(terminal_id, message, session_context)
         except CommitterBusy:
             return ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
                               connection_closing=False)
@@ -126,17 +129,24 @@ class Handlers:
             return ErrorReply(response_code=ResponseCode.SYSTEM_ERROR, detail="system error, retry",
                               connection_closing=False)
 
-    async def _dispatch(self, terminal_id: str, message: TerminalMessage) -> ServerMessage:
+    async def _dispatch(self, terminal_id: str, message: TerminalMessage,
+                        session_context: registry.TerminalContext | None) -> ServerMessage:
         if isinstance(message, HeartbeatRequest):
             return HeartbeatReply(server_time=datetime.now(UTC))
         if isinstance(message, LogoffRequest):
             return LogoffReply()
-        context = await self.terminal_context(terminal_id)
+        payment = isinstance(message, TopUpRequest | AdviceBatchRequest | ReversalRequest)
+        context = session_context if payment and session_context is not None else \
+            await self.terminal_context(terminal_id)
         if context is None or context.status != "active":
             return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED,
                               detail=f"terminal {context.status if context else 'unknown'}", connection_closing=True)
         if isinstance(message, TopUpRequest):
-            return await self._top_up(context, message)
+            result = await self._top_up(context, message)
+            if result.response_code is ResponseCode.TERMINAL_BLOCKED:
+                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
+                                  connection_closing=True)
+            return result
         if isinstance(message, LookupRequest):
             return await self._lookup(context, message)
         if isinstance(message, FloatInquiryRequest):

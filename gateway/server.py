@@ -69,6 +69,7 @@ class _Connection:
     writer: asyncio.StreamWriter
     session: ServerSession
     terminal_id: str | None = None
+    context: registry.TerminalContext | None = None
     busy: bool = False
     closing: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -256,6 +257,7 @@ class Gateway:
             conn.terminal_id = event.terminal_id
             self._by_terminal[event.terminal_id] = conn
             context = await self.handlers.terminal_context(event.terminal_id)
+            conn.context = context
             now = datetime.now(UTC)
             accepted = LogonAccepted(server_time=now, business_date=registry_business_date(now, context),
                                      heartbeat_interval_s=heartbeat_interval_s,
@@ -270,7 +272,7 @@ class Gateway:
             conn.busy = True
             started = time.perf_counter()
             try:
-                reply = await self.handlers.handle(conn.terminal_id, message)
+                reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
             finally:
                 conn.busy = False
             kind = type(message).__name__

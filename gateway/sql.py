@@ -30,7 +30,10 @@ WHERE t.terminal_id = $1"""
 TERMINAL_SET_STATUS = "UPDATE terminals SET status = $2 WHERE terminal_id = $1 RETURNING status"
 TERMINAL_STATUSES = "SELECT terminal_id, status, allowed_operations FROM terminals WHERE terminal_id = ANY($1::text[])"
 TERMINAL_NEXT_RECEIPTS = """
-UPDATE terminals SET receipt_seq = receipt_seq + $2 WHERE terminal_id = $1 RETURNING receipt_seq"""
+UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
+FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, n)
+WHERE t.terminal_id = k.terminal_id
+RETURNING t.terminal_id, t.receipt_seq"""
 
 TARIFF_INSERT = """
 INSERT INTO tariffs (tariff_code, valid_from, currency, energy_price_minor_per_mwh, energy_vat_rate_bp,
@@ -61,9 +64,11 @@ SELECT m.meter_number, m.supply_mode, m.tariff_code, m.supply_state, m.sts_suppl
        c.customer_id, c.account_number, c.name, c.address, c.credit_account_id, c.debt_account_id,
        c.debt_recovery_share_bp,
        t.valid_from AS tariff_valid_from, t.currency AS tariff_currency, t.energy_price_minor_per_mwh,
-       t.energy_vat_rate_bp, t.fee_per_purchase_minor, t.fee_vat_rate_bp
+       t.energy_vat_rate_bp, t.fee_per_purchase_minor, t.fee_vat_rate_bp,
+       v.key_type AS vending_key_type, v.key_ciphertext AS vending_key_ciphertext
 FROM meters m
 JOIN customers c USING (customer_id)
+LEFT JOIN vending_keys v ON v.supply_group_code = m.sts_supply_group_code AND v.key_revision = m.sts_key_revision
 LEFT JOIN LATERAL (
     SELECT * FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= $2
     ORDER BY t.valid_from DESC LIMIT 1
@@ -71,9 +76,13 @@ LEFT JOIN LATERAL (
 WHERE m.meter_number = ANY($1::text[])"""
 METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (customer_id) WHERE c.account_number = $1"
 METER_SET_LAST_TOKEN = """
-UPDATE meters SET last_token_id = $2, last_token_base_year = $3 WHERE meter_number = $1"""
+UPDATE meters m SET last_token_id = k.tid, last_token_base_year = k.base_year
+FROM unnest($1::text[], $2::bigint[], $3::int[]) AS k(meter_number, tid, base_year)
+WHERE m.meter_number = k.meter_number"""
 METER_SET_LAST_PURCHASE = """
-UPDATE meters SET last_purchase_at = $2, last_purchase_minor = $3 WHERE meter_number = $1"""
+UPDATE meters m SET last_purchase_at = $2, last_purchase_minor = k.amount
+FROM unnest($1::text[], $3::bigint[]) AS k(meter_number, amount)
+WHERE m.meter_number = k.meter_number"""
 
 # -- vending -------------------------------------------------------------------------------
 
@@ -100,8 +109,8 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[],
                      $8::text[], $9::timestamptz[])"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
 DAILY_TOTALS_GET = """
-SELECT terminal_id, approved_minor FROM terminal_daily_totals
-WHERE terminal_id = ANY($1::text[]) AND business_date = $2"""
+SELECT d.terminal_id, d.approved_minor FROM terminal_daily_totals d
+JOIN unnest($1::text[], $2::date[]) AS k(terminal_id, business_date) USING (terminal_id, business_date)"""
 DAILY_TOTALS_ADD_MANY = """
 INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
 SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[])

@@ -214,9 +214,10 @@ class VendingService:
         debt_balances = await self._balances(conn, [m["debt_account_id"] for m in meters.values()])
         dates = {tid: business_date(now, row["time_zone"]) for tid, row in terminals.items()}
         daily: dict[str, int] = {}
-        for tid, day in dates.items():
-            for row in await conn.fetch(sql.DAILY_TOTALS_GET, [tid], day):
-                daily[tid] = int(row["approved_minor"])
+        if dates:
+            day_keys = list(dates)
+            for row in await conn.fetch(sql.DAILY_TOTALS_GET, day_keys, [dates[t] for t in day_keys]):
+                daily[row["terminal_id"]] = int(row["approved_minor"])
 
         seen_in_batch: dict[str, tuple[bytes, int]] = {}
         pending: list[_Pending] = []
@@ -374,12 +375,16 @@ class VendingService:
         for p in approved:
             per_terminal[p.request.terminal_id].append(p)
         receipt_numbers: dict[int, int] = {}
-        for terminal_id, items in per_terminal.items():
-            last = int(await conn.fetchval(sql.TERMINAL_NEXT_RECEIPTS, terminal_id, len(items)))
-            for offset, p in enumerate(items):
-                receipt_numbers[p.index] = last - len(items) + 1 + offset
+        if per_terminal:
+            bumps = sorted(per_terminal)
+            lasts = {row["terminal_id"]: int(row["receipt_seq"]) for row in await conn.fetch(
+                sql.TERMINAL_NEXT_RECEIPTS, bumps, [len(per_terminal[t]) for t in bumps])}
+            for terminal_id, items in per_terminal.items():
+                last = lasts[terminal_id]
+                for offset, p in enumerate(items):
+                    receipt_numbers[p.index] = last - len(items) + 1 + offset
         token_rows: list[tuple[Any, ...]] = []
-        batch_tids: dict[str, int] = {}
+        batch_tids: dict[str, tuple[int, int]] = {}  # meter -> (last TID issued, its base year)
         outbox_rows: list[tuple[Any, ...]] = []
         receipt_rows: list[tuple[Any, ...]] = []
         for p in pending:
@@ -450,8 +455,12 @@ class VendingService:
             tids = list(totals)
             await conn.execute(sql.DAILY_TOTALS_ADD_MANY, tids, [dates[t] for t in tids],
                                [totals[t][0] for t in tids], [totals[t][1] for t in tids])
-            await conn.executemany(sql.METER_SET_LAST_PURCHASE,
-                                   [(p.request.meter_number, now, p.request.amount_minor) for p in approved])
+            last_purchase = {p.request.meter_number: p.request.amount_minor for p in approved}
+            await conn.execute(sql.METER_SET_LAST_PURCHASE, list(last_purchase), now, list(last_purchase.values()))
+        if batch_tids:
+            numbers = sorted(batch_tids)
+            await conn.execute(sql.METER_SET_LAST_TOKEN, numbers, [batch_tids[n][0] for n in numbers],
+                               [batch_tids[n][1] for n in numbers])
         for i, value in enumerate(outcomes):
             if isinstance(value, _New):
                 outcomes[i] = value.outcome
@@ -459,36 +468,35 @@ class VendingService:
     # -- tokens ------------------------------------------------------------------------------
 
     async def _issue_token(self, conn: asyncpg.Connection, p: _Pending, now: datetime,
-                           batch_tids: dict[str, int]) -> tuple[str, int]:
+                           batch_tids: dict[str, tuple[int, int]]) -> tuple[str, int]:
         """A class-0 credit token with a TID newer than any this meter has had (persisted)."""
         meter = p.meter
         number = p.request.meter_number
         stored = meter["last_token_id"] if meter["last_token_base_year"] == meter["sts_base_year"] else None
-        previous = batch_tids.get(number, stored)
-        tid = sts.next_token_id(now, None if previous is None else int(previous), int(meter["sts_base_year"]))
-        batch_tids[number] = tid
-        await conn.execute(sql.METER_SET_LAST_TOKEN, number, tid, int(meter["sts_base_year"]))
+        base_year = int(meter["sts_base_year"])
+        previous = batch_tids[number][0] if number in batch_tids else stored
+        tid = sts.next_token_id(now, None if previous is None else int(previous), base_year)
+        batch_tids[number] = (tid, base_year)  # persisted for the whole batch in _finish
         decoder_key = await self._decoder_key(conn, meter)
         token = sts.credit_token(decoder_key, 0, tid, p.split.units_deci_kwh, _token_random(p.request.client_txn_id))
         return token, tid
 
     async def _decoder_key(self, conn: asyncpg.Connection, meter: asyncpg.Record) -> bytes:
-        """The meter's decoder key. The vending key row is read every time (one indexed row), so
-        a re-key or a new vending key takes effect at once; the derivation is what is cached,
+        """The meter's decoder key. The vending key row comes with the meter's row in every batch,
+        so a re-key or a new vending key takes effect at once; the derivation is what is cached,
         keyed by everything it depends on."""
-        row = await conn.fetchrow(sql.VENDING_KEY_GET, meter["sts_supply_group_code"], meter["sts_key_revision"])
-        if row is None:
+        if meter["vending_key_ciphertext"] is None:
             raise LookupError(f"no vending key for supply group {meter['sts_supply_group_code']}")
-        sealed = bytes(row["key_ciphertext"])
+        sealed = bytes(meter["vending_key_ciphertext"])
         number = meter["meter_number"]
-        cache_key = (number, meter["sts_supply_group_code"], meter["sts_tariff_index"], int(row["key_revision"]),
-                     int(row["key_type"]), hashlib.sha256(sealed).digest())
+        group, revision, key_type = meter["sts_supply_group_code"], int(meter["sts_key_revision"]), \
+            int(meter["vending_key_type"])
+        cache_key = (number, group, meter["sts_tariff_index"], revision, key_type, hashlib.sha256(sealed).digest())
         cached = self._decoder_keys.get(cache_key)
         if cached is not None:
             return cached
-        vending_key = self.keystore.open(sealed, vending_key_record(row["supply_group_code"], row["key_revision"]))
-        key = sts.derive_decoder_key_dkga02(vending_key, int(row["key_type"]), meter["sts_supply_group_code"],
-                                            meter["sts_tariff_index"], int(row["key_revision"]), number)
+        vending_key = self.keystore.open(sealed, vending_key_record(group, revision))
+        key = sts.derive_decoder_key_dkga02(vending_key, key_type, group, meter["sts_tariff_index"], revision, number)
         if len(self._decoder_keys) >= decoder_key_cache_max:
             self._decoder_keys.clear()
         self._decoder_keys[cache_key] = key
