@@ -7,10 +7,12 @@ import uuid
 import pytest
 
 from float_ledger.ledger import balance
-from gateway.seeding import meter_number, terminal_id
+from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_VENDING_KEY, meter_number, terminal_id
 from gateway.vending import group_id_for
+from protocol import sts
 from protocol.codes import ResponseCode
 from terminal_sim.client import PosTerminal, TerminalRefused
+from terminal_sim.meter import Meter
 from tests.gateway.conftest import Running
 
 _sequences: dict[int, int] = {}
@@ -62,13 +64,29 @@ async def test_logon_lookup_top_up_debits_float_and_credits_customer(running: Ru
     await pos.logoff()
 
 
-async def test_sts_meter_gets_a_token(running: Running) -> None:
+def demo_meter(n: int) -> Meter:
+    """The emulated STS meter of seeded meter n, holding its decoder key."""
+    key = sts.derive_decoder_key_dkga02(DEMO_VENDING_KEY, 2, DEMO_SUPPLY_GROUP, "01", 1, meter_number(n))
+    return Meter(key)
+
+
+async def test_sts_meter_gets_a_token_the_meter_accepts(running: Running) -> None:
     pos = terminal(running, 3)
     await pos.logon()
-    result = await pos.top_up(meter_number(3), 5_000, "EUR")  # every third meter is STS
-    assert result.response_code is ResponseCode.APPROVED
-    assert len(result.tokens) == 1 and len(result.tokens[0]) == 20
-    assert result.units_wh > 0
+    meter, other_meter = demo_meter(3), demo_meter(6)  # every third seeded meter is an STS meter
+    results = [await pos.top_up(meter_number(3), amount, "EUR") for amount in (5_000, 12_345)]
+    for result in results:
+        assert result.response_code is ResponseCode.APPROVED
+        assert len(result.tokens) == 1 and len(result.tokens[0]) == 20
+        accepted = meter.enter(result.tokens[0])
+        assert accepted.accepted, accepted
+        assert accepted.units_credited * 100 == result.units_wh  # what the receipt says is what loads
+    assert meter.credit_units * 100 == sum(r.units_wh for r in results)
+    token = results[0].tokens[0]
+    assert not meter.enter(token).accepted  # a replay is refused
+    assert not other_meter.enter(token).accepted  # another meter refuses it
+    typo = token[:7] + str((int(token[7]) + 1) % 10) + token[8:]
+    assert not meter.enter(typo).accepted
     await pos.logoff()
 
 
