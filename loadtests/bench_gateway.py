@@ -48,7 +48,13 @@ from float_ledger.check import check_ledger
 from gateway.pgcluster import binaries_dir
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, terminal_id
 from loadtests.aio_terminal import AioTerminal
-from loadtests.deployment import LocalDeployment, Population, metric_sums
+from loadtests.deployment import (
+    LocalDeployment,
+    Population,
+    machine_busy_seconds,
+    metric_sums,
+    process_cpu_seconds,
+)
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
 from protocol.messages import TenderType, TopUpRequest, TopUpResult
@@ -100,6 +106,14 @@ class PhaseResult:
     max_ms: float | None
     mean_batch_size: float | None
     batches: int
+    mean_batch_ms: float | None  # one batch's transaction, from its first statement to COMMIT
+    committer_busy_share: float  # seconds spent committing per second of the phase (1.0: never idle)
+    cpu_us_per_top_up: dict[str, float | None]  # CPU time per approved top-up: gateway, terminals, the rest
+    machine_cpu_busy_share: float  # all cores: 1.0 means the machine had no idle CPU left
+
+
+def per_top_up_us(cpu_s: float, top_ups: int) -> float | None:
+    return round(cpu_s / top_ups * 1e6, 1) if top_ups else None
 
 
 class Tally:
@@ -186,21 +200,31 @@ class Bench:
         self.deployment = deployment
         self.args = args
 
-    def batch_counters(self) -> tuple[float, float]:
-        return metric_sums(self.deployment.http_get("/metrics") or "", "vendgate_commit_batch_size")
+    def batch_counters(self) -> tuple[float, float, float]:
+        """(requests in batches, batches, seconds spent committing batches) so far, from /metrics."""
+        text = self.deployment.http_get("/metrics") or ""
+        size_sum, count = metric_sums(text, "vendgate_commit_batch_size")
+        seconds_sum, _ = metric_sums(text, "vendgate_commit_batch_duration_seconds")
+        return size_sum, count, seconds_sum
 
     async def phase(self, name: str, terminals: list[AioTerminal], meters: list[str],
                     rate_per_s: float | None) -> PhaseResult:
         duration_s = self.args.duration_s
         batches_before = await asyncio.to_thread(self.batch_counters)
+        assert self.deployment.process is not None
+        gateway_pid = self.deployment.process.pid
+        cpu_before = (process_cpu_seconds(gateway_pid), time.process_time(), machine_busy_seconds())
         started = time.perf_counter()
         if rate_per_s is None:
             tally = await closed_loop(terminals, meters, duration_s, seed=len(name))
         else:
             tally = await open_loop(terminals, meters, rate_per_s, duration_s, seed=len(name))
         elapsed_s = time.perf_counter() - started
+        gateway_cpu_s, client_cpu_s, machine_cpu_s = (after - before for after, before in zip(
+            (process_cpu_seconds(gateway_pid), time.process_time(), machine_busy_seconds()), cpu_before, strict=True))
         batches_after = await asyncio.to_thread(self.batch_counters)
-        batch_sum, batch_count = (batches_after[0] - batches_before[0], batches_after[1] - batches_before[1])
+        batch_sum, batch_count, batch_seconds = (after - before for after, before in zip(batches_after,
+                                                                                      batches_before, strict=True))
         latencies = sorted(tally.latencies_s)
         approved = tally.codes.get(ResponseCode.APPROVED.name, 0)
         result = PhaseResult(
@@ -209,11 +233,20 @@ class Bench:
             declined=sum(tally.codes.values()) - approved, errors=sum(tally.errors.values()),
             elapsed_s=round(elapsed_s, 2), p50_ms=percentile_ms(latencies, 0.50),
             p99_ms=percentile_ms(latencies, 0.99), max_ms=percentile_ms(latencies, 1.0),
-            mean_batch_size=round(batch_sum / batch_count, 2) if batch_count else None, batches=int(batch_count))
+            mean_batch_size=round(batch_sum / batch_count, 2) if batch_count else None, batches=int(batch_count),
+            mean_batch_ms=round(batch_seconds / batch_count * 1000, 2) if batch_count else None,
+            committer_busy_share=round(batch_seconds / elapsed_s, 2),
+            cpu_us_per_top_up={"gateway": per_top_up_us(gateway_cpu_s, approved),
+                               "terminals": per_top_up_us(client_cpu_s, approved),
+                               "postgresql_and_rest": per_top_up_us(machine_cpu_s - gateway_cpu_s - client_cpu_s,
+                                                                    approved)},
+            machine_cpu_busy_share=round(machine_cpu_s / (elapsed_s * (os.cpu_count() or 1)), 2))
         for reason, count in tally.errors.most_common(3):
             log(f"  {name}: {count} x {reason}")
         log(f"{name}: {result.top_ups_per_s} top-ups/s (offered {result.offered_per_s}), p50 {result.p50_ms} ms, "
-            f"p99 {result.p99_ms} ms, mean batch {result.mean_batch_size}, declined {result.declined}, "
+            f"p99 {result.p99_ms} ms, mean batch {result.mean_batch_size} in {result.mean_batch_ms} ms "
+            f"(committer busy {result.committer_busy_share}), CPU/top-up {result.cpu_us_per_top_up} us, machine CPU "
+            f"busy {result.machine_cpu_busy_share}, declined {result.declined}, "
             f"errors {result.errors}")
         return result
 
