@@ -19,6 +19,7 @@ from gateway.jsonlog import get_logger, redact_token
 from gateway.keystore import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.vending import VendOutcome, VendRequest, open_outcome
+from protocol import limits
 from protocol.codes import ResponseCode
 from protocol.messages import (
     AdviceBatchRequest,
@@ -75,6 +76,12 @@ FROM reversals r JOIN vend_transactions v ON v.client_txn_id = r.original_txn_id
 WHERE r.original_found AND v.terminal_id = $1 AND v.business_date = $2"""
 
 
+def wire_amount(value: int | None) -> int:
+    """An amount as the protocol can carry it (0..amount_minor_max): a float beyond the wire's
+    range is shown at the top of the range rather than making the whole reply undecodable."""
+    return min(max(0, value or 0), limits.amount_minor_max)
+
+
 def mask_name(name: str) -> str:
     """'Jane Doe' -> 'J*** D**': enough for the agent to confirm, too little to harvest."""
     return " ".join(part[0] + "*" * min(len(part) - 1, 3) for part in name.split() if part) or "*"
@@ -95,7 +102,7 @@ def top_up_result(txn: ClientTransactionId, outcome: VendOutcome, currency: str)
         receipt_lines=outcome.receipt_lines, tokens=outcome.tokens,
         units_wh=outcome.units_deci_kwh * WH_PER_DECI_KWH, debt_recovery_minor=outcome.debt_recovery_minor,
         energy_minor=outcome.energy_minor, fees_minor=outcome.fees_minor, vat_minor=outcome.vat_minor,
-        float_remaining_minor=max(0, outcome.float_remaining_minor or 0), issued_at=outcome.issued_at)
+        float_remaining_minor=wire_amount(outcome.float_remaining_minor), issued_at=outcome.issued_at)
 
 
 class Handlers:
@@ -187,7 +194,7 @@ class Handlers:
         return ReversalResult(original_transaction_id=message.original_transaction_id, response_code=code,
                               currency=message.currency,
                               reversed_amount_minor=outcome.amount_minor if code is ResponseCode.APPROVED else 0,
-                              float_remaining_minor=max(0, outcome.float_remaining_minor or 0))
+                              float_remaining_minor=wire_amount(outcome.float_remaining_minor))
 
     async def _advices(self, context: registry.TerminalContext, message: AdviceBatchRequest) -> AdviceBatchResult:
         requests = [VendRequest(kind="advice", client_txn_id=a.client_transaction_id.as_key(),
@@ -221,15 +228,15 @@ class Handlers:
             masked_name=mask_name(row["name"])[:64], address=row["address"][:128],
             supply_mode=SupplyMode.TOKEN if row["supply_mode"] == "sts" else SupplyMode.SMART,
             supply_state=state.get(row["supply_state"], SupplyState.UNKNOWN),
-            debt_minor=max(0, -int(row["debt_balance_minor"])), currency=context.currency, last_purchase=last))
+            debt_minor=wire_amount(-int(row["debt_balance_minor"])), currency=context.currency, last_purchase=last))
 
     async def _float(self, context: registry.TerminalContext) -> FloatInquiryResult:
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
             row = await conn.fetchrow(SQL_FLOAT, context.terminal_id)
         assert row is not None
         return FloatInquiryResult(response_code=ResponseCode.APPROVED, currency=row["currency"],
-                                  float_remaining_minor=int(row["balance_minor"]),
-                                  low_float_threshold_minor=int(row["low_float_threshold_minor"]))
+                                  float_remaining_minor=wire_amount(int(row["balance_minor"])),
+                                  low_float_threshold_minor=wire_amount(int(row["low_float_threshold_minor"])))
 
     async def _reprint(self, context: registry.TerminalContext, message: ReprintRequest) -> ReprintResult:
         async with self.pool.acquire(timeout=db_timeout_s) as conn:

@@ -77,3 +77,11 @@ def test_commission_rounds_down() -> None:
     assert commission_minor(0, 100) == 0
     with pytest.raises(ValueError, match="range"):
         commission_minor(10, 10_001)
+
+
+def test_amounts_beyond_the_wire_range_are_capped_not_fatal() -> None:
+    from gateway.handlers import wire_amount
+    from protocol import limits
+
+    assert wire_amount(None) == 0 and wire_amount(-5) == 0 and wire_amount(1_234) == 1_234
+    assert wire_amount(limits.amount_minor_max * 10) == limits.amount_minor_max
