@@ -75,14 +75,6 @@ LEFT JOIN LATERAL (
 ) t ON true
 WHERE m.meter_number = ANY($1::text[])"""
 METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (customer_id) WHERE c.account_number = $1"
-METER_SET_LAST_TOKEN = """
-UPDATE meters m SET last_token_id = k.tid, last_token_base_year = k.base_year
-FROM unnest($1::text[], $2::bigint[], $3::int[]) AS k(meter_number, tid, base_year)
-WHERE m.meter_number = k.meter_number"""
-METER_SET_LAST_PURCHASE = """
-UPDATE meters m SET last_purchase_at = $2, last_purchase_minor = k.amount
-FROM unnest($1::text[], $3::bigint[]) AS k(meter_number, amount)
-WHERE m.meter_number = k.meter_number"""
 
 # -- vending -------------------------------------------------------------------------------
 
@@ -99,24 +91,10 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea
 TXN_GET_BY_RECEIPT = """
 SELECT v.reply FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
-RECEIPT_INSERT_MANY = """
-INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::timestamptz[])"""
-TOKEN_INSERT_MANY = """
-INSERT INTO tokens (client_txn_id, meter_number, token_id, token_class, token_subclass, units_deci_kwh,
-                    token_ciphertext, token_last4, issued_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[], $6::bigint[], $7::bytea[],
-                     $8::text[], $9::timestamptz[])"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
 DAILY_TOTALS_GET = """
 SELECT d.terminal_id, d.approved_minor FROM terminal_daily_totals d
 JOIN unnest($1::text[], $2::date[]) AS k(terminal_id, business_date) USING (terminal_id, business_date)"""
-DAILY_TOTALS_ADD_MANY = """
-INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
-SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[])
-ON CONFLICT (terminal_id, business_date) DO UPDATE
-SET approved_count = terminal_daily_totals.approved_count + EXCLUDED.approved_count,
-    approved_minor = terminal_daily_totals.approved_minor + EXCLUDED.approved_minor"""
 REVERSALS_GET_MANY = "SELECT * FROM reversals WHERE original_txn_id = ANY($1::text[])"
 REVERSAL_INSERT = """
 INSERT INTO reversals (original_txn_id, reversal_txn_id, terminal_id, reason, original_found)
@@ -149,3 +127,39 @@ TXN_IS_REVERSED = "SELECT original_found FROM reversals WHERE original_txn_id = 
 LOCK_TXN_IDS = """
 SELECT pg_advisory_xact_lock(h) FROM (
     SELECT DISTINCT hashtextextended(id, 7) AS h FROM unnest($1::text[]) AS id ORDER BY 1) AS keys"""
+
+# Everything a batch of top-ups records, in one statement (data-modifying CTEs; foreign keys are
+# checked at the end of the statement, so receipts and tokens may refer to transactions it adds).
+BATCH_RECORD = """
+WITH txns AS (
+    INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
+                                   meter_number, amount_minor, currency, group_id, receipt_number,
+                                   business_date, reply)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
+                         $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])
+), receipts_added AS (
+    INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
+    SELECT * FROM unnest($14::text[], $15::bigint[], $16::text[], $17::timestamptz[], $18::text[],
+                         $19::timestamptz[])
+), tokens_added AS (
+    INSERT INTO tokens (client_txn_id, meter_number, token_id, token_class, token_subclass, units_deci_kwh,
+                        token_ciphertext, token_last4, issued_at)
+    SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[], $23::int[], $24::int[], $25::bigint[],
+                         $26::bytea[], $27::text[], $28::timestamptz[])
+), events AS (
+    INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
+    SELECT * FROM unnest($29::text[], $30::text[], $31::text[], $32::jsonb[])
+), totals AS (
+    INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
+    SELECT * FROM unnest($33::text[], $34::date[], $35::bigint[], $36::bigint[])
+    ON CONFLICT (terminal_id, business_date) DO UPDATE
+    SET approved_count = terminal_daily_totals.approved_count + EXCLUDED.approved_count,
+        approved_minor = terminal_daily_totals.approved_minor + EXCLUDED.approved_minor
+)
+UPDATE meters m
+SET last_purchase_at = CASE WHEN k.amount IS NULL THEN m.last_purchase_at ELSE $41::timestamptz END,
+    last_purchase_minor = coalesce(k.amount, m.last_purchase_minor),
+    last_token_id = coalesce(k.tid, m.last_token_id),
+    last_token_base_year = coalesce(k.base_year, m.last_token_base_year)
+FROM unnest($37::text[], $38::bigint[], $39::bigint[], $40::int[]) AS k(meter_number, amount, tid, base_year)
+WHERE m.meter_number = k.meter_number"""

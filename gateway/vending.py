@@ -426,41 +426,36 @@ class VendingService:
                 first = outcomes[value.index]
                 outcomes[index] = first.outcome if isinstance(first, _New) else first
 
-        new = [(i, o.outcome) for i, o in enumerate(outcomes) if isinstance(o, _New)]
-        if new:
-            rows = []
-            for i, outcome in new:
-                request = requests[i]
-                terminal = terminals.get(request.terminal_id)
-                if terminal is None:
-                    continue  # an unknown terminal has no record to hang a transaction on
-                rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
+        txn_rows: list[tuple[Any, ...]] = []
+        for i, value in enumerate(outcomes):
+            if not isinstance(value, _New):
+                continue
+            outcome, request = value.outcome, requests[i]
+            terminal = terminals.get(request.terminal_id)
+            if terminal is None:
+                continue  # an unknown terminal has no record to hang a transaction on
+            txn_rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
                              request.content_sha256(), outcome.response_code, request.meter_number or None,
                              request.amount_minor, request.currency or terminal["currency"],
                              group_id_for(request.client_txn_id) if outcome.approved else None,
                              outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome)))
-            if rows:
-                await conn.execute(sql.TXN_INSERT_MANY, *map(list, zip(*rows, strict=True)))
-        if receipt_rows:
-            await conn.execute(sql.RECEIPT_INSERT_MANY, *map(list, zip(*receipt_rows, strict=True)))
-        if token_rows:
-            await conn.execute(sql.TOKEN_INSERT_MANY, *map(list, zip(*token_rows, strict=True)))
-        if outbox_rows:
-            await conn.execute(sql.OUTBOX_INSERT_MANY, *map(list, zip(*outbox_rows, strict=True)))
-        if approved:
-            totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-            for p in approved:
-                totals[p.request.terminal_id][0] += 1
-                totals[p.request.terminal_id][1] += p.request.amount_minor
-            tids = list(totals)
-            await conn.execute(sql.DAILY_TOTALS_ADD_MANY, tids, [dates[t] for t in tids],
-                               [totals[t][0] for t in tids], [totals[t][1] for t in tids])
-            last_purchase = {p.request.meter_number: p.request.amount_minor for p in approved}
-            await conn.execute(sql.METER_SET_LAST_PURCHASE, list(last_purchase), now, list(last_purchase.values()))
-        if batch_tids:
-            numbers = sorted(batch_tids)
-            await conn.execute(sql.METER_SET_LAST_TOKEN, numbers, [batch_tids[n][0] for n in numbers],
-                               [batch_tids[n][1] for n in numbers])
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for p in approved:
+            totals[p.request.terminal_id][0] += 1
+            totals[p.request.terminal_id][1] += p.request.amount_minor
+        total_rows = [(t, dates[t], n, amount) for t, (n, amount) in totals.items()]
+        # One row per meter touched: its last purchase and, for a token meter, its last TID.
+        meter_updates: dict[str, list[Any]] = {}
+        for p in approved:
+            meter_updates[p.request.meter_number] = [p.request.amount_minor, None, None]
+        for number, (tid, base_year) in batch_tids.items():
+            meter_updates.setdefault(number, [None, None, None])[1:] = [tid, base_year]
+        meter_rows = [(number, *values) for number, values in sorted(meter_updates.items())]
+        if txn_rows or meter_rows:
+            # Every row of the batch in one statement: one round trip, whatever the batch holds.
+            await conn.execute(sql.BATCH_RECORD, *_columns(txn_rows, 13), *_columns(receipt_rows, 6),
+                               *_columns(token_rows, 9), *_columns(outbox_rows, 4), *_columns(total_rows, 4),
+                               *_columns(meter_rows, 4), now)
         for i, value in enumerate(outcomes):
             if isinstance(value, _New):
                 outcomes[i] = value.outcome
@@ -613,6 +608,15 @@ class _Alias:
 
     def __init__(self, index: int) -> None:
         self.index = index
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as column lists for unnest (empty lists for no rows)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    assert len(columns) == width
+    return columns
 
 
 def token_units(units: int) -> int:
