@@ -20,9 +20,9 @@ from datetime import datetime
 
 import asyncpg
 
-from float_ledger.model import batch_transfers_max
+from float_ledger.model import PostStatus, batch_transfers_max
 from gateway.jsonlog import get_logger
-from gateway.vending import VendingService, VendOutcome, VendRequest, decline, now_utc
+from gateway.vending import RefusedByLedger, VendingService, VendOutcome, VendRequest, decline, now_utc
 from protocol.codes import ResponseCode
 
 batch_requests_max = 256
@@ -138,12 +138,19 @@ class Committer:
                 future.set_result(outcome)
 
     async def _transact(self, requests: list[VendRequest]) -> list[VendOutcome]:
-        for attempt in range(1, batch_retries_max + 1):
+        refused: dict[int, PostStatus] = {}
+        attempt = 0
+        # Each refusal round declines at least one more request, so those rounds are bounded by
+        # the batch size; retryable SQLSTATEs get batch_retries_max attempts.
+        for _ in range(len(requests) + batch_retries_max + 1):
             try:
                 async with self._pool.acquire(timeout=acquire_timeout_s) as conn, conn.transaction():
-                    return await self._service.process_batch(conn, requests, self._clock())
+                    return await self._service.process_batch(conn, requests, self._clock(), refused)
+            except RefusedByLedger as refusal:
+                refused.update(refusal.failed)
             except _RETRYABLE:
+                attempt += 1
                 if attempt == batch_retries_max:
                     raise
                 await asyncio.sleep(0.001 * attempt)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: every round declines one more request or counts an attempt")

@@ -157,49 +157,43 @@ class VendingService:
 
     # -- the batch ---------------------------------------------------------------------------
 
-    async def process_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest],
-                            now: datetime) -> list[VendOutcome]:
-        """Decide every request; caller holds the transaction. Results are in request order."""
+    async def process_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
+                            refused: dict[int, PostStatus] | None = None) -> list[VendOutcome]:
+        """Decide every request; the caller holds the transaction. Results are in request order.
+
+        When the ledger refuses some payments' transfer groups (insufficient float), this raises
+        RefusedByLedger naming them: the caller rolls the transaction back and calls again with
+        them in `refused`, declined up front. So no in-memory bookkeeping of the batch (daily
+        totals, debt left) is ever based on a payment that did not happen, and the common case,
+        no refusal, pays for no savepoint.
+        """
         assert now.tzinfo is not None
+        refused = refused or {}
         outcomes: list[Any] = [None] * len(requests)
         segment: list[int] = []
         # Reversals cut the batch into segments, so a reversal sees every top-up before it.
         for index, request in enumerate(requests):
             if request.kind == "reversal":
                 if segment:
-                    await self._topups(conn, requests, segment, outcomes, now)
+                    await self._topups(conn, requests, segment, outcomes, now, refused)
                     segment = []
                 outcomes[index] = await self._reversal(conn, request, now)
             else:
                 segment.append(index)
         if segment:
-            await self._topups(conn, requests, segment, outcomes, now)
+            await self._topups(conn, requests, segment, outcomes, now, refused)
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None]
 
     async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
-                      outcomes: list[Any], now: datetime) -> None:
-        """Decide a run of top-ups. When the ledger refuses some groups, the run is rolled back to
-        a savepoint and decided again with those declined up front, so no in-memory bookkeeping
-        (daily totals, debt left) is ever based on a payment that did not happen."""
+                      outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> None:
         ids = sorted({requests[i].client_txn_id for i in indexes})
         # Serialises this id against a reversal of it on another gateway (tombstone race).
         await conn.execute(sql.LOCK_TXN_IDS, ids)
-        refused: dict[int, PostStatus] = {}
-        for _ in range(len(indexes) + 1):
-            attempt = list(outcomes)
-            try:
-                async with conn.transaction():
-                    failed = await self._topups_pass(conn, requests, indexes, attempt, now, refused)
-                    if failed:
-                        raise _RefusedByLedger(failed)
-            except _RefusedByLedger as refusal:
-                assert not refusal.failed.keys() & refused.keys()
-                refused.update(refusal.failed)
-                continue
-            outcomes[:] = attempt
-            return
-        raise AssertionError("every pass declines at least one more request, so the loop ends")
+        failed = await self._topups_pass(conn, requests, indexes, outcomes, now, refused)
+        if failed:
+            assert not failed.keys() & refused.keys()
+            raise RefusedByLedger(failed)
 
     async def _topups_pass(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
                            outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
@@ -586,7 +580,9 @@ def ledger_decline(request: VendRequest, status: PostStatus) -> VendOutcome:
     return decline(request, code, "insufficient float" if code == ResponseCode.INSUFFICIENT_FLOAT else str(status))
 
 
-class _RefusedByLedger(Exception):
+class RefusedByLedger(Exception):
+    """Some groups were refused: roll back and process the batch again with them declined."""
+
     def __init__(self, failed: dict[int, PostStatus]) -> None:
         super().__init__(f"{len(failed)} groups refused")
         self.failed = failed
