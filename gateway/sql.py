@@ -65,9 +65,11 @@ SELECT m.meter_number, m.supply_mode, m.tariff_code, m.supply_state, m.sts_suppl
        c.debt_recovery_share_bp,
        t.valid_from AS tariff_valid_from, t.currency AS tariff_currency, t.energy_price_minor_per_mwh,
        t.energy_vat_rate_bp, t.fee_per_purchase_minor, t.fee_vat_rate_bp,
-       v.key_type AS vending_key_type, v.key_ciphertext AS vending_key_ciphertext
+       v.key_type AS vending_key_type, v.key_ciphertext AS vending_key_ciphertext,
+       debt.balance_minor AS debt_balance_minor
 FROM meters m
 JOIN customers c USING (customer_id)
+JOIN ledger_accounts debt ON debt.id = c.debt_account_id
 LEFT JOIN vending_keys v ON v.supply_group_code = m.sts_supply_group_code AND v.key_revision = m.sts_key_revision
 LEFT JOIN LATERAL (
     SELECT * FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= $2
@@ -92,9 +94,6 @@ TXN_GET_BY_RECEIPT = """
 SELECT v.reply FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
-DAILY_TOTALS_GET = """
-SELECT d.terminal_id, d.approved_minor FROM terminal_daily_totals d
-JOIN unnest($1::text[], $2::date[]) AS k(terminal_id, business_date) USING (terminal_id, business_date)"""
 REVERSALS_GET_MANY = "SELECT * FROM reversals WHERE original_txn_id = ANY($1::text[])"
 REVERSAL_INSERT = """
 INSERT INTO reversals (original_txn_id, reversal_txn_id, terminal_id, reason, original_found)
@@ -113,6 +112,16 @@ TERMINALS_FOR_VEND = """
 SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone
 FROM terminals t JOIN agents a USING (agent_id)
+WHERE t.terminal_id = ANY($1::text[])"""
+# The same, with what each terminal has approved so far on its agent's business day at $2.
+TERMINALS_FOR_VEND_WITH_TOTALS = """
+SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
+       t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone,
+       ($2::timestamptz AT TIME ZONE a.time_zone)::date AS business_date,
+       coalesce(d.approved_minor, 0) AS approved_today_minor
+FROM terminals t JOIN agents a USING (agent_id)
+LEFT JOIN terminal_daily_totals d
+       ON d.terminal_id = t.terminal_id AND d.business_date = ($2::timestamptz AT TIME ZONE a.time_zone)::date
 WHERE t.terminal_id = ANY($1::text[])"""
 
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"

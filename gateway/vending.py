@@ -202,22 +202,16 @@ class VendingService:
         stored = {row["client_txn_id"]: row for row in await conn.fetch(sql.TXN_GET_MANY, ids)}
         reversed_ids = {row["original_txn_id"] for row in await conn.fetch(sql.REVERSALS_GET_MANY, ids)}
         terminals = {row["terminal_id"]: row for row in await conn.fetch(
-            sql.TERMINALS_FOR_VEND, list({r.terminal_id for r in batch}))}
+            sql.TERMINALS_FOR_VEND_WITH_TOTALS, list({r.terminal_id for r in batch}), now)}
         meters = {row["meter_number"]: row for row in await conn.fetch(
             sql.METERS_FOR_VEND, list({r.meter_number for r in batch}), now)}
-        debt_balances = await self._balances(conn, [m["debt_account_id"] for m in meters.values()])
-        dates = {tid: business_date(now, row["time_zone"]) for tid, row in terminals.items()}
-        daily: dict[str, int] = {}
-        if dates:
-            day_keys = list(dates)
-            for row in await conn.fetch(sql.DAILY_TOTALS_GET, day_keys, [dates[t] for t in day_keys]):
-                daily[row["terminal_id"]] = int(row["approved_minor"])
+        dates = {tid: row["business_date"] for tid, row in terminals.items()}
+        daily = {tid: int(row["approved_today_minor"]) for tid, row in terminals.items()}
 
         seen_in_batch: dict[str, tuple[bytes, int]] = {}
         pending: list[_Pending] = []
         # Debt belongs to the customer (one debt account), whichever of their meters is paid.
-        debt_left = {int(row["debt_account_id"]): -debt_balances.get(row["debt_account_id"], 0)
-                     for row in meters.values()}
+        debt_left = {int(row["debt_account_id"]): -int(row["debt_balance_minor"]) for row in meters.values()}
         for index, request in zip(indexes, batch, strict=True):
             digest = request.content_sha256()
             if request.client_txn_id in seen_in_batch:

@@ -72,3 +72,7 @@ async def test_a_refused_payment_does_not_count_against_the_daily_limit(running:
                     meter_number=meter_number(27), amount_minor=300, currency="EUR"),
     ])
     assert codes == [ResponseCode.INSUFFICIENT_FLOAT, ResponseCode.APPROVED]
+    later = await run_batch(running, [
+        VendRequest(kind="topup", client_txn_id=f"L0000001-{TODAY}-000003", terminal_id="L0000001",
+                    meter_number=meter_number(26), amount_minor=701, currency="EUR")])
+    assert later == [ResponseCode.LIMIT_EXCEEDED]  # 300 approved today + 701 > 1,000, read from the stored totals
