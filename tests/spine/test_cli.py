@@ -54,3 +54,16 @@ def test_embedded_cluster_lifecycle(tmp_path: Path) -> None:
         stopped = vendgate("db", "stop", env=env)
     assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped"
     assert vendgate("db", "status", env=env).returncode == 3
+
+
+@pytest.mark.timeout(180)
+def test_demo_runs_the_whole_job_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {"VENDGATE_DATA_DIR": str(tmp_path / "demo")}
+    result = vendgate("demo", "--duration", "3", "--link", "lan", env=env, timeout=170)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "migrations: 0001_base" in out and "seeded: 5 agents, 40 terminals, 300 meters" in out
+    assert "protocol errors 0, inconsistencies 0" in out
+    assert "ledger check:" in out and out.rstrip().endswith("database: stopped")
+    assert ": holds" in out
+    assert vendgate("db", "status", env=env).returncode == 3  # nothing left running

@@ -79,8 +79,8 @@ async def demo(settings: Settings, duration_s: float, link: str) -> bool:
 def handle(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.uses_embedded_database:
         raise SettingsError("the demo runs on the embedded database: unset VENDGATE_DATABASE_URL")
-    # The demo prints its own summary; per-transaction log lines would bury it.
-    logging.getLogger("vendgate.txn").setLevel(logging.WARNING)
+    # The demo prints its own summary; per-session and per-transaction log lines would bury it.
+    logging.getLogger("vendgate").setLevel(logging.WARNING)
     cluster = embedded_cluster(settings)
     was_running = cluster.status().running
     status = cluster.start()
