@@ -66,4 +66,6 @@ def test_demo_runs_the_whole_job_and_stops_cleanly(tmp_path: Path) -> None:
     assert "protocol errors 0, inconsistencies 0" in out
     assert "ledger check:" in out and out.rstrip().endswith("database: stopped")
     assert ": holds" in out
+    approved = int(out.split("sim: approved ")[1].split(",")[0])
+    assert approved > 0
     assert vendgate("db", "status", env=env).returncode == 3  # nothing left running
