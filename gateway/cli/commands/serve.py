@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 from gateway import database
@@ -13,6 +14,8 @@ from gateway.keystore import load_keystore
 from gateway.migrate import discover
 from gateway.server import Gateway, serve_until_signalled
 from gateway.settings import Settings
+
+gc_young_threshold = 20_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,6 +44,10 @@ async def serve(settings: Settings) -> None:
     try:
         await check_schema(pool)
         gateway = Gateway(settings, pool, keystore, kiosk_ssl=kiosk_tls(settings))
+        # Long-lived start-up objects leave the collector's view, and young collections run
+        # less often: fewer full-heap pauses in the reply path of every session.
+        gc.freeze()
+        gc.set_threshold(gc_young_threshold, 20, 100)
         await serve_until_signalled(gateway)
     finally:
         await pool.close()
