@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import msgspec
 
+from float_ledger.model import commission_minor as commission_minor_ppm
+from float_ledger.model import debt_recovery_minor
+
 BP_PER_UNIT = 10_000  # basis points in 1 (100 %)
+PPM_PER_BP = 100
 DECI_KWH_PER_MWH = 10_000
 
 
@@ -66,7 +70,7 @@ def split_payment(
     if debt_outstanding_minor < 0 or not 0 <= debt_recovery_share_bp <= BP_PER_UNIT:
         raise ValueError("debt or recovery share out of range")
 
-    debt_recovery = min(debt_outstanding_minor, amount_minor * debt_recovery_share_bp // BP_PER_UNIT)
+    debt_recovery = debt_recovery_minor(amount_minor, debt_outstanding_minor, debt_recovery_share_bp * PPM_PER_BP)
     remainder = amount_minor - debt_recovery
 
     fees = tariff.fee_per_purchase_minor
@@ -96,7 +100,7 @@ def split_payment(
 
 
 def commission_minor(amount_minor: int, commission_rate_bp: int) -> int:
-    """The agent's commission on one payment, rounded down."""
-    if amount_minor < 0 or not 0 <= commission_rate_bp <= BP_PER_UNIT:
-        raise ValueError("amount or commission rate out of range")
-    return amount_minor * commission_rate_bp // BP_PER_UNIT
+    """The agent's commission on one payment, rounded down (the ledger's rule, rate in basis points)."""
+    if not 0 <= commission_rate_bp <= BP_PER_UNIT:
+        raise ValueError("commission rate out of range")
+    return commission_minor_ppm(amount_minor, commission_rate_bp * PPM_PER_BP)

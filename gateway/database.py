@@ -73,9 +73,3 @@ async def create_pool(url: str, settings: Settings, *, size_min: int = 2) -> asy
         raise DatabaseUnavailable(f"cannot reach database at {describe(url)}: {exc}") from None
     assert pool is not None
     return pool
-
-
-def redact_url_for_display(url: str) -> str:
-    from gateway.jsonlog import redact_url
-
-    return redact_url(url)

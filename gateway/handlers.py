@@ -248,9 +248,7 @@ class Handlers:
                 terminal, _, number = message.receipt_number.rpartition("-")
                 if terminal != context.terminal_id or not number.isdigit() or len(number) > 18:
                     return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
-                row = await conn.fetchrow(
-                    "SELECT v.* FROM receipts r JOIN vend_transactions v USING (client_txn_id) "
-                    "WHERE r.terminal_id = $1 AND r.receipt_number = $2", terminal, int(number))
+                row = await conn.fetchrow(sql.TXN_GET_BY_RECEIPT, terminal, int(number))
             if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:
                 return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
             async with conn.transaction():

@@ -19,6 +19,7 @@ from float_ledger.ledger import post_transfers
 from float_ledger.model import AccountKind, Transfer
 from gateway import registry
 from gateway.keystore import KeyStore
+from protocol import sts
 
 DEMO_CURRENCY = "EUR"
 DEMO_TARIFF = "RES1"
@@ -38,18 +39,10 @@ def terminal_id(n: int) -> str:
     return f"T{n:07d}"
 
 
-def _luhn_digit(digits: str) -> int:
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        value = int(char) * (2 if position % 2 == 0 else 1)
-        total += value - 9 if value > 9 else value
-    return (10 - total % 10) % 10
-
-
 def meter_number(n: int) -> str:
     """An 11-digit meter number whose last digit is its Luhn check digit (as STS meters carry)."""
     base = f"{1_000_000_000 + n}"
-    return base + str(_luhn_digit(base))
+    return base + str(sts.luhn_check_digit(base))
 
 
 def derive_terminal_key(seed_secret: bytes, tid: str) -> bytes:

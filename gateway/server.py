@@ -32,7 +32,7 @@ from gateway.keystore import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import OutboxRelay
 from gateway.settings import Settings
-from gateway.vending import VendingService
+from gateway.vending import VendingService, business_date
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
 from protocol.messages import ErrorReply, LogoffRequest, LogonAccepted
@@ -259,7 +259,8 @@ class Gateway:
             context = await self.handlers.terminal_context(event.terminal_id)
             conn.context = context
             now = datetime.now(UTC)
-            accepted = LogonAccepted(server_time=now, business_date=registry_business_date(now, context),
+            accepted = LogonAccepted(server_time=now,
+                                     business_date=business_date(now, context.time_zone if context else "UTC"),
                                      heartbeat_interval_s=heartbeat_interval_s,
                                      idle_timeout_s=int(self.limits.idle_timeout_s))
             await self._write(conn, session.send(accepted))
@@ -333,12 +334,6 @@ class Gateway:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
-
-
-def registry_business_date(now: datetime, context: registry.TerminalContext | None):  # type: ignore[no-untyped-def]
-    from gateway.vending import business_date
-
-    return business_date(now, context.time_zone if context else "UTC")
 
 
 async def serve_until_signalled(gateway: Gateway) -> None:

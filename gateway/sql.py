@@ -91,7 +91,8 @@ INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, reque
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
                      $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])"""
 TXN_GET_BY_RECEIPT = """
-SELECT v.reply FROM receipts r JOIN vend_transactions v USING (client_txn_id)
+SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply
+FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
 REVERSALS_GET_MANY = "SELECT * FROM reversals WHERE original_txn_id = ANY($1::text[])"

@@ -215,11 +215,12 @@ class VendingService:
         daily = {tid: int(row["approved_today_minor"]) for tid, row in terminals.items()}
 
         seen_in_batch: dict[str, tuple[bytes, int]] = {}
+        digests: dict[int, bytes] = {}  # computed once: the replay check and the stored record both need it
         pending: list[_Pending] = []
         # Debt belongs to the customer (one debt account), whichever of their meters is paid.
         debt_left = {int(row["debt_account_id"]): -int(row["debt_balance_minor"]) for row in meters.values()}
         for index, request in zip(indexes, batch, strict=True):
-            digest = request.content_sha256()
+            digest = digests[index] = request.content_sha256()
             if request.client_txn_id in seen_in_batch:
                 first_digest, first_index = seen_in_batch[request.client_txn_id]
                 outcomes[index] = _Alias(first_index) if first_digest == digest else decline(
@@ -260,7 +261,7 @@ class VendingService:
         failed = {p.index: p.group_status for p in pending if p.group_status != PostStatus.ok}
         if failed:
             return failed  # type: ignore[return-value]
-        await self._finish(conn, requests, pending, outcomes, terminals, dates, now)
+        await self._finish(conn, requests, pending, outcomes, terminals, dates, digests, now)
         return {}
 
     def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,
@@ -362,7 +363,7 @@ class VendingService:
 
     async def _finish(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], pending: list[_Pending],
                       outcomes: list[Any], terminals: dict[str, asyncpg.Record], dates: dict[str, date],
-                      now: datetime) -> None:
+                      digests: dict[int, bytes], now: datetime) -> None:
         approved = [p for p in pending if p.group_status == PostStatus.ok]
         # Receipt numbers: one counter bump per terminal, numbers handed out in arrival order.
         per_terminal: dict[str, list[_Pending]] = defaultdict(list)
@@ -421,6 +422,7 @@ class VendingService:
                 outcomes[index] = first.outcome if isinstance(first, _New) else first
 
         txn_rows: list[tuple[Any, ...]] = []
+        groups = {p.index: p.transfers[0].group_id for p in approved}
         for i, value in enumerate(outcomes):
             if not isinstance(value, _New):
                 continue
@@ -429,9 +431,8 @@ class VendingService:
             if terminal is None:
                 continue  # an unknown terminal has no record to hang a transaction on
             txn_rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
-                             request.content_sha256(), outcome.response_code, request.meter_number or None,
-                             request.amount_minor, request.currency or terminal["currency"],
-                             group_id_for(request.client_txn_id) if outcome.approved else None,
+                             digests[i], outcome.response_code, request.meter_number or None,
+                             request.amount_minor, request.currency or terminal["currency"], groups.get(i),
                              outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome)))
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for p in approved:

@@ -274,10 +274,10 @@ def meter_pan(meter_number: str) -> str:
     if len(meter_number) in _IIN_FOR_DRN_DIGITS:
         drn = meter_number
         body = _IIN_FOR_DRN_DIGITS[len(drn)] + drn
-        pan = body + str(_luhn_check_digit(body))
+        pan = body + str(luhn_check_digit(body))
     elif len(meter_number) == _PAN_DIGITS:
         pan = meter_number
-        if _luhn_check_digit(pan[:-1]) != int(pan[-1]):
+        if luhn_check_digit(pan[:-1]) != int(pan[-1]):
             raise StsError(f"PAN {pan} fails its check digit")
         iin = next((iin for iin in ("600727", "0000") if pan.startswith(iin)), None)
         if iin is None:
@@ -285,12 +285,12 @@ def meter_pan(meter_number: str) -> str:
         drn = pan[len(iin):-1]
     else:
         raise StsError(f"meter number must have 11 or 13 digits, or the PAN 18 digits; got {len(meter_number)}")
-    if _luhn_check_digit(drn[:-1]) != int(drn[-1]):
+    if luhn_check_digit(drn[:-1]) != int(drn[-1]):
         raise StsError(f"meter number {drn} fails its check digit")
     return pan
 
 
-def _luhn_check_digit(digits: str) -> int:
+def luhn_check_digit(digits: str) -> int:
     total = 0
     for position, char in enumerate(reversed(digits)):
         digit = int(char)

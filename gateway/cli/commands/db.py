@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from gateway.database import embedded_cluster, redact_url_for_display
+from gateway.database import embedded_cluster
 from gateway.errors import SettingsError
+from gateway.jsonlog import redact_url
 from gateway.settings import Settings
 
 
@@ -37,5 +38,5 @@ def handle(args: argparse.Namespace, settings: Settings) -> int:
             return 3
     else:
         url = cluster.url(settings.database_name)
-        print(url if args.show_password else redact_url_for_display(url))
+        print(url if args.show_password else redact_url(url))
     return 0
