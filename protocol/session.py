@@ -434,6 +434,19 @@ class _Session:
 
     # -- receiving --
 
+    def _whole_frames(self, data: bytes) -> list[bytes]:
+        """Every whole frame buffered so far, with `data` added."""
+        size = len(data)
+        if (
+            not self._buffer
+            and size >= _PREFIX_BYTES
+            and ((data[0] << 8) | data[1]) + _PREFIX_BYTES == size
+            and _FRAME_BYTES_MIN <= size <= _FRAME_BYTES_MAX
+        ):
+            # The usual case: nothing is buffered and this read is exactly one frame.
+            return [bytes(data)]
+        return self._frames(data)
+
     def _frames(self, data: bytes) -> list[bytes]:
         """Whole frames received so far. A bad length prefix raises before its body is buffered."""
         buffer = self._buffer
@@ -538,19 +551,7 @@ class ServerSession(_Session):
         if state is ServerState.FAILED or state is ServerState.CLOSED:
             return []
         try:
-            size = len(data)
-            if (
-                not self._buffer
-                and size >= _PREFIX_BYTES
-                and ((data[0] << 8) | data[1]) + _PREFIX_BYTES == size
-                and _FRAME_BYTES_MIN <= size <= _FRAME_BYTES_MAX
-            ):
-                # The usual case: nothing is buffered and this read is exactly one frame.
-                return [self._receive_frame(bytes(data))]
-            events: list[ServerEvent] = []
-            for frame in self._frames(data):
-                events.append(self._receive_frame(frame))
-            return events
+            return [self._receive_frame(frame) for frame in self._whole_frames(data)]
         except ProtocolError as error:
             if error.close_connection:
                 self._state = ServerState.FAILED
@@ -716,19 +717,7 @@ class TerminalSession(_Session):
         if state is TerminalState.FAILED or state is TerminalState.CLOSED:
             return []
         try:
-            size = len(data)
-            if (
-                not self._buffer
-                and size >= _PREFIX_BYTES
-                and ((data[0] << 8) | data[1]) + _PREFIX_BYTES == size
-                and _FRAME_BYTES_MIN <= size <= _FRAME_BYTES_MAX
-            ):
-                # The usual case: nothing is buffered and this read is exactly one frame.
-                return [self._receive_frame(bytes(data))]
-            events: list[TerminalEvent] = []
-            for frame in self._frames(data):
-                events.append(self._receive_frame(frame))
-            return events
+            return [self._receive_frame(frame) for frame in self._whole_frames(data)]
         except ProtocolError as error:
             error.close_connection = True  # a terminal that lost step reconnects and logs on again
             self._state = TerminalState.FAILED
