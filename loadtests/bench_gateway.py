@@ -33,14 +33,11 @@ import os
 import platform
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -54,6 +51,7 @@ from loadtests.deployment import (
     machine_busy_seconds,
     metric_sums,
     process_cpu_seconds,
+    run_in_deployment,
 )
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
@@ -425,19 +423,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    deployment = LocalDeployment(Path(tempfile.mkdtemp(prefix="vendgate-bench-gateway-")), durable=True)
-    try:
-        import uvloop
-
-        summary = uvloop.run(bench(args, deployment))
-    finally:
-        if args.keep:
-            deployment.stop_gateway()
-            deployment.cluster.stop()
-            log(f"kept {deployment.data_dir}")
-        else:
-            deployment.destroy()
-            shutil.rmtree(deployment.data_dir, ignore_errors=True)
+    summary = run_in_deployment("vendgate-bench-gateway-", lambda deployment: bench(args, deployment), keep=args.keep)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -19,12 +19,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -37,6 +40,8 @@ from gateway.migrate import migrate
 from gateway.pgcluster import LocalCluster, binaries_dir, free_port
 from gateway.seeding import DEMO_CURRENCY, seed
 from loadtests.target import KioskCredential, Target
+
+T = TypeVar("T")
 
 DATABASE = "vendgate"
 ready_timeout_s = 60.0
@@ -241,3 +246,22 @@ def metric_sums(text: str, name: str) -> tuple[float, float]:
         elif line.startswith(f"{name}_count "):
             count = float(line.split()[1])
     return total, count
+
+
+def run_in_deployment(prefix: str, body: Callable[[LocalDeployment], Coroutine[Any, Any, T]], *,
+                      keep: bool) -> T:
+    """Run `body` on uvloop against a fresh durable deployment in a temporary folder, then tear
+    it down (or stop it and keep its folder, printed on stderr, with `keep`)."""
+    import uvloop
+
+    deployment = LocalDeployment(Path(tempfile.mkdtemp(prefix=prefix)), durable=True)
+    try:
+        return uvloop.run(body(deployment))
+    finally:
+        if keep:
+            deployment.stop_gateway()
+            deployment.cluster.stop()
+            print(f"kept {deployment.data_dir}", file=sys.stderr, flush=True)
+        else:
+            deployment.destroy()
+            shutil.rmtree(deployment.data_dir, ignore_errors=True)

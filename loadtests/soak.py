@@ -23,19 +23,16 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from float_ledger.check import check_ledger
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, terminal_id
 from loadtests.aio_terminal import AioTerminal
 from loadtests.bench_gateway import percentile_ms
-from loadtests.deployment import LocalDeployment
+from loadtests.deployment import LocalDeployment, run_in_deployment
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -256,19 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    deployment = LocalDeployment(Path(tempfile.mkdtemp(prefix="vendgate-soak-")), durable=True)
-    try:
-        import uvloop
-
-        summary = uvloop.run(soak(args, deployment))
-    finally:
-        if args.keep:
-            deployment.stop_gateway()
-            deployment.cluster.stop()
-            log(f"kept {deployment.data_dir}")
-        else:
-            deployment.destroy()
-            shutil.rmtree(deployment.data_dir, ignore_errors=True)
+    summary = run_in_deployment("vendgate-soak-", lambda deployment: soak(args, deployment), keep=args.keep)
     print(json.dumps(summary), flush=True)
     ok = summary["ledger_check"]["holds"] and summary["errors"] == 0
     return 0 if ok else 1
