@@ -5,6 +5,7 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 
 - transfers_balanced        each transfer moves a positive amount from one account to another,
                             both of the transfer's currency
+- transfers_sequenced       each transfer has a seq of its own (posting order)
 - currencies_sum_to_zero    per currency, the stored balances sum to zero
 - balances_match_transfers  each stored balance = its credits - its debits
 - running_balances_consistent  each transfer's balance-after = the account's previous one + the
@@ -78,6 +79,10 @@ async def check_ledger(conn: Any) -> CheckReport:
                     f"({r['debit_currency']}) to {r['credit_account_id']} ({r['credit_currency']})"
                     for r in await rows(sql.SQL_CHECK_UNBALANCED, limit)]
 
+        async def duplicate_seqs() -> list[str]:
+            return [f"seq {r['seq']} is held by {r['transfers']} transfers"
+                    for r in await rows(sql.SQL_CHECK_DUPLICATE_SEQS, limit)]
+
         async def currency_sums() -> list[str]:
             return [f"{r['currency']} balances sum to {r['total_minor']}"
                     for r in await rows(sql.SQL_CHECK_CURRENCY_SUMS)]
@@ -111,6 +116,7 @@ async def check_ledger(conn: Any) -> CheckReport:
         checks: list[tuple[str, str, Callable[[], Awaitable[list[str]]]]] = [
             ("transfers_balanced",
              f"{transfers} transfers each move a positive amount between two accounts of its currency", unbalanced),
+            ("transfers_sequenced", f"{transfers} transfers each hold a seq of their own", duplicate_seqs),
             ("currencies_sum_to_zero", f"balances sum to zero in each currency ({currencies})", currency_sums),
             ("balances_match_transfers", f"{accounts} stored balances equal credits minus debits", balance_sums),
             ("running_balances_consistent",

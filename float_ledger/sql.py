@@ -1,7 +1,8 @@
 """Every SQL statement of the float ledger: named, parameterised constants (a test prepares each).
 
-Schema: gateway/migrations/0002_ledger.sql. Posting is one call of ledger_apply_transfers(), a
-PL/pgSQL function over parallel arrays, so a batch costs one round trip.
+Schema: gateway/migrations/0002_ledger.sql, with posting as 0011_posting_speed.sql redefines it.
+Posting is one call of ledger_apply_transfers(), a PL/pgSQL function over parallel arrays, so a
+batch costs one round trip.
 """
 
 from __future__ import annotations
@@ -202,6 +203,16 @@ SELECT a.id, a.balance_minor, coalesce(s.total_minor, 0) AS transfers_minor
               GROUP BY account_id) s ON s.account_id = a.id
  WHERE a.balance_minor <> coalesce(s.total_minor, 0)
  ORDER BY a.id
+ LIMIT $1"""
+
+# seq orders every account's legs: each transfer holds its own (no index enforces it; the
+# sequence hands each out once).
+SQL_CHECK_DUPLICATE_SEQS = """
+SELECT seq, count(*) AS transfers
+  FROM ledger_transfers
+ GROUP BY seq
+HAVING count(*) > 1
+ ORDER BY seq
  LIMIT $1"""
 
 # Each leg's balance after = the previous leg's (in seq order) + its signed amount; and the

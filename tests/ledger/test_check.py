@@ -23,7 +23,7 @@ from float_ledger.model import AccountKind, TopUpAccounts, top_up_transfers
 from tests.conftest import create_fresh_database
 from tests.ledger.conftest import account, transfer
 
-ALL_INVARIANTS = {"transfers_balanced", "currencies_sum_to_zero", "balances_match_transfers",
+ALL_INVARIANTS = {"transfers_balanced", "transfers_sequenced", "currencies_sum_to_zero", "balances_match_transfers",
                   "running_balances_consistent", "balances_within_bounds", "transfers_unchanged",
                   "transfers_immutable"}
 
@@ -106,7 +106,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 7 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 8 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
@@ -189,6 +189,15 @@ async def test_a_transfer_between_currencies_is_found(ledger: Any) -> None:
     await corrupt(ledger, "UPDATE ledger_transfers SET currency = 'USD' WHERE id = $1",
                   (await a_collection(ledger))["id"])
     assert await broken(ledger) == {"transfers_balanced", "transfers_unchanged"}
+
+
+async def test_a_seq_held_twice_is_found(ledger: Any) -> None:
+    first, second = await ledger.fetch("SELECT id, seq FROM ledger_transfers ORDER BY seq LIMIT 2")
+    await corrupt(ledger, "UPDATE ledger_transfers SET seq = $2 WHERE id = $1", second["id"], first["seq"])
+    report = await check_ledger(ledger)
+    assert "transfers_sequenced" in report.broken
+    [problems] = [i.problems for i in report.invariants if i.name == "transfers_sequenced"]
+    assert problems == [f"seq {first['seq']} is held by 2 transfers"]
 
 
 async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:

@@ -170,6 +170,26 @@ async def test_a_replayed_group_reports_exists_for_every_transfer(db_conn: Any, 
     assert await balance(db_conn, float_id) == 80
 
 
+async def test_a_replay_that_would_be_refused_now_still_reports_exists(db_conn: Any, source: int) -> None:
+    # Posting first takes every id to be new; a refusal must not hide that an id is stored.
+    float_id = await funded_float(db_conn, source, 100)
+    customer = await account(db_conn, AccountKind.customer_credit)
+    group = uuid.uuid4()
+    batch = [transfer(float_id, customer, 100, group_id=group), transfer(customer, source, 40, group_id=group)]
+    first = await post_transfers(db_conn, batch)
+    assert [r.status for r in first] == [S.ok, S.ok] and await balance(db_conn, float_id) == 0
+    # The float is empty now, so the group's float debit would be refused if it were new.
+    fresh = transfer(source, float_id, 5, kind="deposit")
+    again = await post_transfers(db_conn, [*batch, fresh])
+    assert [r.status for r in again] == [S.exists, S.exists, S.ok]
+    assert [r.transfer for r in again[:2]] == [r.transfer for r in first]
+    await set_account_blocked(db_conn, float_id, blocked=True)
+    [blocked_replay] = await post_transfers(db_conn, [batch[0]])
+    assert blocked_replay.status is S.exists
+    assert await transfers_with(db_conn, *(t.id for t in batch)) == 2
+    assert await balance(db_conn, float_id) == 5
+
+
 async def test_an_id_twice_in_one_batch_posts_once(db_conn: Any, source: int) -> None:
     float_id = await funded_float(db_conn, source, 100)
     customer = await account(db_conn, AccountKind.customer_credit)
@@ -378,3 +398,42 @@ async def test_crossing_the_low_threshold_writes_an_event(db_conn: Any, source: 
         (EventKind.float_below_threshold, 40, 50, batch[1].id),
         (EventKind.float_restored, 80, 50, batch[3].id),
     ]
+
+
+_DIRECT_TRANSFER = """
+INSERT INTO ledger_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency, kind,
+                              debit_balance_after_minor, credit_balance_after_minor, created_at, hash)
+VALUES (gen_random_uuid(), nextval('ledger_transfer_seq'), 1, 2, 5, $1, $2, 0, 5, now(), '\\x00')"""
+_DIRECT_ACCOUNT = "INSERT INTO ledger_accounts (kind, currency, owner_ref) VALUES ('suspense', $1, 'probe')"
+
+
+async def accepted_by_the_table(conn: Any, statement: str, *args: Any) -> bool:
+    """Run a direct INSERT in a transaction that is rolled back; False when a CHECK refuses it."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(statement, *args)
+        return True
+    except asyncpg.CheckViolationError:
+        return False
+    finally:
+        await transaction.rollback()
+
+
+@pytest.mark.parametrize(("currency", "kind", "accepted"), [
+    ("KES", "collection", True), ("USD", "a", True), ("KES", "debt_recovery_2", True), ("KES", "a" * 40, True),
+    ("kes", "collection", False), ("KE", "collection", False), ("KESS", "collection", False),
+    ("K1S", "collection", False), ("KÉS", "collection", False), ("KES\n", "collection", False),
+    ("KES", "Collection", False), ("KES", "9lives", False), ("KES", "_x", False), ("KES", "", False),
+    ("KES", "a" * 41, False), ("KES", "débit", False), ("KES", "has space", False), ("KES", "dash-ed", False),
+])
+async def test_the_table_itself_refuses_a_malformed_currency_or_kind(db_conn: Any, currency: str, kind: str,
+                                                                    accepted: bool) -> None:
+    # The posting function validates first; these CHECKs hold the table to the same rules for any writer.
+    assert await accepted_by_the_table(db_conn, _DIRECT_TRANSFER, currency, kind) is accepted
+
+
+@pytest.mark.parametrize(("currency", "accepted"), [("KES", True), ("kes", False), ("KE", False), ("K3S", False)])
+async def test_an_account_with_a_malformed_currency_is_refused_by_the_table(db_conn: Any, currency: str,
+                                                                          accepted: bool) -> None:
+    assert await accepted_by_the_table(db_conn, _DIRECT_ACCOUNT, currency) is accepted
