@@ -4,7 +4,8 @@
 --    index entry fewer per transfer); `vendgate ledger check` verifies it (transfers_sequenced).
 -- 2. The read of stored transfers with the batch's ids runs only when an id turns out to be
 --    stored already (see ledger_apply_transfers below).
--- 3. Format CHECKs without regular expressions. PostgreSQL evaluates every CHECK of a row on each
+-- 3. Plans built once per session (force_generic_plan), not for every call.
+-- 4. Format CHECKs without regular expressions. PostgreSQL evaluates every CHECK of a row on each
 --    INSERT and on each UPDATE, whichever columns change, and a regular expression match cost
 --    about as much as the rest of a transfer's insert. The same rules, by length and by the set
 --    of characters allowed (btrim/ltrim with a character list: byte for byte, whatever the
@@ -54,8 +55,11 @@ CREATE FUNCTION ledger_apply_transfers_once(
 )
 LANGUAGE plpgsql
 -- Every table access here is by key. The session caches these plans, maybe while the tables were
--- still small; a plan that scans them must not survive into a large ledger.
+-- still small; a plan that scans them must not survive into a large ledger. Generic plans: a
+-- custom plan per call (PostgreSQL's choice for these array parameters) cost more to plan than a
+-- small batch costs to run.
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     n integer := coalesce(cardinality(p_ids), 0);
