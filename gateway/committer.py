@@ -94,7 +94,8 @@ class Committer:
             raise CommitterBusy("queue full") from None
         # Shielded: a session that goes away must not cancel a payment already queued.
         try:
-            return await asyncio.wait_for(asyncio.shield(future), submit_timeout_s)
+            async with asyncio.timeout(submit_timeout_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             raise CommitterBusy("batch still running") from None
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
+
 from float_ledger.check import check_ledger
-from gateway.committer import Committer
+from gateway import committer as committer_module
+from gateway.committer import Committer, CommitterBusy
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
@@ -68,3 +71,55 @@ async def test_duplicate_ids_in_one_batch_are_applied_once(running: Running) -> 
             " sum(amount_minor) FILTER (WHERE kind = 'collection') AS debited"
             " FROM ledger_transfers WHERE metadata->>'client_txn_id' = $1", request.client_txn_id)
     assert (row["groups"], row["debits"], row["debited"]) == (1, 1, 800)
+
+
+class _SlowVending(VendingService):
+    """Holds every batch open a while: long enough for a session's wait to run out."""
+
+    async def process_batch(self, conn, requests, now, refused=None):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.3)
+        return await super().process_batch(conn, requests, now, refused)
+
+
+async def test_a_wait_that_runs_out_answers_busy_and_the_payment_still_commits(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(committer_module, "submit_timeout_s", 0.05)
+    committer = Committer(running.pool, _SlowVending(running.keystore))
+    committer.start()
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    waited_out = VendRequest(kind="topup", client_txn_id=f"{terminal_id(3)}-{today}-777001",
+                             terminal_id=terminal_id(3), meter_number=meter_number(3), amount_minor=700,
+                             currency="EUR")
+    abandoned = VendRequest(kind="topup", client_txn_id=f"{terminal_id(5)}-{today}-777002",
+                            terminal_id=terminal_id(5), meter_number=meter_number(5), amount_minor=700,
+                            currency="EUR")
+    try:
+        with pytest.raises(CommitterBusy):
+            await committer.submit(waited_out)
+        # A session that goes away mid-wait (its task cancelled) does not cancel its queued payment.
+        task = asyncio.create_task(committer.submit(abandoned))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await committer.stop()  # commits everything queued
+    ids = [waited_out.client_txn_id, abandoned.client_txn_id]
+    async with running.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1::text[])"
+                                     " AND response_code = 0", ids)
+    assert stored == 2  # both committed although neither session was there to hear it
+    monkeypatch.setattr(committer_module, "submit_timeout_s", 30.0)
+    retry = Committer(running.pool, VendingService(running.keystore))
+    retry.start()
+    try:
+        # The retries with the same ids replay what committed, byte for byte the same outcome.
+        replays = [await retry.submit(waited_out), await retry.submit(abandoned)]
+    finally:
+        await retry.stop()
+    assert [o.response_code for o in replays] == [ResponseCode.APPROVED] * 2
+    async with running.pool.acquire() as conn:
+        collections = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = ANY($1)",
+            ids)
+    assert collections == 2  # one debit each: the retries replayed, they did not pay again
