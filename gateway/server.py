@@ -278,9 +278,9 @@ class Gateway:
                 reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
             finally:
                 conn.busy = False
-            kind = type(message).__name__
-            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(kind, getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
+            self.metrics.observe_request(type(message).__name__,
+                                         getattr(reply, "response_code", ResponseCode.APPROVED).name,
+                                         time.perf_counter() - started)
             closing = isinstance(reply, ErrorReply) and reply.connection_closing
             if conn.closing:
                 return False  # said goodbye while this request ran: it is committed, the reply is not sent

@@ -350,12 +350,19 @@ class VendingService:
         if not transfers:
             return
         results = await apply_transfers(conn, transfers)
-        by_id = {r.id: r for r in results}
+        assert len(results) == len(transfers)
+        # One result per transfer, in the order posted: each group's results follow one another.
+        position = 0
         for p in pending:
-            statuses = [by_id[t.id].status for t in p.transfers]
-            for t in p.transfers:
-                posted = by_id[t.id].transfer
-                if posted is not None and t.debit_account_id == int(p.terminal["float_account_id"]):
+            group_results = results[position:position + len(p.transfers)]
+            position += len(p.transfers)
+            float_account = int(p.terminal["float_account_id"])
+            statuses = []
+            for t, result in zip(p.transfers, group_results, strict=True):
+                assert result.id == t.id
+                statuses.append(result.status)
+                posted = result.transfer
+                if posted is not None and t.debit_account_id == float_account:
                     p.float_after = posted.debit_balance_after_minor
             failed = [s for s in statuses if s not in (PostStatus.ok, PostStatus.exists)]
             # The first real reason wins over the linked_failed of its siblings.
