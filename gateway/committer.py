@@ -38,9 +38,20 @@ assert batch_requests_max * 5 <= batch_transfers_max
 
 log = get_logger("vendgate.committer")
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# A unique key that another transaction took between the batch's reads and its writes: receipt
+# numbers continue from the counter the batch read, TIDs from the meter's last TID. Redone from
+# fresh reads, the batch numbers on from what that transaction committed.
+_RACED_CONSTRAINTS = frozenset({"receipts_pkey", "tokens_meter_number_token_id_key"})
 # Failures of the database or the link, not of a request: splitting the batch would only repeat them.
 _INFRASTRUCTURE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
                    asyncpg.QueryCanceledError, asyncpg.CannotConnectNowError)
+
+
+def retryable(exc: BaseException) -> bool:
+    """Redo the batch from the start: the conflict was with a transaction that has since ended."""
+    if isinstance(exc, _RETRYABLE):
+        return True
+    return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name in _RACED_CONSTRAINTS
 
 
 class CommitterBusy(Exception):
@@ -94,7 +105,8 @@ class Committer:
             raise CommitterBusy("queue full") from None
         # Shielded: a session that goes away must not cancel a payment already queued.
         try:
-            return await asyncio.wait_for(asyncio.shield(future), submit_timeout_s)
+            async with asyncio.timeout(submit_timeout_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             raise CommitterBusy("batch still running") from None
 
@@ -148,7 +160,9 @@ class Committer:
                     return await self._service.process_batch(conn, requests, self._clock(), refused)
             except RefusedByLedger as refusal:
                 refused.update(refusal.failed)
-            except _RETRYABLE:
+            except asyncpg.PostgresError as exc:
+                if not retryable(exc):
+                    raise
                 attempt += 1
                 if attempt == batch_retries_max:
                     raise

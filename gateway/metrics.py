@@ -5,6 +5,8 @@ One registry per server instance, so tests can run several servers in one proces
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -30,6 +32,21 @@ class GatewayMetrics:
                                        ["kind"], registry=self.registry)
         self.floats_below_threshold = Gauge("vendgate_floats_below_threshold",
                                             "Agent floats below their low-float threshold", registry=self.registry)
+
+        # labels() looks a child up under a lock on every call: each request's children, kept.
+        self._latency_by_type: dict[str, Any] = {}
+        self._requests_by_outcome: dict[tuple[str, str], Any] = {}
+
+    def observe_request(self, message_type: str, response_code: str, duration_s: float) -> None:
+        latency = self._latency_by_type.get(message_type)
+        if latency is None:
+            latency = self._latency_by_type[message_type] = self.latency.labels(message_type)
+        latency.observe(duration_s)
+        key = (message_type, response_code)
+        counter = self._requests_by_outcome.get(key)
+        if counter is None:
+            counter = self._requests_by_outcome[key] = self.requests.labels(message_type, response_code)
+        counter.inc()
 
     def observe_batch(self, size: int, duration_s: float) -> None:
         self.batch_size.observe(size)

@@ -206,7 +206,9 @@ class Gateway:
             if conn.terminal_id is None:
                 timeout = min(timeout, logon_by - now)
             try:
-                data = await asyncio.wait_for(reader.read(read_chunk_bytes), max(timeout, 0.001))
+                # asyncio.timeout, not wait_for: no task per read (Python 3.11's wait_for makes one).
+                async with asyncio.timeout(max(timeout, 0.001)):
+                    data = await reader.read(read_chunk_bytes)
             except TimeoutError:
                 self.metrics.protocol_errors.labels("timeout").inc()
                 reason = ("logon deadline passed" if conn.terminal_id is None
@@ -276,9 +278,9 @@ class Gateway:
                 reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
             finally:
                 conn.busy = False
-            kind = type(message).__name__
-            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(kind, getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
+            self.metrics.observe_request(type(message).__name__,
+                                         getattr(reply, "response_code", ResponseCode.APPROVED).name,
+                                         time.perf_counter() - started)
             closing = isinstance(reply, ErrorReply) and reply.connection_closing
             if conn.closing:
                 return False  # said goodbye while this request ran: it is committed, the reply is not sent
@@ -292,7 +294,8 @@ class Gateway:
 
     async def _write(self, conn: _Connection, data: bytes) -> None:
         conn.writer.write(data)
-        await asyncio.wait_for(conn.writer.drain(), self.limits.write_drain_timeout_s)
+        async with asyncio.timeout(self.limits.write_drain_timeout_s):
+            await conn.writer.drain()
 
     async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
         with contextlib.suppress(Exception):

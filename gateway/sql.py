@@ -29,11 +29,6 @@ FROM terminals t JOIN agents a USING (agent_id)
 WHERE t.terminal_id = $1"""
 TERMINAL_SET_STATUS = "UPDATE terminals SET status = $2 WHERE terminal_id = $1 RETURNING status"
 TERMINAL_STATUSES = "SELECT terminal_id, status, allowed_operations FROM terminals WHERE terminal_id = ANY($1::text[])"
-TERMINAL_NEXT_RECEIPTS = """
-UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
-FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, n)
-WHERE t.terminal_id = k.terminal_id
-RETURNING t.terminal_id, t.receipt_seq"""
 
 TARIFF_INSERT = """
 INSERT INTO tariffs (tariff_code, valid_from, currency, energy_price_minor_per_mwh, energy_vat_rate_bp,
@@ -80,10 +75,15 @@ METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (cu
 
 # -- vending -------------------------------------------------------------------------------
 
-TXN_GET_MANY = """
-SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
-       meter_number, amount_minor, currency, created_at
-FROM vend_transactions WHERE client_txn_id = ANY($1::text[])"""
+# What a batch must know of its ids, in one round trip: the stored record of each known id, and
+# whether a reversal (or a reversal's tombstone) names it. One row per id that has either.
+TXNS_AND_REVERSALS_GET_MANY = """
+SELECT k.id AS client_txn_id, v.client_txn_id IS NOT NULL AS stored, v.request_sha256, v.response_code, v.reply,
+       r.original_txn_id IS NOT NULL AS reversed
+FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS id) AS k
+LEFT JOIN vend_transactions v ON v.client_txn_id = k.id
+LEFT JOIN reversals r ON r.original_txn_id = k.id
+WHERE v.client_txn_id IS NOT NULL OR r.original_txn_id IS NOT NULL"""
 TXN_INSERT_MANY = """
 INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
                                meter_number, amount_minor, currency, group_id, receipt_number,
@@ -114,10 +114,12 @@ SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone
 FROM terminals t JOIN agents a USING (agent_id)
 WHERE t.terminal_id = ANY($1::text[])"""
-# The same, with what each terminal has approved so far on its agent's business day at $2.
+# The same, with what each terminal has approved so far on its agent's business day at $2, and its
+# last receipt number (the batch numbers its receipts from there; BATCH_RECORD moves the counter).
 TERMINALS_FOR_VEND_WITH_TOTALS = """
 SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone,
+       t.receipt_seq,
        ($2::timestamptz AT TIME ZONE a.time_zone)::date AS business_date,
        coalesce(d.approved_minor, 0) AS approved_today_minor
 FROM terminals t JOIN agents a USING (agent_id)
@@ -140,8 +142,16 @@ SELECT pg_advisory_xact_lock(h) FROM (
 
 # Everything a batch of top-ups records, in one statement (data-modifying CTEs; foreign keys are
 # checked at the end of the statement, so receipts and tokens may refer to transactions it adds).
+# Receipt counters move by the number of receipts each terminal issued ($42, $43). The numbers were
+# taken from the counter as the batch read it: should another transaction have moved it since,
+# the same numbers exist already and receipts' primary key refuses the batch, which is then redone
+# (receipt numbers stay gap-free either way).
 BATCH_RECORD = """
-WITH txns AS (
+WITH counters AS (
+    UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
+    FROM unnest($42::text[], $43::bigint[]) AS k(terminal_id, n)
+    WHERE t.terminal_id = k.terminal_id
+), txns AS (
     INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
                                    meter_number, amount_minor, currency, group_id, receipt_number,
                                    business_date, reply)

@@ -205,8 +205,9 @@ class VendingService:
                            outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
         batch = [requests[i] for i in indexes]
         ids = [r.client_txn_id for r in batch]
-        stored = {row["client_txn_id"]: row for row in await conn.fetch(sql.TXN_GET_MANY, ids)}
-        reversed_ids = {row["original_txn_id"] for row in await conn.fetch(sql.REVERSALS_GET_MANY, ids)}
+        known = await conn.fetch(sql.TXNS_AND_REVERSALS_GET_MANY, ids)
+        stored = {row["client_txn_id"]: row for row in known if row["stored"]}
+        reversed_ids = {row["client_txn_id"] for row in known if row["reversed"]}
         terminals = {row["terminal_id"]: row for row in await conn.fetch(
             sql.TERMINALS_FOR_VEND_WITH_TOTALS, list({r.terminal_id for r in batch}), now)}
         meters = {row["meter_number"]: row for row in await conn.fetch(
@@ -349,12 +350,19 @@ class VendingService:
         if not transfers:
             return
         results = await apply_transfers(conn, transfers)
-        by_id = {r.id: r for r in results}
+        assert len(results) == len(transfers)
+        # One result per transfer, in the order posted: each group's results follow one another.
+        position = 0
         for p in pending:
-            statuses = [by_id[t.id].status for t in p.transfers]
-            for t in p.transfers:
-                posted = by_id[t.id].transfer
-                if posted is not None and t.debit_account_id == int(p.terminal["float_account_id"]):
+            group_results = results[position:position + len(p.transfers)]
+            position += len(p.transfers)
+            float_account = int(p.terminal["float_account_id"])
+            statuses = []
+            for t, result in zip(p.transfers, group_results, strict=True):
+                assert result.id == t.id
+                statuses.append(result.status)
+                posted = result.transfer
+                if posted is not None and t.debit_account_id == float_account:
                     p.float_after = posted.debit_balance_after_minor
             failed = [s for s in statuses if s not in (PostStatus.ok, PostStatus.exists)]
             # The first real reason wins over the linked_failed of its siblings.
@@ -365,19 +373,15 @@ class VendingService:
                       outcomes: list[Any], terminals: dict[str, asyncpg.Record], dates: dict[str, date],
                       digests: dict[int, bytes], now: datetime) -> None:
         approved = [p for p in pending if p.group_status == PostStatus.ok]
-        # Receipt numbers: one counter bump per terminal, numbers handed out in arrival order.
-        per_terminal: dict[str, list[_Pending]] = defaultdict(list)
-        for p in approved:
-            per_terminal[p.request.terminal_id].append(p)
+        # Receipt numbers: in arrival order per terminal, on from the counter the batch read;
+        # BATCH_RECORD moves each counter by the receipts its terminal issued.
         receipt_numbers: dict[int, int] = {}
-        if per_terminal:
-            bumps = sorted(per_terminal)
-            lasts = {row["terminal_id"]: int(row["receipt_seq"]) for row in await conn.fetch(
-                sql.TERMINAL_NEXT_RECEIPTS, bumps, [len(per_terminal[t]) for t in bumps])}
-            for terminal_id, items in per_terminal.items():
-                last = lasts[terminal_id]
-                for offset, p in enumerate(items):
-                    receipt_numbers[p.index] = last - len(items) + 1 + offset
+        issued: dict[str, int] = {}
+        for p in approved:
+            terminal_id = p.request.terminal_id
+            count = issued[terminal_id] = issued.get(terminal_id, 0) + 1
+            receipt_numbers[p.index] = int(terminals[terminal_id]["receipt_seq"]) + count
+        counter_rows = sorted(issued.items())
         token_rows: list[tuple[Any, ...]] = []
         batch_tids: dict[str, tuple[int, int]] = {}  # meter -> (last TID issued, its base year)
         outbox_rows: list[tuple[Any, ...]] = []
@@ -450,7 +454,7 @@ class VendingService:
             # Every row of the batch in one statement: one round trip, whatever the batch holds.
             await conn.execute(sql.BATCH_RECORD, *_columns(txn_rows, 13), *_columns(receipt_rows, 6),
                                *_columns(token_rows, 9), *_columns(outbox_rows, 4), *_columns(total_rows, 4),
-                               *_columns(meter_rows, 4), now)
+                               *_columns(meter_rows, 4), now, *_columns(counter_rows, 2))
         for i, value in enumerate(outcomes):
             if isinstance(value, _New):
                 outcomes[i] = value.outcome

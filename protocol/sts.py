@@ -404,6 +404,38 @@ def _byte_tables(permutation: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
 
 _PERMUTE_BYTES: Final = _byte_tables(_PERMUTATION)
 _UNPERMUTE_BYTES: Final = _byte_tables(_INVERSE_PERMUTATION)
+# The two key bits that pick the tables of a byte's two nibbles (bits 3 and 7 of the byte's key
+# bits), kept in place: (key >> 8 * position) & _KEY_BITS_OF_BYTE is 0x00, 0x01, 0x10 or 0x11.
+_KEY_BITS_OF_BYTE: Final = 0x11
+
+
+def _substitute_byte(value: int, key_bits: int, table_0: tuple[int, ...], table_1: tuple[int, ...]) -> int:
+    low = (table_1 if key_bits & 0x01 else table_0)[value & 0xF]
+    high = (table_1 if key_bits & 0x10 else table_0)[value >> 4]
+    return high << 4 | low
+
+
+def _substitution_tables(table_0: tuple[int, ...], table_1: tuple[int, ...]) -> tuple[int, ...]:
+    # Indexed by key_bits << 8 | byte: both nibbles of a byte substituted in one lookup.
+    table = [0] * ((_KEY_BITS_OF_BYTE + 1) << 8)
+    for key_bits in (0x00, 0x01, 0x10, 0x11):
+        for value in range(256):
+            table[key_bits << 8 | value] = _substitute_byte(value, key_bits, table_0, table_1)
+    return tuple(table)
+
+
+def _round_tables() -> tuple[tuple[int, ...], ...]:
+    # One encryption round per input byte: substitute its nibbles, then scatter its bits where the
+    # permutation sends them. Indexed like _substitution_tables; the round ORs 8 lookups.
+    substitution = _substitution_tables(_SUBSTITUTION_1, _SUBSTITUTION_2)
+    return tuple(
+        tuple(_PERMUTE_BYTES[position][byte] for byte in substitution)
+        for position in range(8)
+    )
+
+
+_ENCRYPT_ROUND: Final = _round_tables()
+_DECRYPT_SUBSTITUTION: Final = _substitution_tables(_INVERSE_SUBSTITUTION_1, _INVERSE_SUBSTITUTION_2)
 
 
 def _permute(block: int, tables: tuple[tuple[int, ...], ...]) -> int:
@@ -414,6 +446,7 @@ def _permute(block: int, tables: tuple[tuple[int, ...], ...]) -> int:
 
 
 def _substitute(block: int, key: int, table_0: tuple[int, ...], table_1: tuple[int, ...], key_bit: int) -> int:
+    """The nibble substitution bit by bit, as the standard states it (the reference the tables are checked against)."""
     out = 0
     for nibble in range(16):
         table = table_1 if (key >> (4 * nibble + key_bit)) & 1 else table_0
@@ -436,9 +469,18 @@ def encrypt_block(decoder_key: bytes, block: int) -> int:
     """STA (EA07) encryption of a 64-bit data block."""
     _check_int("data block", block, 0, _BLOCK_MASK)
     key = _rotate_left(~_key_int(decoder_key) & _BLOCK_MASK, -_STA_KEY_ROTATE_BITS)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _ENCRYPT_ROUND
     for _ in range(_STA_ROUNDS):
-        block = _permute(_substitute(block, key, _SUBSTITUTION_1, _SUBSTITUTION_2, 3), _PERMUTE_BYTES)
-        key = _rotate_left(key, 1)
+        k = key >> 3  # bit 3 of each nibble's key bits, at bit 0 of the nibble
+        block = (t0[(k & 0x11) << 8 | (block & 0xFF)]
+                 | t1[(k >> 8 & 0x11) << 8 | (block >> 8 & 0xFF)]
+                 | t2[(k >> 16 & 0x11) << 8 | (block >> 16 & 0xFF)]
+                 | t3[(k >> 24 & 0x11) << 8 | (block >> 24 & 0xFF)]
+                 | t4[(k >> 32 & 0x11) << 8 | (block >> 32 & 0xFF)]
+                 | t5[(k >> 40 & 0x11) << 8 | (block >> 40 & 0xFF)]
+                 | t6[(k >> 48 & 0x11) << 8 | (block >> 48 & 0xFF)]
+                 | t7[(k >> 56 & 0x11) << 8 | block >> 56])
+        key = ((key << 1) | (key >> 63)) & _BLOCK_MASK
     return block
 
 
@@ -447,8 +489,13 @@ def decrypt_block(decoder_key: bytes, block: int) -> int:
     _check_int("data block", block, 0, _BLOCK_MASK)
     # The working key of the last encryption round is the complemented key rotated by 15 - 12 = 3 bits.
     key = _rotate_left(~_key_int(decoder_key) & _BLOCK_MASK, _STA_ROUNDS - 1 - _STA_KEY_ROTATE_BITS)
+    table = _DECRYPT_SUBSTITUTION
     for _ in range(_STA_ROUNDS):
-        block = _substitute(_permute(block, _UNPERMUTE_BYTES), key, _INVERSE_SUBSTITUTION_1, _INVERSE_SUBSTITUTION_2, 3)
+        permuted = _permute(block, _UNPERMUTE_BYTES)
+        k = key >> 3
+        block = 0
+        for shift in range(0, _BLOCK_BITS, 8):
+            block |= table[(k >> shift & _KEY_BITS_OF_BYTE) << 8 | (permuted >> shift & 0xFF)] << shift
         key = _rotate_left(key, -1)
     return block
 
@@ -464,12 +511,22 @@ _CRC_PRESET: Final = 0xFFFF
 _CRC_INPUT_BYTES: Final = 7
 
 
+def _crc_step_bitwise(crc: int, byte: int) -> int:
+    crc ^= byte
+    for _ in range(8):
+        crc = (crc >> 1) ^ _CRC_POLYNOMIAL_REFLECTED if crc & 1 else crc >> 1
+    return crc
+
+
+# The eight shift steps of one byte, for every value of the low byte: one lookup per input byte.
+_CRC_TABLE: Final = tuple(_crc_step_bitwise(0, value) for value in range(256))
+
+
 def _token_crc(head: int) -> int:
     crc = _CRC_PRESET
+    table = _CRC_TABLE
     for byte in head.to_bytes(_CRC_INPUT_BYTES, "big"):
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ _CRC_POLYNOMIAL_REFLECTED if crc & 1 else crc >> 1
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
     return ((crc & 0xFF) << 8) | (crc >> 8)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
+
 from float_ledger.check import check_ledger
-from gateway.committer import Committer
+from gateway import committer as committer_module
+from gateway.committer import Committer, CommitterBusy
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
@@ -68,3 +71,109 @@ async def test_duplicate_ids_in_one_batch_are_applied_once(running: Running) -> 
             " sum(amount_minor) FILTER (WHERE kind = 'collection') AS debited"
             " FROM ledger_transfers WHERE metadata->>'client_txn_id' = $1", request.client_txn_id)
     assert (row["groups"], row["debits"], row["debited"]) == (1, 1, 800)
+
+
+class _SlowVending(VendingService):
+    """Holds every batch open a while: long enough for a session's wait to run out."""
+
+    async def process_batch(self, conn, requests, now, refused=None):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.3)
+        return await super().process_batch(conn, requests, now, refused)
+
+
+async def test_a_wait_that_runs_out_answers_busy_and_the_payment_still_commits(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(committer_module, "submit_timeout_s", 0.05)
+    committer = Committer(running.pool, _SlowVending(running.keystore))
+    committer.start()
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    waited_out = VendRequest(kind="topup", client_txn_id=f"{terminal_id(3)}-{today}-777001",
+                             terminal_id=terminal_id(3), meter_number=meter_number(3), amount_minor=700,
+                             currency="EUR")
+    abandoned = VendRequest(kind="topup", client_txn_id=f"{terminal_id(5)}-{today}-777002",
+                            terminal_id=terminal_id(5), meter_number=meter_number(5), amount_minor=700,
+                            currency="EUR")
+    try:
+        with pytest.raises(CommitterBusy):
+            await committer.submit(waited_out)
+        # A session that goes away mid-wait (its task cancelled) does not cancel its queued payment.
+        task = asyncio.create_task(committer.submit(abandoned))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await committer.stop()  # commits everything queued
+    ids = [waited_out.client_txn_id, abandoned.client_txn_id]
+    async with running.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1::text[])"
+                                     " AND response_code = 0", ids)
+    assert stored == 2  # both committed although neither session was there to hear it
+    monkeypatch.setattr(committer_module, "submit_timeout_s", 30.0)
+    retry = Committer(running.pool, VendingService(running.keystore))
+    retry.start()
+    try:
+        # The retries with the same ids replay what committed, byte for byte the same outcome.
+        replays = [await retry.submit(waited_out), await retry.submit(abandoned)]
+    finally:
+        await retry.stop()
+    assert [o.response_code for o in replays] == [ResponseCode.APPROVED] * 2
+    async with running.pool.acquire() as conn:
+        collections = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = ANY($1)",
+            ids)
+    assert collections == 2  # one debit each: the retries replayed, they did not pay again
+
+
+async def test_raced_constraints_are_the_schemas(running: Running) -> None:
+    async with running.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT conname FROM pg_constraint WHERE contype IN ('p', 'u')")
+    names = {r["conname"] for r in rows}
+    assert committer_module._RACED_CONSTRAINTS <= names
+
+
+class _RacedVending(VendingService):
+    """Between its first batch's reads and its posting (whose float lock would make the other
+    wait), another transaction pays on the same terminal and commits: the receipt number this
+    batch takes from the counter it read is then taken."""
+
+    def __init__(self, keystore, rival: VendRequest, pool) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(keystore)
+        self.rival = rival
+        self.pool = pool
+        self.raced = 0
+
+    async def _post(self, conn, pending):  # type: ignore[no-untyped-def]
+        if not self.raced:
+            self.raced += 1
+            async with self.pool.acquire() as other, other.transaction():
+                await VendingService(self.keystore).process_batch(other, [self.rival], datetime.now(UTC))
+        return await super()._post(conn, pending)
+
+
+async def test_a_receipt_number_taken_meanwhile_redoes_the_batch_gap_free(running: Running) -> None:
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    terminal = terminal_id(6)
+    ours = VendRequest(kind="topup", client_txn_id=f"{terminal}-{today}-888001", terminal_id=terminal,
+                       meter_number=meter_number(6), amount_minor=600, currency="EUR")
+    rival = VendRequest(kind="topup", client_txn_id=f"{terminal}-{today}-888002", terminal_id=terminal,
+                        meter_number=meter_number(8), amount_minor=600, currency="EUR")
+    async with running.pool.acquire() as conn:
+        before = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
+    service = _RacedVending(running.keystore, rival, running.pool)
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        outcome = await committer.submit(ours)
+    finally:
+        await committer.stop()
+    assert service.raced == 1
+    assert outcome.response_code == ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:
+        after = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
+        numbers = {r["client_txn_id"]: r["receipt_number"] for r in await conn.fetch(
+            "SELECT client_txn_id, receipt_number FROM receipts WHERE terminal_id = $1 AND receipt_number > $2",
+            terminal, before)}
+    # The rival committed first and took the next number; ours was redone and took the one after.
+    assert numbers == {rival.client_txn_id: before + 1, ours.client_txn_id: before + 2}
+    assert outcome.receipt_number == before + 2 and after == before + 2

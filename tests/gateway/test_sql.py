@@ -14,7 +14,7 @@ STATEMENTS = {
     for name, value in vars(module).items()
     if (name.isupper() and name.startswith(("SQL", "TXN", "TERMINAL", "METER", "AGENT", "TARIFF", "VENDING",
                                             "CUSTOMER", "RECEIPT", "TOKEN", "DAILY", "REVERSAL", "OUTBOX",
-                                            "SYSTEM", "ACCOUNT"))
+                                            "SYSTEM", "ACCOUNT", "BATCH", "LOCK"))
         and isinstance(value, str))
 }
 

@@ -76,3 +76,28 @@ async def test_a_refused_payment_does_not_count_against_the_daily_limit(running:
         VendRequest(kind="topup", client_txn_id=f"L0000001-{TODAY}-000003", terminal_id="L0000001",
                     meter_number=meter_number(26), amount_minor=701, currency="EUR")])
     assert later == [ResponseCode.LIMIT_EXCEEDED]  # 300 approved today + 701 > 1,000, read from the stored totals
+
+
+async def test_receipts_stay_gap_free_across_a_reversal_in_the_batch(running: Running) -> None:
+    """A reversal cuts the batch in two: the second run of top-ups numbers on from the first."""
+    terminal = "T0000002"
+    first = VendRequest(kind="topup", client_txn_id=f"{terminal}-{TODAY}-990001", terminal_id=terminal,
+                        meter_number=meter_number(2), amount_minor=500, currency="EUR")
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{first.client_txn_id}/R", terminal_id=terminal,
+                           amount_minor=500, currency="EUR", original_txn_id=first.client_txn_id, reason="lost")
+    second = VendRequest(kind="topup", client_txn_id=f"{terminal}-{TODAY}-990002", terminal_id=terminal,
+                         meter_number=meter_number(4), amount_minor=500, currency="EUR")
+    third = VendRequest(kind="topup", client_txn_id=f"{terminal}-{TODAY}-990003", terminal_id=terminal,
+                        meter_number=meter_number(6), amount_minor=500, currency="EUR")
+    service = VendingService(running.keystore)
+    async with running.pool.acquire() as conn:
+        before = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
+        async with conn.transaction():
+            outcomes = await service.process_batch(conn, [first, reversal, second, third], datetime.now(UTC))
+        after = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
+        stored = [r["receipt_number"] for r in await conn.fetch(
+            "SELECT receipt_number FROM receipts WHERE terminal_id = $1 AND receipt_number > $2 ORDER BY 1",
+            terminal, before)]
+    assert [o.response_code for o in outcomes] == [ResponseCode.APPROVED] * 4
+    assert [outcomes[i].receipt_number for i in (0, 2, 3)] == [before + 1, before + 2, before + 3]
+    assert stored == [before + 1, before + 2, before + 3] and after == before + 3

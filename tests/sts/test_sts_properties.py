@@ -90,6 +90,39 @@ def test_sta_decrypt_undoes_encrypt(key: bytes, block: int) -> None:
     assert sts.decrypt_block(key, cipher) == block
 
 
+def reference_encrypt(key: bytes, block: int) -> int:
+    """STA encryption round by round as the standard states it: substitute, permute, rotate."""
+    working = sts._rotate_left(~int.from_bytes(key, "big") & ((1 << 64) - 1), -12)
+    for _ in range(16):
+        block = sts._permute(sts._substitute(block, working, sts._SUBSTITUTION_1, sts._SUBSTITUTION_2, 3),
+                             sts._PERMUTE_BYTES)
+        working = sts._rotate_left(working, 1)
+    return block
+
+
+@FAST
+@given(keys, st.integers(0, (1 << 64) - 1))
+def test_sta_table_rounds_equal_the_stated_rounds(key: bytes, block: int) -> None:
+    assert sts.encrypt_block(key, block) == reference_encrypt(key, block)
+
+
+@FAST
+@given(st.integers(0, (1 << 56) - 1))
+def test_token_crc_table_equals_bitwise_crc(head: int) -> None:
+    crc = 0xFFFF
+    for byte in head.to_bytes(7, "big"):
+        crc = sts._crc_step_bitwise(crc, byte)
+    assert sts._token_crc(head) == ((crc & 0xFF) << 8) | (crc >> 8)
+
+
+@pytest.mark.parametrize("block", [0, 1, 1 << 63, (1 << 64) - 1, 0x0123456789ABCDEF])
+@pytest.mark.parametrize("key", [bytes(8), b"\xff" * 8, bytes.fromhex("e653341f9d5bf36f")])
+def test_sta_table_rounds_at_the_edges(key: bytes, block: int) -> None:
+    cipher = sts.encrypt_block(key, block)
+    assert cipher == reference_encrypt(key, block)
+    assert sts.decrypt_block(key, cipher) == block
+
+
 @FAST
 @given(keys, st.sampled_from(list(sts.CreditSubclass)), tids, st.integers(1, sts.UNITS_MAX), randoms)
 def test_credit_token_round_trip(key: bytes, subclass: int, tid: int, units: int, rnd: int) -> None:
