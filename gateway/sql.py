@@ -145,7 +145,9 @@ SELECT pg_advisory_xact_lock(h) FROM (
 # Receipt counters move by the number of receipts each terminal issued ($42, $43). The numbers were
 # taken from the counter as the batch read it: should another transaction have moved it since,
 # the same numbers exist already and receipts' primary key refuses the batch, which is then redone
-# (receipt numbers stay gap-free either way).
+# (receipt numbers stay gap-free either way). A meter keeps the highest TID issued to it on its
+# base date: a batch that read the meter before another transaction issued a later TID (and so
+# issued an earlier one itself) must not move the meter's last TID back.
 BATCH_RECORD = """
 WITH counters AS (
     UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
@@ -179,7 +181,13 @@ WITH counters AS (
 UPDATE meters m
 SET last_purchase_at = CASE WHEN k.amount IS NULL THEN m.last_purchase_at ELSE $41::timestamptz END,
     last_purchase_minor = coalesce(k.amount, m.last_purchase_minor),
-    last_token_id = coalesce(k.tid, m.last_token_id),
-    last_token_base_year = coalesce(k.base_year, m.last_token_base_year)
+    last_token_id = CASE WHEN k.tid IS NULL THEN m.last_token_id
+                         WHEN m.last_token_id IS NULL OR m.last_token_base_year IS DISTINCT FROM k.base_year
+                              OR k.tid > m.last_token_id THEN k.tid
+                         ELSE m.last_token_id END,
+    last_token_base_year = CASE WHEN k.tid IS NULL THEN m.last_token_base_year
+                                WHEN m.last_token_id IS NULL OR m.last_token_base_year IS DISTINCT FROM k.base_year
+                                     OR k.tid > m.last_token_id THEN k.base_year
+                                ELSE m.last_token_base_year END
 FROM unnest($37::text[], $38::bigint[], $39::bigint[], $40::int[]) AS k(meter_number, amount, tid, base_year)
 WHERE m.meter_number = k.meter_number"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -177,3 +177,52 @@ async def test_a_receipt_number_taken_meanwhile_redoes_the_batch_gap_free(runnin
     # The rival committed first and took the next number; ours was redone and took the one after.
     assert numbers == {rival.client_txn_id: before + 1, ours.client_txn_id: before + 2}
     assert outcome.receipt_number == before + 2 and after == before + 2
+
+
+class _LaterTidMeanwhile(VendingService):
+    """Between its first batch's reads and its posting, another transaction (another gateway,
+    its clock minutes ahead) vends on the same STS meter and commits a later TID."""
+
+    def __init__(self, keystore, rival: VendRequest, pool) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(keystore)
+        self.rival = rival
+        self.pool = pool
+        self.raced = 0
+
+    async def _post(self, conn, pending):  # type: ignore[no-untyped-def]
+        if not self.raced:
+            self.raced += 1
+            async with self.pool.acquire() as other, other.transaction():
+                await VendingService(self.keystore).process_batch(
+                    other, [self.rival], datetime.now(UTC) + timedelta(minutes=10))
+        return await super()._post(conn, pending)
+
+
+async def test_a_meter_keeps_its_highest_tid_when_a_later_one_commits_first(running: Running) -> None:
+    async with running.pool.acquire() as conn:
+        meter = await conn.fetchval(
+            "SELECT meter_number FROM meters WHERE supply_mode = 'sts' AND meter_number = ANY($1) ORDER BY 1 LIMIT 1",
+            [meter_number(n) for n in range(12)])
+    assert meter is not None
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    ours = VendRequest(kind="topup", client_txn_id=f"{terminal_id(4)}-{today}-889001", terminal_id=terminal_id(4),
+                       meter_number=meter, amount_minor=700, currency="EUR")
+    rival = VendRequest(kind="topup", client_txn_id=f"{terminal_id(5)}-{today}-889002", terminal_id=terminal_id(5),
+                        meter_number=meter, amount_minor=700, currency="EUR")
+    service = _LaterTidMeanwhile(running.keystore, rival, running.pool)
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        outcome = await committer.submit(ours)
+    finally:
+        await committer.stop()
+    assert service.raced == 1 and outcome.response_code == ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:
+        tids = {r["client_txn_id"]: r["token_id"] for r in await conn.fetch(
+            "SELECT client_txn_id, token_id FROM tokens WHERE client_txn_id = ANY($1)",
+            [ours.client_txn_id, rival.client_txn_id])}
+        last = await conn.fetchval("SELECT last_token_id FROM meters WHERE meter_number = $1", meter)
+    # Ours was issued from the meter as first read, so earlier than the rival's; both are unique,
+    # and the meter remembers the later one, so the next token is issued after both.
+    assert tids[ours.client_txn_id] < tids[rival.client_txn_id]
+    assert last == tids[rival.client_txn_id]
