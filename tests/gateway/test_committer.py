@@ -134,20 +134,24 @@ async def test_raced_constraints_are_the_schemas(running: Running) -> None:
 
 class _RacedVending(VendingService):
     """Between its first batch's reads and its posting (whose float lock would make the other
-    wait), another transaction pays on the same terminal and commits: the receipt number this
-    batch takes from the counter it read is then taken."""
+    wait), another transaction pays and commits, its clock `ahead` of this one's: on the same
+    terminal, the receipt number this batch takes from the counter it read is then taken; on the
+    same STS meter with a clock minutes ahead, it issues a later TID first."""
 
-    def __init__(self, keystore, rival: VendRequest, pool) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, keystore, rival: VendRequest, pool,  # type: ignore[no-untyped-def]
+                 ahead: timedelta = timedelta(0)) -> None:
         super().__init__(keystore)
         self.rival = rival
         self.pool = pool
+        self.ahead = ahead
         self.raced = 0
 
     async def _post(self, conn, pending):  # type: ignore[no-untyped-def]
         if not self.raced:
             self.raced += 1
             async with self.pool.acquire() as other, other.transaction():
-                await VendingService(self.keystore).process_batch(other, [self.rival], datetime.now(UTC))
+                await VendingService(self.keystore).process_batch(other, [self.rival],
+                                                                  datetime.now(UTC) + self.ahead)
         return await super()._post(conn, pending)
 
 
@@ -179,25 +183,6 @@ async def test_a_receipt_number_taken_meanwhile_redoes_the_batch_gap_free(runnin
     assert outcome.receipt_number == before + 2 and after == before + 2
 
 
-class _LaterTidMeanwhile(VendingService):
-    """Between its first batch's reads and its posting, another transaction (another gateway,
-    its clock minutes ahead) vends on the same STS meter and commits a later TID."""
-
-    def __init__(self, keystore, rival: VendRequest, pool) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(keystore)
-        self.rival = rival
-        self.pool = pool
-        self.raced = 0
-
-    async def _post(self, conn, pending):  # type: ignore[no-untyped-def]
-        if not self.raced:
-            self.raced += 1
-            async with self.pool.acquire() as other, other.transaction():
-                await VendingService(self.keystore).process_batch(
-                    other, [self.rival], datetime.now(UTC) + timedelta(minutes=10))
-        return await super()._post(conn, pending)
-
-
 async def test_a_meter_keeps_its_highest_tid_when_a_later_one_commits_first(running: Running) -> None:
     async with running.pool.acquire() as conn:
         meter = await conn.fetchval(
@@ -209,7 +194,7 @@ async def test_a_meter_keeps_its_highest_tid_when_a_later_one_commits_first(runn
                        meter_number=meter, amount_minor=700, currency="EUR")
     rival = VendRequest(kind="topup", client_txn_id=f"{terminal_id(5)}-{today}-889002", terminal_id=terminal_id(5),
                         meter_number=meter, amount_minor=700, currency="EUR")
-    service = _LaterTidMeanwhile(running.keystore, rival, running.pool)
+    service = _RacedVending(running.keystore, rival, running.pool, ahead=timedelta(minutes=10))
     committer = Committer(running.pool, service)
     committer.start()
     try:
