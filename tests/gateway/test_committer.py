@@ -11,7 +11,7 @@ from float_ledger.check import check_ledger
 from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
 from gateway.seeding import meter_number, seed, terminal_id
-from gateway.vending import VendingService, VendRequest
+from gateway.vending import VendingService, VendOutcome, VendRequest
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
 
@@ -132,6 +132,16 @@ async def test_raced_constraints_are_the_schemas(running: Running) -> None:
     assert committer_module._RACED_CONSTRAINTS <= names
 
 
+async def commit_one(running: Running, service: VendingService, request: VendRequest) -> VendOutcome:
+    """Submit one request through a committer of its own, stopped once the request is answered."""
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        return await committer.submit(request)
+    finally:
+        await committer.stop()
+
+
 class _RacedVending(VendingService):
     """Between its first batch's reads and its posting (whose float lock would make the other
     wait), another transaction pays and commits, its clock `ahead` of this one's: on the same
@@ -165,12 +175,7 @@ async def test_a_receipt_number_taken_meanwhile_redoes_the_batch_gap_free(runnin
     async with running.pool.acquire() as conn:
         before = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
     service = _RacedVending(running.keystore, rival, running.pool)
-    committer = Committer(running.pool, service)
-    committer.start()
-    try:
-        outcome = await committer.submit(ours)
-    finally:
-        await committer.stop()
+    outcome = await commit_one(running, service, ours)
     assert service.raced == 1
     assert outcome.response_code == ResponseCode.APPROVED
     async with running.pool.acquire() as conn:
@@ -195,12 +200,7 @@ async def test_a_meter_keeps_its_highest_tid_when_a_later_one_commits_first(runn
     rival = VendRequest(kind="topup", client_txn_id=f"{terminal_id(5)}-{today}-889002", terminal_id=terminal_id(5),
                         meter_number=meter, amount_minor=700, currency="EUR")
     service = _RacedVending(running.keystore, rival, running.pool, ahead=timedelta(minutes=10))
-    committer = Committer(running.pool, service)
-    committer.start()
-    try:
-        outcome = await committer.submit(ours)
-    finally:
-        await committer.stop()
+    outcome = await commit_one(running, service, ours)
     assert service.raced == 1 and outcome.response_code == ResponseCode.APPROVED
     async with running.pool.acquire() as conn:
         tids = {r["client_txn_id"]: r["token_id"] for r in await conn.fetch(
