@@ -7,7 +7,7 @@ on a hot agent's float serve many payments. One queue keeps arrival order, hence
 
 A batch that fails on a retryable SQLSTATE is retried a bounded number of times; a batch that
 fails otherwise is split and each request retried alone, so one bad request cannot take its
-neighbours down. Replies are released only after COMMIT returns.
+neighbours down. Replies are released only after the batch's commit returns.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datetime import datetime
 import asyncpg
 
 from float_ledger.model import PostStatus, batch_transfers_max
+from gateway import sql
 from gateway.jsonlog import get_logger
 from gateway.vending import RefusedByLedger, VendingService, VendOutcome, VendRequest, decline, now_utc
 from protocol.codes import ResponseCode
@@ -41,7 +42,9 @@ _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # A unique key that another transaction took between the batch's reads and its writes: receipt
 # numbers continue from the counter the batch read, TIDs from the meter's last TID. Redone from
 # fresh reads, the batch numbers on from what that transaction committed.
-_RACED_CONSTRAINTS = frozenset({"receipts_pkey", "tokens_meter_number_token_id_key"})
+# The same for a client transaction id that another gateway recorded meanwhile: redone, the batch
+# replays it.
+_RACED_CONSTRAINTS = frozenset({"receipts_pkey", "tokens_meter_number_token_id_key", "vend_transactions_pkey"})
 # Failures of the database or the link, not of a request: splitting the batch would only repeat them.
 _INFRASTRUCTURE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
                    asyncpg.QueryCanceledError, asyncpg.CannotConnectNowError)
@@ -51,6 +54,8 @@ def retryable(exc: BaseException) -> bool:
     """Redo the batch from the start: the conflict was with a transaction that has since ended."""
     if isinstance(exc, _RETRYABLE):
         return True
+    if getattr(exc, "sqlstate", None) == sql.STATE_REVERSAL_ARRIVED:
+        return True  # a reversal committed since the batch's reads: decide again from fresh reads
     return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name in _RACED_CONSTRAINTS
 
 
@@ -74,6 +79,7 @@ class Committer:
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._conn: asyncpg.Connection | None = None
 
     def start(self) -> None:
         assert self._task is None
@@ -90,6 +96,7 @@ class Committer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await self._drop_connection()
 
     @property
     def queued(self) -> int:
@@ -155,9 +162,9 @@ class Committer:
         # Each refusal round declines at least one more request, so those rounds are bounded by
         # the batch size; retryable SQLSTATEs get batch_retries_max attempts.
         for _ in range(len(requests) + batch_retries_max + 1):
+            conn = await self._connection()
             try:
-                async with self._pool.acquire(timeout=acquire_timeout_s) as conn, conn.transaction():
-                    return await self._service.process_batch(conn, requests, self._clock(), refused)
+                return await self._service.process_batch(conn, requests, self._clock(), refused)
             except RefusedByLedger as refusal:
                 refused.update(refusal.failed)
             except asyncpg.PostgresError as exc:
@@ -167,4 +174,21 @@ class Committer:
                 if attempt == batch_retries_max:
                     raise
                 await asyncio.sleep(0.001 * attempt)
+            except _INFRASTRUCTURE:
+                await self._drop_connection()
+                raise
         raise AssertionError("unreachable: every round declines one more request or counts an attempt")
+
+    async def _connection(self) -> asyncpg.Connection:
+        """The committer's own connection, kept between batches: no acquire, no reset per batch."""
+        if self._conn is not None and self._conn.is_closed():
+            await self._drop_connection()
+        if self._conn is None:
+            self._conn = await self._pool.acquire(timeout=acquire_timeout_s)
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=acquire_timeout_s)

@@ -18,7 +18,7 @@ from gateway.committer import Committer, CommitterBusy
 from gateway.jsonlog import get_logger, redact_token
 from gateway.keystore import KeyStore
 from gateway.metrics import GatewayMetrics
-from gateway.vending import VendOutcome, VendRequest, open_outcome
+from gateway.vending import VendOutcome, VendRequest, stored_outcome
 from protocol import limits
 from protocol.codes import ResponseCode
 from protocol.messages import (
@@ -258,7 +258,7 @@ class Handlers:
                     # The payment was undone: its receipt and token are void.
                     return ReprintResult(response_code=ResponseCode.ALREADY_REVERSED)
                 await conn.execute(sql.TXN_COUNT_REPRINT, row["client_txn_id"])
-        outcome = open_outcome(self.keystore, row["client_txn_id"], bytes(row["reply"]))
+        outcome = stored_outcome(self.keystore, row)
         log.info("reprint", terminal_id=context.terminal_id, client_txn_id=row["client_txn_id"],
                  token=redact_token(outcome.tokens[0]) if outcome.tokens else None)
         return ReprintResult(response_code=ResponseCode.APPROVED,

@@ -4,6 +4,8 @@ A test prepares each constant against the live schema, so a renamed column fails
 Ledger statements live in float_ledger/.
 """
 
+import re
+
 # -- registry ------------------------------------------------------------------------------
 
 SYSTEM_ACCOUNT_GET = "SELECT account_id FROM system_accounts WHERE kind = $1 AND currency = $2"
@@ -79,6 +81,7 @@ METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (cu
 # whether a reversal (or a reversal's tombstone) names it. One row per id that has either.
 TXNS_AND_REVERSALS_GET_MANY = """
 SELECT k.id AS client_txn_id, v.client_txn_id IS NOT NULL AS stored, v.request_sha256, v.response_code, v.reply,
+       v.float_remaining_minor,
        r.original_txn_id IS NOT NULL AS reversed
 FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS id) AS k
 LEFT JOIN vend_transactions v ON v.client_txn_id = k.id
@@ -91,7 +94,7 @@ INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, reque
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
                      $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])"""
 TXN_GET_BY_RECEIPT = """
-SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply
+SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply, v.float_remaining_minor
 FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
@@ -130,7 +133,7 @@ WHERE t.terminal_id = ANY($1::text[])"""
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"
 TXN_GET = """
 SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
-       meter_number, amount_minor, currency, created_at, reprints
+       float_remaining_minor, meter_number, amount_minor, currency, created_at, reprints
 FROM vend_transactions WHERE client_txn_id = $1"""
 TXN_COUNT_REPRINT = "UPDATE vend_transactions SET reprints = reprints + 1 WHERE client_txn_id = $1"
 TXN_IS_REVERSED = "SELECT original_found FROM reversals WHERE original_txn_id = $1"
@@ -140,54 +143,24 @@ LOCK_TXN_IDS = """
 SELECT pg_advisory_xact_lock(h) FROM (
     SELECT DISTINCT hashtextextended(id, 7) AS h FROM unnest($1::text[]) AS id ORDER BY 1) AS keys"""
 
-# Everything a batch of top-ups records, in one statement (data-modifying CTEs; foreign keys are
-# checked at the end of the statement, so receipts and tokens may refer to transactions it adds).
-# Receipt counters move by the number of receipts each terminal issued ($42, $43). The numbers were
-# taken from the counter as the batch read it: should another transaction have moved it since,
-# the same numbers exist already and receipts' primary key refuses the batch, which is then redone
-# (receipt numbers stay gap-free either way). A meter keeps the highest TID issued to it on its
-# base date: a batch that read the meter before another transaction issued a later TID (and so
-# issued an earlier one itself) must not move the meter's last TID back.
-BATCH_RECORD = """
-WITH counters AS (
-    UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
-    FROM unnest($42::text[], $43::bigint[]) AS k(terminal_id, n)
-    WHERE t.terminal_id = k.terminal_id
-), txns AS (
-    INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
-                                   meter_number, amount_minor, currency, group_id, receipt_number,
-                                   business_date, reply)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
-                         $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])
-), receipts_added AS (
-    INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
-    SELECT * FROM unnest($14::text[], $15::bigint[], $16::text[], $17::timestamptz[], $18::text[],
-                         $19::timestamptz[])
-), tokens_added AS (
-    INSERT INTO tokens (client_txn_id, meter_number, token_id, token_class, token_subclass, units_deci_kwh,
-                        token_ciphertext, token_last4, issued_at)
-    SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[], $23::int[], $24::int[], $25::bigint[],
-                         $26::bytea[], $27::text[], $28::timestamptz[])
-), events AS (
-    INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
-    SELECT * FROM unnest($29::text[], $30::text[], $31::text[], $32::jsonb[])
-), totals AS (
-    INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
-    SELECT * FROM unnest($33::text[], $34::date[], $35::bigint[], $36::bigint[])
-    ON CONFLICT (terminal_id, business_date) DO UPDATE
-    SET approved_count = terminal_daily_totals.approved_count + EXCLUDED.approved_count,
-        approved_minor = terminal_daily_totals.approved_minor + EXCLUDED.approved_minor
-)
-UPDATE meters m
-SET last_purchase_at = CASE WHEN k.amount IS NULL THEN m.last_purchase_at ELSE $41::timestamptz END,
-    last_purchase_minor = coalesce(k.amount, m.last_purchase_minor),
-    last_token_id = CASE WHEN k.tid IS NULL THEN m.last_token_id
-                         WHEN m.last_token_id IS NULL OR m.last_token_base_year IS DISTINCT FROM k.base_year
-                              OR k.tid > m.last_token_id THEN k.tid
-                         ELSE m.last_token_id END,
-    last_token_base_year = CASE WHEN k.tid IS NULL THEN m.last_token_base_year
-                                WHEN m.last_token_id IS NULL OR m.last_token_base_year IS DISTINCT FROM k.base_year
-                                     OR k.tid > m.last_token_id THEN k.base_year
-                                ELSE m.last_token_base_year END
-FROM unnest($37::text[], $38::bigint[], $39::bigint[], $40::int[]) AS k(meter_number, amount, tid, base_year)
-WHERE m.meter_number = k.meter_number"""
+def _renumber(statement: str, numbers: dict[int, int]) -> str:
+    return re.sub(r"\$(\d+)", lambda m: f"${numbers[int(m.group(1))]}", statement)
+
+
+# Everything a batch of top-ups reads, in one round trip: the stored records and reversals of its
+# ids ($1), its terminals ($2) and its meters ($3) at $4, as three arrays of anonymous records.
+# Each record holds the columns of the statement it wraps, in that statement's order.
+VEND_BATCH_READ = f"""
+SELECT ARRAY(SELECT ROW(q.*) FROM ({TXNS_AND_REVERSALS_GET_MANY}) AS q) AS known,
+       ARRAY(SELECT ROW(q.*) FROM ({_renumber(TERMINALS_FOR_VEND_WITH_TOTALS, {1: 2, 2: 4})}) AS q) AS terminals,
+       ARRAY(SELECT ROW(q.*) FROM ({_renumber(METERS_FOR_VEND, {1: 3, 2: 4})}) AS q) AS meters"""
+
+# A batch of top-ups, committed in one statement (gateway/migrations/0012_vend_commit.sql): the
+# batch's locks, the reversal check, the ledger groups and every row the batch records. Outside a
+# transaction block it is a transaction of its own. Raises V0001 (ledger refusal; DETAIL: each
+# transfer's status) or V0002 (a reversal arrived since the batch's reads), writing nothing.
+VEND_COMMIT_TOPUPS = (
+    "SELECT o_statuses, o_debit_afters FROM vend_commit_topups("
+    + ", ".join(f"${n}" for n in range(1, 55)) + ")")
+STATE_LEDGER_REFUSED = "V0001"
+STATE_REVERSAL_ARRIVED = "V0002"

@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import msgspec
 
-from float_ledger.ledger import apply_transfers, reverse_group
-from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind
+from float_ledger.ledger import reverse_group
+from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind, batch_columns
 from float_ledger.split import DECI_KWH_PER_MWH, AmountTooSmall, Tariff, commission_minor, split_payment
 from gateway import sql
 from gateway.keystore import KeyStore
@@ -32,6 +32,7 @@ from gateway.registry import vending_key_record
 from protocol import sts
 from protocol.codes import ResponseCode
 
+Row = dict[str, Any]  # a row read for a batch, by column name
 GROUP_NAMESPACE = uuid.UUID("6b1c7a52-4f0e-4a43-9a55-0f3c2d8e9b10")
 sts_units_max = sts.UNITS_MAX  # largest amount an STS class-0 token carries, in 0.1 kWh
 receipt_line_chars_max = 32
@@ -100,6 +101,16 @@ def open_outcome(keystore: KeyStore, client_txn_id: str, sealed: bytes) -> VendO
     return _outcome_decoder.decode(keystore.open(sealed, f"reply:{client_txn_id}"))
 
 
+def stored_outcome(keystore: KeyStore, row: asyncpg.Record) -> VendOutcome:
+    """A stored reply as it was sent: the sealed outcome, with the float remaining that the
+    batch's posting stored beside it (older rows and reversals hold it inside the seal)."""
+    outcome = open_outcome(keystore, row["client_txn_id"], bytes(row["reply"]))
+    float_remaining = row["float_remaining_minor"]
+    if float_remaining is None:
+        return outcome
+    return msgspec.structs.replace(outcome, float_remaining_minor=int(float_remaining))
+
+
 def decline(request: VendRequest, code: ResponseCode, message: str) -> VendOutcome:
     return VendOutcome(client_txn_id=request.client_txn_id, response_code=int(code), message=message,
                        meter_number=request.meter_number, amount_minor=request.amount_minor,
@@ -149,6 +160,7 @@ class VendingService:
         self.keystore = keystore
         self._system_accounts: dict[tuple[AccountKind, str], int] = {}
         self._decoder_keys: dict[tuple[object, ...], bytes] = {}
+        self._read_columns: tuple[tuple[str, ...], ...] | None = None
 
     async def _system(self, conn: asyncpg.Connection, kind: AccountKind, currency: str) -> int:
         """A system account id. Never created here: an id made inside a batch that then rolls
@@ -165,16 +177,26 @@ class VendingService:
 
     async def process_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
                             refused: dict[int, PostStatus] | None = None) -> list[VendOutcome]:
-        """Decide every request; the caller holds the transaction. Results are in request order.
+        """Decide every request as one transaction. Results are in request order.
 
-        When the ledger refuses some payments' transfer groups (insufficient float), this raises
-        RefusedByLedger naming them: the caller rolls the transaction back and calls again with
-        them in `refused`, declined up front. So no in-memory bookkeeping of the batch (daily
-        totals, debt left) is ever based on a payment that did not happen, and the common case,
-        no refusal, pays for no savepoint.
+        Outside a transaction block, a batch of top-ups is its reads and then one statement that
+        commits (vend_commit_topups); a batch holding a reversal opens a transaction block of its
+        own. Inside the caller's transaction block, it runs there and the caller commits.
+
+        When the ledger refuses some payments' transfer groups (insufficient float), nothing is
+        written and this raises RefusedByLedger naming them: the caller (inside a block, after
+        rolling it back) calls again with them in `refused`, declined up front. So no in-memory
+        bookkeeping of the batch (daily totals, debt left) is ever based on a payment that did not
+        happen, and the common case, no refusal, pays for no savepoint.
         """
         assert now.tzinfo is not None
-        refused = refused or {}
+        if not conn.is_in_transaction() and any(r.kind == "reversal" for r in requests):
+            async with conn.transaction():
+                return await self._process(conn, requests, now, refused or {})
+        return await self._process(conn, requests, now, refused or {})
+
+    async def _process(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
+                       refused: dict[int, PostStatus]) -> list[VendOutcome]:
         outcomes: list[Any] = [None] * len(requests)
         segment: list[int] = []
         # Reversals cut the batch into segments, so a reversal sees every top-up before it.
@@ -193,9 +215,6 @@ class VendingService:
 
     async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
                       outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> None:
-        ids = sorted({requests[i].client_txn_id for i in indexes})
-        # Serialises this id against a reversal of it on another gateway (tombstone race).
-        await conn.execute(sql.LOCK_TXN_IDS, ids)
         failed = await self._topups_pass(conn, requests, indexes, outcomes, now, refused)
         if failed:
             assert not failed.keys() & refused.keys()
@@ -205,13 +224,12 @@ class VendingService:
                            outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
         batch = [requests[i] for i in indexes]
         ids = [r.client_txn_id for r in batch]
-        known = await conn.fetch(sql.TXNS_AND_REVERSALS_GET_MANY, ids)
+        known, terminal_rows, meter_rows = await self._read(
+            conn, ids, list({r.terminal_id for r in batch}), list({r.meter_number for r in batch}), now)
         stored = {row["client_txn_id"]: row for row in known if row["stored"]}
         reversed_ids = {row["client_txn_id"] for row in known if row["reversed"]}
-        terminals = {row["terminal_id"]: row for row in await conn.fetch(
-            sql.TERMINALS_FOR_VEND_WITH_TOTALS, list({r.terminal_id for r in batch}), now)}
-        meters = {row["meter_number"]: row for row in await conn.fetch(
-            sql.METERS_FOR_VEND, list({r.meter_number for r in batch}), now)}
+        terminals = {row["terminal_id"]: row for row in terminal_rows}
+        meters = {row["meter_number"]: row for row in meter_rows}
         dates = {tid: row["business_date"] for tid, row in terminals.items()}
         daily = {tid: int(row["approved_today_minor"]) for tid, row in terminals.items()}
 
@@ -236,7 +254,7 @@ class VendingService:
                 elif request.client_txn_id in reversed_ids and row["response_code"] == ResponseCode.APPROVED:
                     outcomes[index] = decline(request, ResponseCode.ALREADY_REVERSED, "payment was reversed")
                 else:
-                    outcomes[index] = open_outcome(self.keystore, request.client_txn_id, bytes(row["reply"]))
+                    outcomes[index] = stored_outcome(self.keystore, row)
                 continue
             if index in refused:
                 outcomes[index] = _New(ledger_decline(request, refused[index]))
@@ -258,12 +276,23 @@ class VendingService:
             transfers = await self._transfers(conn, request, terminal, meter, split)
             pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers))
 
-        await self._post(conn, pending)
-        failed = {p.index: p.group_status for p in pending if p.group_status != PostStatus.ok}
-        if failed:
-            return failed  # type: ignore[return-value]
-        await self._finish(conn, requests, pending, outcomes, terminals, dates, digests, now)
-        return {}
+        return await self._commit(conn, requests, pending, outcomes, terminals, dates, digests, reversed_ids, now)
+
+    async def _read(self, conn: asyncpg.Connection, ids: list[str], terminal_ids: list[str],
+                    meter_numbers: list[str], now: datetime) -> tuple[list[Row], list[Row], list[Row]]:
+        """The batch's stored records with reversals, its terminals and its meters: one round trip."""
+        if self._read_columns is None:
+            # The records carry no names: they come from the statements VEND_BATCH_READ wraps.
+            self._read_columns = tuple([
+                tuple(a.name for a in (await conn.prepare(statement)).get_attributes())
+                for statement in (sql.TXNS_AND_REVERSALS_GET_MANY, sql.TERMINALS_FOR_VEND_WITH_TOTALS,
+                                  sql.METERS_FOR_VEND)])
+        row = await conn.fetchrow(sql.VEND_BATCH_READ, ids, terminal_ids, meter_numbers, now)
+        assert row is not None
+        known, terminals, meters = (
+            [dict(zip(names, values, strict=True)) for values in row[column]]
+            for names, column in zip(self._read_columns, ("known", "terminals", "meters"), strict=True))
+        return known, terminals, meters
 
     def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,
                reversed_first: bool, daily: dict[str, int], debt_left: dict[int, int]
@@ -345,34 +374,43 @@ class VendingService:
             for name, debit, credit, amount in parts if amount > 0
         ]
 
-    async def _post(self, conn: asyncpg.Connection, pending: list[_Pending]) -> None:
-        transfers = [t for p in pending for t in p.transfers]
-        if not transfers:
-            return
-        results = await apply_transfers(conn, transfers)
-        assert len(results) == len(transfers)
-        # One result per transfer, in the order posted: each group's results follow one another.
+    async def _post(self, conn: asyncpg.Connection, pending: list[_Pending], arguments: list[Any]) -> None:
+        """The batch's one writing statement; sets each pending payment's group status and float after.
+
+        A ledger refusal rolls the statement back (V0001): the group statuses then come from its
+        DETAIL and nothing was written."""
+        try:
+            row = await conn.fetchrow(sql.VEND_COMMIT_TOPUPS, *arguments)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != sql.STATE_LEDGER_REFUSED:
+                raise
+            statuses: list[str] = (exc.detail or "").split(",")
+            debit_afters: list[int] | None = None
+        else:
+            assert row is not None
+            statuses, debit_afters = list(row["o_statuses"] or []), row["o_debit_afters"]
+        assert len(statuses) == sum(len(p.transfers) for p in pending)
+        # One status per transfer, in the order posted: each group's follow one another, its float
+        # debit (the collection) first.
         position = 0
         for p in pending:
-            group_results = results[position:position + len(p.transfers)]
+            group = [PostStatus(status) for status in statuses[position:position + len(p.transfers)]]
+            if debit_afters is not None and group[0].posted:
+                assert p.transfers[0].debit_account_id == int(p.terminal["float_account_id"])
+                p.float_after = int(debit_afters[position])
             position += len(p.transfers)
-            float_account = int(p.terminal["float_account_id"])
-            statuses = []
-            for t, result in zip(p.transfers, group_results, strict=True):
-                assert result.id == t.id
-                statuses.append(result.status)
-                posted = result.transfer
-                if posted is not None and t.debit_account_id == float_account:
-                    p.float_after = posted.debit_balance_after_minor
-            failed = [s for s in statuses if s not in (PostStatus.ok, PostStatus.exists)]
+            failed = [s for s in group if s not in (PostStatus.ok, PostStatus.exists)]
             # The first real reason wins over the linked_failed of its siblings.
             reasons = [s for s in failed if s != PostStatus.linked_failed]
             p.group_status = reasons[0] if reasons else (failed[0] if failed else PostStatus.ok)
 
-    async def _finish(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], pending: list[_Pending],
+    async def _commit(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], pending: list[_Pending],
                       outcomes: list[Any], terminals: dict[str, asyncpg.Record], dates: dict[str, date],
-                      digests: dict[int, bytes], now: datetime) -> None:
-        approved = [p for p in pending if p.group_status == PostStatus.ok]
+                      digests: dict[int, bytes], reversed_ids: set[str], now: datetime) -> dict[int, PostStatus]:
+        """Number, token, seal and record every payment as approved, and post them all in one
+        statement. Should the ledger refuse any, nothing is written and the refused payments are
+        returned, for the batch to be decided again without them."""
+        approved = pending
         # Receipt numbers: in arrival order per terminal, on from the counter the batch read;
         # BATCH_RECORD moves each counter by the receipts its terminal issued.
         receipt_numbers: dict[int, int] = {}
@@ -388,7 +426,6 @@ class VendingService:
         receipt_rows: list[tuple[Any, ...]] = []
         for p in pending:
             request = p.request
-            assert p.group_status == PostStatus.ok, "refused groups were taken out by _topups"
             tokens: list[str] = []
             if p.meter["supply_mode"] == "sts":
                 token, tid = await self._issue_token(conn, p, now, batch_tids)
@@ -405,7 +442,8 @@ class VendingService:
                 debt_recovery_minor=p.split.debt_recovery_minor, energy_minor=p.split.energy_minor,
                 fees_minor=p.split.fees_minor, vat_minor=p.split.vat_minor,
                 commission_minor=sum(t.amount_minor for t in p.transfers if t.kind == TransferKind.commission),
-                float_remaining_minor=p.float_after, issued_at=now, tariff_code=p.tariff.tariff_code,
+                # The float remaining is known once posted: it is added after the commit.
+                issued_at=now, tariff_code=p.tariff.tariff_code,
                 receipt_lines=receipt_lines(request, p, receipt_number, now),
             )
             outcomes[p.index] = _New(outcome)
@@ -419,14 +457,13 @@ class VendingService:
                 "paid_at": now.isoformat(), "taken_at": (request.taken_at or now).isoformat(),
             }).decode()))
 
-        # Resolve in-batch repeats now that their first occurrence has an outcome.
-        for index, value in enumerate(outcomes):
-            if isinstance(value, _Alias):
-                first = outcomes[value.index]
-                outcomes[index] = first.outcome if isinstance(first, _New) else first
-
         txn_rows: list[tuple[Any, ...]] = []
         groups = {p.index: p.transfers[0].group_id for p in approved}
+        float_positions: dict[int, int] = {}  # 1-based position of each payment's float debit
+        position = 1
+        for p in approved:
+            float_positions[p.index] = position
+            position += len(p.transfers)
         for i, value in enumerate(outcomes):
             if not isinstance(value, _New):
                 continue
@@ -437,7 +474,8 @@ class VendingService:
             txn_rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
                              digests[i], outcome.response_code, request.meter_number or None,
                              request.amount_minor, request.currency or terminal["currency"], groups.get(i),
-                             outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome)))
+                             outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome),
+                             float_positions.get(i)))
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for p in approved:
             totals[p.request.terminal_id][0] += 1
@@ -451,13 +489,31 @@ class VendingService:
             meter_updates.setdefault(number, [None, None, None])[1:] = [tid, base_year]
         meter_rows = [(number, *values) for number, values in sorted(meter_updates.items())]
         if txn_rows or meter_rows:
-            # Every row of the batch in one statement: one round trip, whatever the batch holds.
-            await conn.execute(sql.BATCH_RECORD, *_columns(txn_rows, 13), *_columns(receipt_rows, 6),
-                               *_columns(token_rows, 9), *_columns(outbox_rows, 4), *_columns(total_rows, 4),
-                               *_columns(meter_rows, 4), now, *_columns(counter_rows, 2))
+            new_ids = [row[0] for row in txn_rows]
+            columns = batch_columns([t for p in approved for t in p.transfers])
+            await self._post(conn, approved, [
+                columns.ids, columns.debit_account_ids, columns.credit_account_ids, columns.amounts_minor,
+                columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json,
+                new_ids, [i for i in new_ids if i not in reversed_ids],
+                *_columns(txn_rows, 14), *_columns(receipt_rows, 6), *_columns(token_rows, 9),
+                *_columns(outbox_rows, 4), *_columns(total_rows, 4), *_columns(meter_rows, 4), now,
+                *_columns(counter_rows, 2)])
+            failed = {p.index: p.group_status for p in approved if p.group_status != PostStatus.ok}
+            if failed:
+                return failed  # type: ignore[return-value]
+        for p in approved:
+            value = outcomes[p.index]
+            assert isinstance(value, _New) and p.float_after is not None
+            value.outcome = msgspec.structs.replace(value.outcome, float_remaining_minor=p.float_after)
+        # Resolve in-batch repeats now that their first occurrence has its outcome.
+        for index, value in enumerate(outcomes):
+            if isinstance(value, _Alias):
+                first = outcomes[value.index]
+                outcomes[index] = first.outcome if isinstance(first, _New) else first
         for i, value in enumerate(outcomes):
             if isinstance(value, _New):
                 outcomes[i] = value.outcome
+        return {}
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -505,7 +561,7 @@ class VendingService:
         if stored is not None:
             if bytes(stored["request_sha256"]) != digest:
                 return decline(request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT, "transaction id reused")
-            return open_outcome(self.keystore, request.client_txn_id, bytes(stored["reply"]))
+            return stored_outcome(self.keystore, stored)
         terminals = await conn.fetch(sql.TERMINALS_FOR_VEND, [request.terminal_id])
         if not terminals:
             return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")

@@ -155,14 +155,15 @@ class _RacedVending(VendingService):
         self.pool = pool
         self.ahead = ahead
         self.raced = 0
+        self.rival_outcomes: list[VendOutcome] = []
 
-    async def _post(self, conn, pending):  # type: ignore[no-untyped-def]
+    async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
         if not self.raced:
             self.raced += 1
             async with self.pool.acquire() as other, other.transaction():
-                await VendingService(self.keystore).process_batch(other, [self.rival],
-                                                                  datetime.now(UTC) + self.ahead)
-        return await super()._post(conn, pending)
+                self.rival_outcomes = await VendingService(self.keystore).process_batch(
+                    other, [self.rival], datetime.now(UTC) + self.ahead)
+        return await super()._post(conn, pending, arguments)
 
 
 async def test_a_receipt_number_taken_meanwhile_redoes_the_batch_gap_free(running: Running) -> None:
@@ -211,3 +212,64 @@ async def test_a_meter_keeps_its_highest_tid_when_a_later_one_commits_first(runn
     # and the meter remembers the later one, so the next token is issued after both.
     assert tids[ours.client_txn_id] < tids[rival.client_txn_id]
     assert last == tids[rival.client_txn_id]
+
+
+async def test_a_reversal_committed_between_the_reads_and_the_commit_declines_the_payment(running: Running) -> None:
+    """The reversal's tombstone lands after the batch read the payment as unreversed: the batch's
+    commit finds it under the id's lock, writes nothing, and the batch is decided again."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    ours = VendRequest(kind="topup", client_txn_id=f"{terminal_id(7)}-{today}-890001", terminal_id=terminal_id(7),
+                       meter_number=meter_number(7), amount_minor=700, currency="EUR")
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{ours.client_txn_id}/R", terminal_id=terminal_id(7),
+                           amount_minor=700, currency="EUR", original_txn_id=ours.client_txn_id, reason="lost")
+    service = _RacedVending(running.keystore, reversal, running.pool)
+    outcome = await commit_one(running, service, ours)
+    assert service.raced == 1
+    assert [o.response_code for o in service.rival_outcomes] == [ResponseCode.ORIGINAL_NOT_FOUND]
+    assert outcome.response_code == ResponseCode.ALREADY_REVERSED
+    async with running.pool.acquire() as conn:
+        moved = await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE metadata->>'client_txn_id' = $1",
+                                    ours.client_txn_id)
+        code = await conn.fetchval("SELECT response_code FROM vend_transactions WHERE client_txn_id = $1",
+                                   ours.client_txn_id)
+    assert moved == 0 and code == ResponseCode.ALREADY_REVERSED
+
+
+async def test_an_id_recorded_meanwhile_by_another_gateway_is_replayed_not_paid_twice(running: Running) -> None:
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    ours = VendRequest(kind="topup", client_txn_id=f"{terminal_id(8)}-{today}-890002", terminal_id=terminal_id(8),
+                       meter_number=meter_number(8), amount_minor=800, currency="EUR")
+    service = _RacedVending(running.keystore, ours, running.pool)
+    outcome = await commit_one(running, service, ours)
+    assert service.raced == 1
+    [first] = service.rival_outcomes
+    assert first.response_code == ResponseCode.APPROVED
+    assert outcome == first  # the other gateway's answer, receipt and float remaining included
+    async with running.pool.acquire() as conn:
+        debits = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = $1",
+            ours.client_txn_id)
+    assert debits == 1
+
+
+async def test_a_replay_answers_the_float_remaining_of_its_first_answer(running: Running) -> None:
+    """The float moves on after a payment; its replay still says what the first answer said."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    first = VendRequest(kind="topup", client_txn_id=f"{terminal_id(9)}-{today}-890003", terminal_id=terminal_id(9),
+                        meter_number=meter_number(9), amount_minor=900, currency="EUR")
+    later = VendRequest(kind="topup", client_txn_id=f"{terminal_id(9)}-{today}-890004", terminal_id=terminal_id(9),
+                        meter_number=meter_number(9), amount_minor=500, currency="EUR")
+    service = VendingService(running.keystore)
+    answered = await commit_one(running, service, first)
+    moved_on = await commit_one(running, service, later)
+    replayed = await commit_one(running, service, first)
+    assert answered.response_code == moved_on.response_code == ResponseCode.APPROVED
+    assert answered.float_remaining_minor is not None and moved_on.float_remaining_minor is not None
+    assert moved_on.float_remaining_minor == answered.float_remaining_minor - 500
+    assert replayed == answered
+    async with running.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT float_remaining_minor FROM vend_transactions WHERE client_txn_id = $1",
+                                     first.client_txn_id)
+        tariff = await conn.fetchval("SELECT tariff_code FROM meters WHERE meter_number = $1", first.meter_number)
+    assert stored == answered.float_remaining_minor
+    assert answered.tariff_code == tariff  # the reply names the tariff it was sold at

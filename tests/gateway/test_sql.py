@@ -14,7 +14,7 @@ STATEMENTS = {
     for name, value in vars(module).items()
     if (name.isupper() and name.startswith(("SQL", "TXN", "TERMINAL", "METER", "AGENT", "TARIFF", "VENDING",
                                             "CUSTOMER", "RECEIPT", "TOKEN", "DAILY", "REVERSAL", "OUTBOX",
-                                            "SYSTEM", "ACCOUNT", "BATCH", "LOCK"))
+                                            "SYSTEM", "ACCOUNT", "BATCH", "LOCK", "VEND"))
         and isinstance(value, str))
 }
 

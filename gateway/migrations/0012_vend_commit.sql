@@ -1,0 +1,123 @@
+-- A batch of top-ups commits in one statement: vend_commit_topups() takes the batch's advisory
+-- locks, checks that no reversal arrived since the batch's reads, posts the ledger groups and
+-- records transactions, receipts, tokens, outbox events, daily totals, meters and receipt
+-- counters. Called outside a transaction block it is a transaction of its own, so a batch costs
+-- its reads and this one round trip (no BEGIN, no COMMIT).
+--
+-- The float remaining after a payment is known only once the ledger has posted it, so it is kept
+-- in its own column: the sealed reply holds everything else and a replay adds the float back.
+ALTER TABLE vend_transactions ADD COLUMN float_remaining_minor bigint;
+
+-- Raised, and so rolling back everything the call did:
+--   V0001 the ledger refused one or more groups; DETAIL lists every transfer's status in order,
+--         comma separated. The caller decides the batch again with those payments declined.
+--   V0002 a reversal (or a reversal's tombstone) now names a payment the batch took for
+--         unreversed. The caller reads again and decides again.
+CREATE FUNCTION vend_commit_topups(
+    -- the ledger groups, as for ledger_apply_transfers
+    p_ids uuid[], p_debit bigint[], p_credit bigint[], p_amount bigint[], p_currency text[],
+    p_kind text[], p_group uuid[], p_metadata jsonb[],
+    -- every client transaction id of the batch (locked), and those it found no reversal for
+    p_lock_ids text[], p_unreversed_ids text[],
+    -- vend_transactions rows, each with the 1-based position of its float debit (NULL for none)
+    p_txn_id text[], p_txn_kind text[], p_txn_terminal text[], p_txn_agent bigint[], p_txn_sha256 bytea[],
+    p_txn_code integer[], p_txn_meter text[], p_txn_amount bigint[], p_txn_currency text[], p_txn_group uuid[],
+    p_txn_receipt bigint[], p_txn_date date[], p_txn_reply bytea[], p_txn_float_pos integer[],
+    -- receipts
+    p_rc_terminal text[], p_rc_number bigint[], p_rc_txn text[], p_rc_issued timestamptz[],
+    p_rc_tariff text[], p_rc_tariff_from timestamptz[],
+    -- tokens
+    p_tk_txn text[], p_tk_meter text[], p_tk_tid bigint[], p_tk_class integer[], p_tk_subclass integer[],
+    p_tk_units bigint[], p_tk_ciphertext bytea[], p_tk_last4 text[], p_tk_issued timestamptz[],
+    -- outbox events
+    p_ev_kind text[], p_ev_txn text[], p_ev_meter text[], p_ev_payload jsonb[],
+    -- daily totals per terminal
+    p_dt_terminal text[], p_dt_date date[], p_dt_count bigint[], p_dt_amount bigint[],
+    -- meters touched: last purchase amount (NULL: none), last TID and its base year (NULL: none)
+    p_mt_number text[], p_mt_amount bigint[], p_mt_tid bigint[], p_mt_base_year integer[],
+    p_now timestamptz,
+    -- receipts issued per terminal: its counter moves by that many
+    p_ct_terminal text[], p_ct_count bigint[],
+    OUT o_statuses text[], OUT o_debit_afters bigint[]
+)
+LANGUAGE plpgsql
+-- Every row it touches is reached by key; a cached plan from when the tables were small must not
+-- scan them once they are large.
+SET enable_seqscan = off
+AS $$
+BEGIN
+    -- Serialises each id against a reversal of it in another transaction (tombstone race). Each
+    -- statement below takes a fresh snapshot, so it sees what such a reversal committed.
+    PERFORM pg_advisory_xact_lock(k.h)
+       FROM (SELECT DISTINCT hashtextextended(id, 7) AS h FROM unnest(p_lock_ids) AS id ORDER BY 1) AS k;
+    IF EXISTS (SELECT 1 FROM reversals r WHERE r.original_txn_id = ANY (p_unreversed_ids)) THEN
+        RAISE EXCEPTION USING ERRCODE = 'V0002',
+              MESSAGE = 'a reversal names a payment of the batch: read and decide the batch again';
+    END IF;
+
+    IF coalesce(cardinality(p_ids), 0) > 0 THEN
+        SELECT o.statuses, o.debit_afters INTO o_statuses, o_debit_afters
+          FROM ledger_apply_transfers(p_ids, p_debit, p_credit, p_amount, p_currency, p_kind, p_group,
+                                      p_metadata) AS o;
+        IF EXISTS (SELECT 1 FROM unnest(o_statuses) AS s(status) WHERE s.status NOT IN ('ok', 'exists')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'V0001', MESSAGE = 'the ledger refused payments of the batch',
+                  DETAIL = array_to_string(o_statuses, ',');
+        END IF;
+    END IF;
+
+    -- Receipt numbers were taken from the counter as the batch read it: should another
+    -- transaction have moved it since, the same numbers exist already and receipts' primary key
+    -- refuses the batch, which the caller decides again (numbers stay gap-free either way). A
+    -- meter keeps the highest TID issued to it on its base date: a batch that read the meter
+    -- before another transaction issued a later TID must not move the meter's last TID back.
+    -- Foreign keys are checked at the end of the statement, so receipts and tokens may refer to
+    -- the transactions it adds.
+    WITH counters AS (
+        UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
+          FROM unnest(p_ct_terminal, p_ct_count) AS k(terminal_id, n)
+         WHERE t.terminal_id = k.terminal_id
+    ), txns AS (
+        INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
+                                       meter_number, amount_minor, currency, group_id, receipt_number,
+                                       business_date, reply, float_remaining_minor)
+        SELECT u.id, u.kind, u.terminal, u.agent, u.sha256, u.code, u.meter, u.amount, u.currency, u.group_id,
+               u.receipt, u.business_date, u.reply, o_debit_afters[u.float_pos]
+          FROM unnest(p_txn_id, p_txn_kind, p_txn_terminal, p_txn_agent, p_txn_sha256, p_txn_code, p_txn_meter,
+                      p_txn_amount, p_txn_currency, p_txn_group, p_txn_receipt, p_txn_date, p_txn_reply,
+                      p_txn_float_pos)
+               AS u(id, kind, terminal, agent, sha256, code, meter, amount, currency, group_id, receipt,
+                    business_date, reply, float_pos)
+    ), receipts_added AS (
+        INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
+        SELECT * FROM unnest(p_rc_terminal, p_rc_number, p_rc_txn, p_rc_issued, p_rc_tariff, p_rc_tariff_from)
+    ), tokens_added AS (
+        INSERT INTO tokens (client_txn_id, meter_number, token_id, token_class, token_subclass, units_deci_kwh,
+                            token_ciphertext, token_last4, issued_at)
+        SELECT * FROM unnest(p_tk_txn, p_tk_meter, p_tk_tid, p_tk_class, p_tk_subclass, p_tk_units,
+                             p_tk_ciphertext, p_tk_last4, p_tk_issued)
+    ), events AS (
+        INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
+        SELECT * FROM unnest(p_ev_kind, p_ev_txn, p_ev_meter, p_ev_payload)
+    ), totals AS (
+        INSERT INTO terminal_daily_totals (terminal_id, business_date, approved_count, approved_minor)
+        SELECT * FROM unnest(p_dt_terminal, p_dt_date, p_dt_count, p_dt_amount)
+        ON CONFLICT (terminal_id, business_date) DO UPDATE
+        SET approved_count = terminal_daily_totals.approved_count + EXCLUDED.approved_count,
+            approved_minor = terminal_daily_totals.approved_minor + EXCLUDED.approved_minor
+    )
+    UPDATE meters m
+       SET last_purchase_at = CASE WHEN k.amount IS NULL THEN m.last_purchase_at ELSE p_now END,
+           last_purchase_minor = coalesce(k.amount, m.last_purchase_minor),
+           last_token_id = CASE WHEN k.tid IS NULL THEN m.last_token_id
+                                WHEN m.last_token_id IS NULL OR m.last_token_base_year IS DISTINCT FROM k.base_year
+                                     OR k.tid > m.last_token_id THEN k.tid
+                                ELSE m.last_token_id END,
+           last_token_base_year = CASE WHEN k.tid IS NULL THEN m.last_token_base_year
+                                       WHEN m.last_token_id IS NULL
+                                            OR m.last_token_base_year IS DISTINCT FROM k.base_year
+                                            OR k.tid > m.last_token_id THEN k.base_year
+                                       ELSE m.last_token_base_year END
+      FROM unnest(p_mt_number, p_mt_amount, p_mt_tid, p_mt_base_year) AS k(meter_number, amount, tid, base_year)
+     WHERE m.meter_number = k.meter_number;
+END;
+$$;
