@@ -46,8 +46,15 @@ _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # replays it.
 _RACED_CONSTRAINTS = frozenset({"receipts_pkey", "tokens_meter_number_token_id_key", "vend_transactions_pkey"})
 # Failures of the database or the link, not of a request: splitting the batch would only repeat them.
-_INFRASTRUCTURE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                   asyncpg.QueryCanceledError, asyncpg.CannotConnectNowError)
+_INFRASTRUCTURE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                   asyncpg.PostgresConnectionError, asyncpg.QueryCanceledError, asyncpg.CannotConnectNowError)
+# The committer's connection went away: whether the batch committed is unknown, and redoing it on
+# a fresh connection is safe (a committed payment replays from its stored reply, any other is
+# decided anew), so it is redone once there before the batch is answered SYSTEM_ERROR.
+# (A server that ends the connection between two batches may surface as an asyncpg client error.)
+_CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError)
+reconnects_max = 1
 
 
 def retryable(exc: BaseException) -> bool:
@@ -148,7 +155,7 @@ class Committer:
                 for item in batch:
                     await self._commit([item])
                 return
-            outcomes = [decline(requests[0], ResponseCode.SYSTEM_ERROR, "system error")]
+            outcomes = [decline(request, ResponseCode.SYSTEM_ERROR, "system error") for request in requests]
         if self._on_batch is not None:
             with contextlib.suppress(Exception):
                 self._on_batch(len(batch), time.perf_counter() - started)
@@ -159,14 +166,22 @@ class Committer:
     async def _transact(self, requests: list[VendRequest]) -> list[VendOutcome]:
         refused: dict[int, PostStatus] = {}
         attempt = 0
+        reconnects = 0
         # Each refusal round declines at least one more request, so those rounds are bounded by
-        # the batch size; retryable SQLSTATEs get batch_retries_max attempts.
-        for _ in range(len(requests) + batch_retries_max + 1):
+        # the batch size; retryable SQLSTATEs get batch_retries_max attempts, a lost connection
+        # reconnects_max.
+        for _ in range(len(requests) + batch_retries_max + reconnects_max + 1):
             conn = await self._connection()
             try:
                 return await self._service.process_batch(conn, requests, self._clock(), refused)
             except RefusedByLedger as refusal:
                 refused.update(refusal.failed)
+            except _CONNECTION_LOST:
+                await self._drop_connection()
+                if reconnects == reconnects_max:
+                    raise
+                reconnects += 1
+                log.warning("committer_reconnecting", batch_size=len(requests))
             except asyncpg.PostgresError as exc:
                 if not retryable(exc):
                     raise

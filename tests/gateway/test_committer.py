@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from float_ledger.check import check_ledger
@@ -273,3 +274,55 @@ async def test_a_replay_answers_the_float_remaining_of_its_first_answer(running:
         tariff = await conn.fetchval("SELECT tariff_code FROM meters WHERE meter_number = $1", first.meter_number)
     assert stored == answered.float_remaining_minor
     assert answered.tariff_code == tariff  # the reply names the tariff it was sold at
+
+
+async def test_a_lost_database_connection_is_replaced_and_the_batch_redone(running: Running) -> None:
+    """The committer keeps one connection; when the server ends it, the next batch runs on a new one."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    first = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-890101", terminal_id=terminal_id(10),
+                        meter_number=meter_number(10), amount_minor=600, currency="EUR")
+    second = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-890102", terminal_id=terminal_id(10),
+                         meter_number=meter_number(10), amount_minor=700, currency="EUR")
+    committer = Committer(running.pool, VendingService(running.keystore))
+    committer.start()
+    try:
+        answered = await committer.submit(first)
+        assert committer._conn is not None
+        pid = committer._conn.get_server_pid()
+        async with running.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        after = await committer.submit(second)
+        assert committer._conn is not None and committer._conn.get_server_pid() != pid
+        replayed = await committer.submit(first)
+    finally:
+        await committer.stop()
+    assert answered.response_code == after.response_code == ResponseCode.APPROVED
+    assert replayed == answered
+    async with running.pool.acquire() as conn:
+        debits = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = ANY($1)",
+            [first.client_txn_id, second.client_txn_id])
+    assert debits == 2
+
+
+async def test_a_database_out_of_reach_answers_every_request_of_the_batch(running: Running, db_url: str) -> None:
+    """No connection to be had: each request of the batch gets SYSTEM_ERROR (retry with the same id)."""
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)
+    assert pool is not None
+    committer = Committer(pool, VendingService(running.keystore))
+    committer.start()
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    requests = [VendRequest(kind="topup", client_txn_id=f"{terminal_id(11)}-{today}-89020{n}",
+                            terminal_id=terminal_id(11), meter_number=meter_number(11), amount_minor=500,
+                            currency="EUR") for n in range(3)]
+    try:
+        await pool.close()
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in requests))
+    finally:
+        await committer.stop()
+    assert [o.response_code for o in outcomes] == [ResponseCode.SYSTEM_ERROR] * 3
+    assert [o.client_txn_id for o in outcomes] == [r.client_txn_id for r in requests]
+    async with running.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1)",
+                                     [r.client_txn_id for r in requests])
+    assert stored == 0
