@@ -171,8 +171,8 @@ class Committer:
         # the batch size; retryable SQLSTATEs get batch_retries_max attempts, a lost connection
         # reconnects_max.
         for _ in range(len(requests) + batch_retries_max + reconnects_max + 1):
-            conn = await self._connection()
             try:
+                conn = await self._connection()
                 return await self._service.process_batch(conn, requests, self._clock(), refused)
             except RefusedByLedger as refusal:
                 refused.update(refusal.failed)
@@ -196,11 +196,18 @@ class Committer:
 
     async def _connection(self) -> asyncpg.Connection:
         """The committer's own connection, kept between batches: no acquire, no reset per batch."""
-        if self._conn is not None and self._conn.is_closed():
+        if self._conn is not None and self._closed(self._conn):
             await self._drop_connection()
         if self._conn is None:
             self._conn = await self._pool.acquire(timeout=acquire_timeout_s)
         return self._conn
+
+    @staticmethod
+    def _closed(conn: asyncpg.Connection) -> bool:
+        try:
+            return bool(conn.is_closed())
+        except asyncpg.InterfaceError:  # the pool took a connection that died back already
+            return True
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -81,7 +81,8 @@ METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (cu
 # whether a reversal (or a reversal's tombstone) names it. One row per id that has either.
 TXNS_AND_REVERSALS_GET_MANY = """
 SELECT k.id AS client_txn_id, v.client_txn_id IS NOT NULL AS stored, v.request_sha256, v.response_code, v.reply,
-       v.float_remaining_minor,
+       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
+        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor,
        r.original_txn_id IS NOT NULL AS reversed
 FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS id) AS k
 LEFT JOIN vend_transactions v ON v.client_txn_id = k.id
@@ -94,7 +95,9 @@ INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, reque
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
                      $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])"""
 TXN_GET_BY_RECEIPT = """
-SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply, v.float_remaining_minor
+SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply,
+       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
+        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor
 FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
@@ -133,8 +136,10 @@ WHERE t.terminal_id = ANY($1::text[])"""
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"
 TXN_GET = """
 SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
-       float_remaining_minor, meter_number, amount_minor, currency, created_at, reprints
-FROM vend_transactions WHERE client_txn_id = $1"""
+       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
+        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor,
+       meter_number, amount_minor, currency, created_at, reprints
+FROM vend_transactions v WHERE client_txn_id = $1"""
 TXN_COUNT_REPRINT = "UPDATE vend_transactions SET reprints = reprints + 1 WHERE client_txn_id = $1"
 TXN_IS_REVERSED = "SELECT original_found FROM reversals WHERE original_txn_id = $1"
 
@@ -158,9 +163,9 @@ SELECT ARRAY(SELECT ROW(q.*) FROM ({TXNS_AND_REVERSALS_GET_MANY}) AS q) AS known
 # A batch of top-ups, committed in one statement (gateway/migrations/0012_vend_commit.sql): the
 # batch's locks, the reversal check, the ledger groups and every row the batch records. Outside a
 # transaction block it is a transaction of its own. Raises V0001 (ledger refusal; DETAIL: each
-# transfer's status) or V0002 (a reversal arrived since the batch's reads), writing nothing.
+# transfer not posted, position:status) or V0002 (a reversal arrived since the batch's reads), writing nothing.
 VEND_COMMIT_TOPUPS = (
     "SELECT o_statuses, o_debit_afters FROM vend_commit_topups("
-    + ", ".join(f"${n}" for n in range(1, 55)) + ")")
+    + ", ".join(f"${n}" for n in range(1, 54)) + ")")
 STATE_LEDGER_REFUSED = "V0001"
 STATE_REVERSAL_ARRIVED = "V0002"

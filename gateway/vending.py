@@ -102,8 +102,9 @@ def open_outcome(keystore: KeyStore, client_txn_id: str, sealed: bytes) -> VendO
 
 
 def stored_outcome(keystore: KeyStore, row: asyncpg.Record) -> VendOutcome:
-    """A stored reply as it was sent: the sealed outcome, with the float remaining that the
-    batch's posting stored beside it (older rows and reversals hold it inside the seal)."""
+    """A stored reply as it was sent: the sealed outcome, with the float remaining after the
+    payment read from its collection transfer (immutable, on the float's hash chain); a reply with
+    no collection (a decline, a reversal) holds what it said inside the seal."""
     outcome = open_outcome(keystore, row["client_txn_id"], bytes(row["reply"]))
     float_remaining = row["float_remaining_minor"]
     if float_remaining is None:
@@ -281,17 +282,21 @@ class VendingService:
     async def _read(self, conn: asyncpg.Connection, ids: list[str], terminal_ids: list[str],
                     meter_numbers: list[str], now: datetime) -> tuple[list[Row], list[Row], list[Row]]:
         """The batch's stored records with reversals, its terminals and its meters: one round trip."""
-        if self._read_columns is None:
-            # The records carry no names: they come from the statements VEND_BATCH_READ wraps.
+        row = await conn.fetchrow(sql.VEND_BATCH_READ, ids, terminal_ids, meter_numbers, now)
+        assert row is not None
+        groups = (row["known"], row["terminals"], row["meters"])
+        # The records carry no names: they come from the statements VEND_BATCH_READ wraps, read
+        # once, and again should a record's width no longer match (a migration while running).
+        if self._read_columns is None or any(
+                len(records[0]) != len(names) for records, names in zip(groups, self._read_columns, strict=True)
+                if records):
             self._read_columns = tuple([
                 tuple(a.name for a in (await conn.prepare(statement)).get_attributes())
                 for statement in (sql.TXNS_AND_REVERSALS_GET_MANY, sql.TERMINALS_FOR_VEND_WITH_TOTALS,
                                   sql.METERS_FOR_VEND)])
-        row = await conn.fetchrow(sql.VEND_BATCH_READ, ids, terminal_ids, meter_numbers, now)
-        assert row is not None
         known, terminals, meters = (
-            [dict(zip(names, values, strict=True)) for values in row[column]]
-            for names, column in zip(self._read_columns, ("known", "terminals", "meters"), strict=True))
+            [dict(zip(names, values, strict=True)) for values in records]
+            for names, records in zip(self._read_columns, groups, strict=True))
         return known, terminals, meters
 
     def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,
@@ -377,19 +382,21 @@ class VendingService:
     async def _post(self, conn: asyncpg.Connection, pending: list[_Pending], arguments: list[Any]) -> None:
         """The batch's one writing statement; sets each pending payment's group status and float after.
 
-        A ledger refusal rolls the statement back (V0001): the group statuses then come from its
-        DETAIL and nothing was written."""
+        A ledger refusal rolls the statement back (V0001): the statuses of the transfers not
+        posted then come from its DETAIL, and nothing was written."""
+        transfers = sum(len(p.transfers) for p in pending)
         try:
             row = await conn.fetchrow(sql.VEND_COMMIT_TOPUPS, *arguments)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate != sql.STATE_LEDGER_REFUSED:
                 raise
-            statuses: list[str] = (exc.detail or "").split(",")
+            statuses = refused_statuses(exc.detail, transfers)
             debit_afters: list[int] | None = None
         else:
             assert row is not None
             statuses, debit_afters = list(row["o_statuses"] or []), row["o_debit_afters"]
-        assert len(statuses) == sum(len(p.transfers) for p in pending)
+        if len(statuses) != transfers:
+            raise RuntimeError(f"{len(statuses)} ledger statuses for {transfers} transfers")
         # One status per transfer, in the order posted: each group's follow one another, its float
         # debit (the collection) first.
         position = 0
@@ -459,11 +466,6 @@ class VendingService:
 
         txn_rows: list[tuple[Any, ...]] = []
         groups = {p.index: p.transfers[0].group_id for p in approved}
-        float_positions: dict[int, int] = {}  # 1-based position of each payment's float debit
-        position = 1
-        for p in approved:
-            float_positions[p.index] = position
-            position += len(p.transfers)
         for i, value in enumerate(outcomes):
             if not isinstance(value, _New):
                 continue
@@ -474,8 +476,7 @@ class VendingService:
             txn_rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
                              digests[i], outcome.response_code, request.meter_number or None,
                              request.amount_minor, request.currency or terminal["currency"], groups.get(i),
-                             outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome),
-                             float_positions.get(i)))
+                             outcome.receipt_number, dates[request.terminal_id], seal_outcome(self.keystore, outcome)))
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for p in approved:
             totals[p.request.terminal_id][0] += 1
@@ -495,7 +496,7 @@ class VendingService:
                 columns.ids, columns.debit_account_ids, columns.credit_account_ids, columns.amounts_minor,
                 columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json,
                 new_ids, [i for i in new_ids if i not in reversed_ids],
-                *_columns(txn_rows, 14), *_columns(receipt_rows, 6), *_columns(token_rows, 9),
+                *_columns(txn_rows, 13), *_columns(receipt_rows, 6), *_columns(token_rows, 9),
                 *_columns(outbox_rows, 4), *_columns(total_rows, 4), *_columns(meter_rows, 4), now,
                 *_columns(counter_rows, 2)])
             failed = {p.index: p.group_status for p in approved if p.group_status != PostStatus.ok}
@@ -632,6 +633,18 @@ class VendingService:
             return {}
         rows = await conn.fetch(sql.ACCOUNT_BALANCES, list(set(account_ids)))
         return {int(r["account_id"]): int(r["balance_minor"]) for r in rows}
+
+
+def refused_statuses(detail: str | None, transfers: int) -> list[str]:
+    """Every transfer's status from a V0001 DETAIL, which names those not posted as position:status
+    (1-based, comma separated); the others would have posted."""
+    statuses = ["ok"] * transfers
+    for item in (detail or "").split(","):
+        position, _, status = item.partition(":")
+        if not position.isdigit() or not 1 <= int(position) <= transfers or status not in PostStatus.__members__:
+            raise RuntimeError(f"unreadable ledger refusal {item[:40]!r}")
+        statuses[int(position) - 1] = status
+    return statuses
 
 
 def ledger_decline(request: VendRequest, status: PostStatus) -> VendOutcome:

@@ -4,13 +4,14 @@
 -- counters. Called outside a transaction block it is a transaction of its own, so a batch costs
 -- its reads and this one round trip (no BEGIN, no COMMIT).
 --
--- The float remaining after a payment is known only once the ledger has posted it, so it is kept
--- in its own column: the sealed reply holds everything else and a replay adds the float back.
-ALTER TABLE vend_transactions ADD COLUMN float_remaining_minor bigint;
+-- The float remaining after a payment is known only once the ledger has posted it, so the sealed
+-- reply holds everything else: a replay takes the float from the payment's collection transfer
+-- (debit_balance_after_minor), which is immutable and on the float's hash chain.
 
 -- Raised, and so rolling back everything the call did:
---   V0001 the ledger refused one or more groups; DETAIL lists every transfer's status in order,
---         comma separated. The caller decides the batch again with those payments declined.
+--   V0001 the ledger refused one or more groups; DETAIL lists each transfer not posted as
+--         position:status (1-based, comma separated). The caller decides the batch again with
+--         those payments declined.
 --   V0002 a reversal (or a reversal's tombstone) now names a payment the batch took for
 --         unreversed. The caller reads again and decides again.
 CREATE FUNCTION vend_commit_topups(
@@ -19,10 +20,10 @@ CREATE FUNCTION vend_commit_topups(
     p_kind text[], p_group uuid[], p_metadata jsonb[],
     -- every client transaction id of the batch (locked), and those it found no reversal for
     p_lock_ids text[], p_unreversed_ids text[],
-    -- vend_transactions rows, each with the 1-based position of its float debit (NULL for none)
+    -- vend_transactions rows
     p_txn_id text[], p_txn_kind text[], p_txn_terminal text[], p_txn_agent bigint[], p_txn_sha256 bytea[],
     p_txn_code integer[], p_txn_meter text[], p_txn_amount bigint[], p_txn_currency text[], p_txn_group uuid[],
-    p_txn_receipt bigint[], p_txn_date date[], p_txn_reply bytea[], p_txn_float_pos integer[],
+    p_txn_receipt bigint[], p_txn_date date[], p_txn_reply bytea[],
     -- receipts
     p_rc_terminal text[], p_rc_number bigint[], p_rc_txn text[], p_rc_issued timestamptz[],
     p_rc_tariff text[], p_rc_tariff_from timestamptz[],
@@ -59,9 +60,12 @@ BEGIN
         SELECT o.statuses, o.debit_afters INTO o_statuses, o_debit_afters
           FROM ledger_apply_transfers(p_ids, p_debit, p_credit, p_amount, p_currency, p_kind, p_group,
                                       p_metadata) AS o;
-        IF EXISTS (SELECT 1 FROM unnest(o_statuses) AS s(status) WHERE s.status NOT IN ('ok', 'exists')) THEN
+        IF EXISTS (SELECT 1 FROM unnest(o_statuses) AS s(status) WHERE s.status IS DISTINCT FROM 'ok'
+                                                                     AND s.status IS DISTINCT FROM 'exists') THEN
             RAISE EXCEPTION USING ERRCODE = 'V0001', MESSAGE = 'the ledger refused payments of the batch',
-                  DETAIL = array_to_string(o_statuses, ',');
+                  DETAIL = (SELECT string_agg(s.i || ':' || coalesce(s.status, 'null'), ',' ORDER BY s.i)
+                              FROM unnest(o_statuses) WITH ORDINALITY AS s(status, i)
+                             WHERE s.status IS DISTINCT FROM 'ok' AND s.status IS DISTINCT FROM 'exists');
         END IF;
     END IF;
 
@@ -79,14 +83,10 @@ BEGIN
     ), txns AS (
         INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
                                        meter_number, amount_minor, currency, group_id, receipt_number,
-                                       business_date, reply, float_remaining_minor)
-        SELECT u.id, u.kind, u.terminal, u.agent, u.sha256, u.code, u.meter, u.amount, u.currency, u.group_id,
-               u.receipt, u.business_date, u.reply, o_debit_afters[u.float_pos]
-          FROM unnest(p_txn_id, p_txn_kind, p_txn_terminal, p_txn_agent, p_txn_sha256, p_txn_code, p_txn_meter,
-                      p_txn_amount, p_txn_currency, p_txn_group, p_txn_receipt, p_txn_date, p_txn_reply,
-                      p_txn_float_pos)
-               AS u(id, kind, terminal, agent, sha256, code, meter, amount, currency, group_id, receipt,
-                    business_date, reply, float_pos)
+                                       business_date, reply)
+        SELECT * FROM unnest(p_txn_id, p_txn_kind, p_txn_terminal, p_txn_agent, p_txn_sha256, p_txn_code,
+                             p_txn_meter, p_txn_amount, p_txn_currency, p_txn_group, p_txn_receipt, p_txn_date,
+                             p_txn_reply)
     ), receipts_added AS (
         INSERT INTO receipts (terminal_id, receipt_number, client_txn_id, issued_at, tariff_code, tariff_valid_from)
         SELECT * FROM unnest(p_rc_terminal, p_rc_number, p_rc_txn, p_rc_issued, p_rc_tariff, p_rc_tariff_from)

@@ -12,7 +12,7 @@ from float_ledger.check import check_ledger
 from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
 from gateway.seeding import meter_number, seed, terminal_id
-from gateway.vending import VendingService, VendOutcome, VendRequest
+from gateway.vending import VendingService, VendOutcome, VendRequest, refused_statuses
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
 
@@ -269,20 +269,26 @@ async def test_a_replay_answers_the_float_remaining_of_its_first_answer(running:
     assert moved_on.float_remaining_minor == answered.float_remaining_minor - 500
     assert replayed == answered
     async with running.pool.acquire() as conn:
-        stored = await conn.fetchval("SELECT float_remaining_minor FROM vend_transactions WHERE client_txn_id = $1",
-                                     first.client_txn_id)
+        stored = await conn.fetchval(
+            "SELECT t.debit_balance_after_minor FROM vend_transactions v"
+            " JOIN ledger_transfers t ON t.group_id = v.group_id AND t.kind = 'collection'"
+            " WHERE v.client_txn_id = $1", first.client_txn_id)
         tariff = await conn.fetchval("SELECT tariff_code FROM meters WHERE meter_number = $1", first.meter_number)
-    assert stored == answered.float_remaining_minor
+    assert stored == answered.float_remaining_minor  # read back from the immutable collection transfer
     assert answered.tariff_code == tariff  # the reply names the tariff it was sold at
 
 
-async def test_a_lost_database_connection_is_replaced_and_the_batch_redone(running: Running) -> None:
-    """The committer keeps one connection; when the server ends it, the next batch runs on a new one."""
+@pytest.mark.parametrize("noticed_after_s", [0.0, 0.3], ids=["at-once", "once-noticed"])
+async def test_a_lost_database_connection_is_replaced_and_the_batch_redone(running: Running,
+                                                                            noticed_after_s: float) -> None:
+    """The committer keeps one connection; when the server ends it, the next batch runs on a new one,
+    whether the next batch meets the end itself or the client has noticed it already."""
     today = datetime.now(UTC).strftime("%Y%m%d")
-    first = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-890101", terminal_id=terminal_id(10),
+    base = 890101 if noticed_after_s == 0 else 890111
+    first = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-{base}", terminal_id=terminal_id(10),
                         meter_number=meter_number(10), amount_minor=600, currency="EUR")
-    second = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-890102", terminal_id=terminal_id(10),
-                         meter_number=meter_number(10), amount_minor=700, currency="EUR")
+    second = VendRequest(kind="topup", client_txn_id=f"{terminal_id(10)}-{today}-{base + 1}",
+                         terminal_id=terminal_id(10), meter_number=meter_number(10), amount_minor=700, currency="EUR")
     committer = Committer(running.pool, VendingService(running.keystore))
     committer.start()
     try:
@@ -291,13 +297,15 @@ async def test_a_lost_database_connection_is_replaced_and_the_batch_redone(runni
         pid = committer._conn.get_server_pid()
         async with running.pool.acquire() as conn:
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.sleep(noticed_after_s)
         after = await committer.submit(second)
+        later = await committer.submit(second)
         assert committer._conn is not None and committer._conn.get_server_pid() != pid
         replayed = await committer.submit(first)
     finally:
         await committer.stop()
     assert answered.response_code == after.response_code == ResponseCode.APPROVED
-    assert replayed == answered
+    assert replayed == answered and later == after
     async with running.pool.acquire() as conn:
         debits = await conn.fetchval(
             "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = ANY($1)",
@@ -326,3 +334,55 @@ async def test_a_database_out_of_reach_answers_every_request_of_the_batch(runnin
         stored = await conn.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1)",
                                      [r.client_txn_id for r in requests])
     assert stored == 0
+
+
+async def test_a_ledger_refusal_in_a_batch_with_a_reversal_declines_only_the_refused(running: Running) -> None:
+    """A batch holding a reversal runs in a transaction block: a refusal there rolls the block back
+    and the batch is decided again, each request answered as if it had come alone, in order."""
+    async with running.pool.acquire() as conn:
+        first = int(await conn.fetchval("SELECT count(*) FROM terminals")) + 1
+        await seed(conn, running.keystore, agents=1, terminals=1, meters=1, seed_secret=running.seed_secret,
+                   float_each_minor=1_000)
+    terminal = terminal_id(first)
+    today = datetime.now(UTC).strftime("%Y%m%d")
+
+    def topup(n: int) -> VendRequest:
+        return VendRequest(kind="topup", client_txn_id=f"{terminal}-{today}-{n}", terminal_id=terminal,
+                           meter_number=meter_number(1), amount_minor=600, currency="EUR")
+
+    paid, short, after, short_again = topup(891001), topup(891002), topup(891003), topup(891004)
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{paid.client_txn_id}/R", terminal_id=terminal,
+                           amount_minor=600, currency="EUR", original_txn_id=paid.client_txn_id, reason="lost")
+    batch = [paid, short, reversal, after, short_again]
+    sizes: list[int] = []
+    committer = Committer(running.pool, VendingService(running.keystore), on_batch=lambda size, _: sizes.append(size))
+    committer.start()
+    try:
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in batch))
+    finally:
+        await committer.stop()
+    assert sizes == [5]  # one batch
+    assert [o.response_code for o in outcomes] == [ResponseCode.APPROVED, ResponseCode.INSUFFICIENT_FLOAT,
+                                                   ResponseCode.APPROVED, ResponseCode.APPROVED,
+                                                   ResponseCode.INSUFFICIENT_FLOAT]
+    # 1,000 - 600 = 400; the reversal gives the 600 back; the next payment takes it again.
+    assert [o.float_remaining_minor for o in outcomes] == [400, None, 1_000, 400, None]
+    async with running.pool.acquire() as conn:
+        report = await check_ledger(conn)
+        balance = await conn.fetchval(
+            "SELECT a.balance_minor FROM ledger_accounts a JOIN agents g ON g.float_account_id = a.id"
+            " JOIN terminals t USING (agent_id) WHERE t.terminal_id = $1", terminal)
+    assert report.holds, report.broken
+    assert balance == 400
+
+
+@pytest.mark.parametrize("detail", [None, "", "x:insufficient_balance", "0:insufficient_balance",
+                                    "9:insufficient_balance", "2:null", "2:what"])
+def test_an_unreadable_ledger_refusal_is_an_error_not_a_guess(detail: str | None) -> None:
+    with pytest.raises(RuntimeError):
+        refused_statuses(detail, 8)
+
+
+def test_a_ledger_refusal_names_the_transfers_not_posted() -> None:
+    assert refused_statuses("2:insufficient_balance,3:linked_failed", 4) == [
+        "ok", "insufficient_balance", "linked_failed", "ok"]
