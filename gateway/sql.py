@@ -77,12 +77,16 @@ METER_BY_ACCOUNT = "SELECT meter_number FROM meters m JOIN customers c USING (cu
 
 # -- vending -------------------------------------------------------------------------------
 
+# A stored payment's float remaining, for its replay: the balance after its collection transfer
+# (immutable, on the float's hash chain); NULL for a record without one (its seal holds what it said).
+_FLOAT_REMAINING = """(SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
+        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor"""
+
 # What a batch must know of its ids, in one round trip: the stored record of each known id, and
 # whether a reversal (or a reversal's tombstone) names it. One row per id that has either.
-TXNS_AND_REVERSALS_GET_MANY = """
+TXNS_AND_REVERSALS_GET_MANY = f"""
 SELECT k.id AS client_txn_id, v.client_txn_id IS NOT NULL AS stored, v.request_sha256, v.response_code, v.reply,
-       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
-        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor,
+       {_FLOAT_REMAINING},
        r.original_txn_id IS NOT NULL AS reversed
 FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS id) AS k
 LEFT JOIN vend_transactions v ON v.client_txn_id = k.id
@@ -94,10 +98,9 @@ INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, reque
                                business_date, reply)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::int[], $7::text[],
                      $8::bigint[], $9::text[], $10::uuid[], $11::bigint[], $12::date[], $13::bytea[])"""
-TXN_GET_BY_RECEIPT = """
+TXN_GET_BY_RECEIPT = f"""
 SELECT v.client_txn_id, v.terminal_id, v.receipt_number, v.reply,
-       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
-        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor
+       {_FLOAT_REMAINING}
 FROM receipts r JOIN vend_transactions v USING (client_txn_id)
 WHERE r.terminal_id = $1 AND r.receipt_number = $2"""
 TOKEN_VOID = "UPDATE tokens SET status = 'voided' WHERE client_txn_id = $1"
@@ -134,10 +137,9 @@ LEFT JOIN terminal_daily_totals d
 WHERE t.terminal_id = ANY($1::text[])"""
 
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"
-TXN_GET = """
+TXN_GET = f"""
 SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
-       (SELECT lt.debit_balance_after_minor FROM ledger_transfers lt
-        WHERE lt.group_id = v.group_id AND lt.kind = 'collection') AS float_remaining_minor,
+       {_FLOAT_REMAINING},
        meter_number, amount_minor, currency, created_at, reprints
 FROM vend_transactions v WHERE client_txn_id = $1"""
 TXN_COUNT_REPRINT = "UPDATE vend_transactions SET reprints = reprints + 1 WHERE client_txn_id = $1"

@@ -18,7 +18,7 @@ CREATE FUNCTION vend_commit_topups(
     -- the ledger groups, as for ledger_apply_transfers
     p_ids uuid[], p_debit bigint[], p_credit bigint[], p_amount bigint[], p_currency text[],
     p_kind text[], p_group uuid[], p_metadata jsonb[],
-    -- every client transaction id of the batch (locked), and those it found no reversal for
+    -- the client transaction ids the batch records anew (locked), and those it found no reversal for
     p_lock_ids text[], p_unreversed_ids text[],
     -- vend_transactions rows
     p_txn_id text[], p_txn_kind text[], p_txn_terminal text[], p_txn_agent bigint[], p_txn_sha256 bytea[],
@@ -46,6 +46,8 @@ LANGUAGE plpgsql
 -- scan them once they are large.
 SET enable_seqscan = off
 AS $$
+DECLARE
+    refused text;  -- the transfers not posted, position:status
 BEGIN
     -- Serialises each id against a reversal of it in another transaction (tombstone race). Each
     -- statement below takes a fresh snapshot, so it sees what such a reversal committed.
@@ -60,12 +62,12 @@ BEGIN
         SELECT o.statuses, o.debit_afters INTO o_statuses, o_debit_afters
           FROM ledger_apply_transfers(p_ids, p_debit, p_credit, p_amount, p_currency, p_kind, p_group,
                                       p_metadata) AS o;
-        IF EXISTS (SELECT 1 FROM unnest(o_statuses) AS s(status) WHERE s.status IS DISTINCT FROM 'ok'
-                                                                     AND s.status IS DISTINCT FROM 'exists') THEN
+        SELECT string_agg(s.i || ':' || coalesce(s.status, 'null'), ',' ORDER BY s.i) INTO refused
+          FROM unnest(o_statuses) WITH ORDINALITY AS s(status, i)
+         WHERE s.status IS DISTINCT FROM 'ok' AND s.status IS DISTINCT FROM 'exists';
+        IF refused IS NOT NULL THEN
             RAISE EXCEPTION USING ERRCODE = 'V0001', MESSAGE = 'the ledger refused payments of the batch',
-                  DETAIL = (SELECT string_agg(s.i || ':' || coalesce(s.status, 'null'), ',' ORDER BY s.i)
-                              FROM unnest(o_statuses) WITH ORDINALITY AS s(status, i)
-                             WHERE s.status IS DISTINCT FROM 'ok' AND s.status IS DISTINCT FROM 'exists');
+                  DETAIL = refused;
         END IF;
     END IF;
 
