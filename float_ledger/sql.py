@@ -289,7 +289,7 @@ SELECT sha256(coalesce(string_agg(id::text || ':' || coalesce(encode(chain_hash,
 
 # The immutability triggers exist and are enabled.
 SQL_CHECK_TRIGGERS = """
-SELECT expected.name, t.tgenabled
+SELECT expected.name, t.tgenabled::text AS tgenabled
   FROM unnest($1::text[]) AS expected(name)
   LEFT JOIN pg_trigger t ON t.tgname = expected.name AND NOT t.tgisinternal
  WHERE t.tgname IS NULL OR t.tgenabled = 'D'"""

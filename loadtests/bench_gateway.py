@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from float_ledger.check import check_ledger
 from gateway.pgcluster import binaries_dir
+from gateway.records_check import check_all
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, terminal_id
 from loadtests.aio_terminal import AioTerminal
 from loadtests.deployment import (
@@ -348,7 +348,7 @@ async def bench(args: argparse.Namespace, deployment: LocalDeployment) -> dict[s
     conn = await deployment.connect()
     try:
         started = time.perf_counter()
-        report = await check_ledger(conn)
+        report = await check_all(conn)
         check = {"holds": report.holds, "broken": report.broken, "transfers": report.transfers,
                  "seconds": round(time.perf_counter() - started, 1)}
     finally:

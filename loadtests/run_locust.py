@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from float_ledger.check import check_ledger
+from gateway.records_check import check_all
 from loadtests.deployment import LocalDeployment, metric_sums
 from loadtests.target import TARGET_ENV, load_target, save_target
 
@@ -147,7 +147,7 @@ async def _prepare(deployment: LocalDeployment, args: argparse.Namespace) -> Non
 async def _ledger_check(deployment: LocalDeployment) -> dict[str, Any]:
     conn = await deployment.connect()
     try:
-        report = await check_ledger(conn)
+        report = await check_all(conn)
     finally:
         await conn.close()
     return {"holds": report.holds, "broken": report.broken, "transfers": report.transfers}

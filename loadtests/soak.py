@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from float_ledger.check import check_ledger
+from gateway.records_check import check_all
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, terminal_id
 from loadtests.aio_terminal import AioTerminal
 from loadtests.bench_gateway import percentile_ms
@@ -185,7 +185,7 @@ async def soak(args: argparse.Namespace, deployment: LocalDeployment) -> dict[st
     gateway_exit = await asyncio.to_thread(deployment.stop_gateway)
     conn = await deployment.connect()
     try:
-        report = await check_ledger(conn)
+        report = await check_all(conn)
     finally:
         await conn.close()
 

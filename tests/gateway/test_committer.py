@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from float_ledger.check import check_ledger
 from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
+from gateway.records_check import check_all
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendOutcome, VendRequest, refused_statuses
 from protocol.codes import ResponseCode
@@ -47,7 +47,7 @@ async def test_hot_agent_batches_and_never_overdraws(running: Running) -> None:
     assert max(sizes) > 1, sizes  # requests that arrived together were committed together
     assert sum(sizes) == 50
     async with running.pool.acquire() as conn:
-        report = await check_ledger(conn)
+        report = await check_all(conn)
     assert report.holds, report.broken
 
 
@@ -368,7 +368,7 @@ async def test_a_ledger_refusal_in_a_batch_with_a_reversal_declines_only_the_ref
     # 1,000 - 600 = 400; the reversal gives the 600 back; the next payment takes it again.
     assert [o.float_remaining_minor for o in outcomes] == [400, None, 1_000, 400, None]
     async with running.pool.acquire() as conn:
-        report = await check_ledger(conn)
+        report = await check_all(conn)
         balance = await conn.fetchval(
             "SELECT a.balance_minor FROM ledger_accounts a JOIN agents g ON g.float_account_id = a.id"
             " JOIN terminals t USING (agent_id) WHERE t.terminal_id = $1", terminal)

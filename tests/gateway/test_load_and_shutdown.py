@@ -12,7 +12,7 @@ import time
 import asyncpg
 import pytest
 
-from float_ledger.check import check_ledger
+from gateway.records_check import check_all
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Limits
 from gateway.vending import group_id_for
@@ -52,7 +52,7 @@ async def test_200_terminals_over_gprs_keep_the_ledger_whole(running: Running) -
     assert summary.retries > 0  # the link model did lose replies, and retries were answered
     await assert_each_approved_has_one_group(running.pool, summary.approved_txn_ids)
     async with running.pool.acquire() as conn:
-        report = await check_ledger(conn)
+        report = await check_all(conn)
     assert report.holds, report.broken
 
 
@@ -140,7 +140,7 @@ async def test_sigterm_during_load_loses_nothing(running: Running, tmp_path: os.
         await asyncio.gather(*workers)
         await assert_each_approved_has_one_group(running.pool, approved)
         async with running.pool.acquire() as conn:
-            report = await check_ledger(conn)
+            report = await check_all(conn)
         assert report.holds, report.broken
     finally:
         if process.returncode is None:

@@ -106,7 +106,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 8 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 10 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
@@ -211,6 +211,9 @@ async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
 async def test_a_disabled_trigger_is_found(ledger: Any) -> None:
     await ledger.execute("ALTER TABLE ledger_transfers DISABLE TRIGGER ledger_transfers_immutable")
     assert await broken(ledger) == {"transfers_immutable"}
+    report = await check_ledger(ledger)
+    [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]
+    assert problems == ["trigger ledger_transfers_immutable is disabled"]
     await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
     report = await check_ledger(ledger)
     [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]

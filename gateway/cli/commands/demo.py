@@ -11,7 +11,6 @@ import logging
 
 import msgspec
 
-from float_ledger.check import check_ledger
 from gateway import database
 from gateway.cli.commands.migrate import apply
 from gateway.cli.commands.registry_cmds import load_seed_secret
@@ -19,6 +18,7 @@ from gateway.cli.runner import run
 from gateway.database import embedded_cluster
 from gateway.errors import SettingsError
 from gateway.keystore import load_keystore
+from gateway.records_check import check_all
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, seed, terminal_id
 from gateway.server import Gateway
 from gateway.settings import Settings
@@ -68,7 +68,7 @@ async def demo(settings: Settings, duration_s: float, link: str) -> bool:
               f"inconsistencies {result.inconsistencies}, latency p50 {result.latency_p50_ms} ms "
               f"p99 {result.latency_p99_ms} ms")
         async with pool.acquire() as conn:
-            report = await check_ledger(conn)
+            report = await check_all(conn)
         verdict = "holds" if report.holds else f"BROKEN: {', '.join(report.broken)}"
         print(f"ledger check: {report.transfers} transfers, {report.accounts} accounts: {verdict}")
         return result.ok and report.holds

@@ -6,10 +6,11 @@ import argparse
 
 import asyncpg
 
-from float_ledger.check import CheckReport, check_ledger, render
+from float_ledger.check import CheckReport, render
 from gateway import database
 from gateway.cli.runner import run
 from gateway.errors import MigrationError
+from gateway.records_check import check_all
 from gateway.settings import Settings
 
 EXIT_BROKEN = 1
@@ -27,7 +28,7 @@ async def _check(settings: Settings) -> CheckReport:
     url = await database.resolve_url(settings)
     conn = await database.connect(url, timeout_s=settings.database_connect_timeout_s)
     try:
-        return await check_ledger(conn)
+        return await check_all(conn)
     except asyncpg.UndefinedTableError:
         raise MigrationError("the ledger's tables are missing: run `vendgate migrate`") from None
     finally:

@@ -1,0 +1,100 @@
+"""The payment records' invariants: `vendgate ledger check` finds a record naming nothing, and no
+payment record, terminal or meter can be deleted."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from gateway.keystore import KeyStore
+from gateway.records_check import UNDELETABLE_TRIGGERS, check_all
+from gateway.seeding import meter_number, seed, terminal_id
+from gateway.vending import VendingService, VendRequest
+from protocol.codes import ResponseCode
+from tests.conftest import create_fresh_database
+from tests.ledger.test_check import ALL_INVARIANTS, vendgate_ledger_check
+
+VEND_INVARIANTS = {"vend_records_referenced", "vend_records_undeletable"}
+
+
+@pytest.fixture
+async def paid(pg_server_url: str, template_db: str, request: pytest.FixtureRequest
+               ) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A fresh database with six paid top-ups, token meters among them."""
+    url = await create_fresh_database(pg_server_url, template_db, request.node.name)
+    conn = await asyncpg.connect(url)
+    try:
+        keystore = KeyStore(secrets.token_bytes(32))
+        await seed(conn, keystore, agents=2, terminals=3, meters=6, seed_secret=secrets.token_bytes(32))
+        today = datetime.now(UTC).strftime("%Y%m%d")
+        requests = [VendRequest(kind="topup", client_txn_id=f"{terminal_id(1 + n % 3)}-{today}-{n + 1:06d}",
+                                terminal_id=terminal_id(1 + n % 3), meter_number=meter_number(1 + n),
+                                amount_minor=2_000, currency="EUR")
+                    for n in range(6)]
+        outcomes = await VendingService(keystore).process_batch(conn, requests, datetime.now(UTC))
+        assert [o.response_code for o in outcomes] == [ResponseCode.APPROVED] * 6
+        assert await conn.fetchval("SELECT count(*) FROM tokens") > 0
+        yield conn, url
+    finally:
+        await conn.close()
+
+
+async def broken(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    report = await check_all(conn)
+    assert {i.name for i in report.invariants} == ALL_INVARIANTS | VEND_INVARIANTS
+    return {i.name: i.problems for i in report.invariants if not i.holds}
+
+
+async def test_paid_records_pass(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    assert await broken(conn) == {}
+
+
+async def test_a_receipt_of_no_payment_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, url = paid
+    await conn.execute("INSERT INTO receipts (terminal_id, receipt_number, client_txn_id) VALUES ($1, 999, 'NOPE-1')",
+                       terminal_id(1))
+    assert await broken(conn) == {"vend_records_referenced": [f"receipt {terminal_id(1)}/999: no payment NOPE-1"]}
+    status, stdout, _ = await vendgate_ledger_check(url)
+    assert status == 1
+    assert "BROKEN  vend_records_referenced: " in stdout
+    assert stdout.strip().splitlines()[-1] == "ledger check FAILED: broken invariants: vend_records_referenced"
+
+
+async def test_a_token_for_no_meter_and_a_payment_of_no_terminal_are_found(
+        paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    txn = await conn.fetchval("SELECT client_txn_id FROM tokens LIMIT 1")
+    # Renaming the referenced rows is how a record could come to name nothing now.
+    await conn.execute("UPDATE meters SET meter_number = '99999999' WHERE meter_number = "
+                       "(SELECT meter_number FROM tokens WHERE client_txn_id = $1)", txn)
+    other = await conn.fetchval("SELECT client_txn_id FROM vend_transactions WHERE terminal_id = $1 LIMIT 1",
+                                terminal_id(2))
+    await conn.execute("UPDATE vend_transactions SET terminal_id = 'ZZZZZZZZ' WHERE client_txn_id = $1", other)
+    problems = (await broken(conn))["vend_records_referenced"]
+    assert any(p.startswith(f"token of payment {txn}: no meter ") for p in problems), problems
+    assert f"payment {other}: no terminal ZZZZZZZZ" in problems
+
+
+@pytest.mark.parametrize("table", ["terminals", "meters", "vend_transactions", "receipts", "tokens"])
+async def test_records_are_never_deleted(paid: tuple[asyncpg.Connection, str], table: str) -> None:
+    conn, _ = paid
+    before = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"rows of {table} are never deleted"):
+        await conn.execute(f"DELETE FROM {table}")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"rows of {table} are never deleted"):
+        await conn.execute(f"TRUNCATE {table} CASCADE")
+    assert await conn.fetchval(f"SELECT count(*) FROM {table}") == before > 0
+
+
+async def test_a_disabled_or_missing_delete_trigger_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    assert "receipts_undeletable" in UNDELETABLE_TRIGGERS
+    await conn.execute("ALTER TABLE receipts DISABLE TRIGGER receipts_undeletable")
+    await conn.execute("DROP TRIGGER tokens_not_truncated ON tokens")
+    assert await broken(conn) == {"vend_records_undeletable": ["trigger receipts_undeletable is disabled",
+                                                               "trigger tokens_not_truncated is missing"]}
