@@ -5,6 +5,14 @@ is in flight wait for the next (up to batch_requests_max). Under light load a re
 alone at once; under heavy load the batches grow and one commit, one fsync and one lock round
 on a hot agent's float serve many payments. One queue keeps arrival order, hence per-agent order.
 
+Pipelined: while a batch of top-ups commits on the committer's connection, the requests queued
+meanwhile are read and decided on a second connection, on from that batch's effects (receipt
+counters, daily totals, TIDs, debt: vending.BatchEffects), and their statement goes as soon as
+that commit returns. Batches still commit one after the other, in arrival order. The decisions
+are kept only when the batch before committed exactly as prepared, at its first attempt; else
+they are dropped and the requests decided afresh. A request repeating an id of the batch in
+flight waits for the next batch (it will replay); a batch holding a reversal is not decided ahead.
+
 A batch that fails on a retryable SQLSTATE is retried a bounded number of times; a batch that
 fails otherwise is split and each request retried alone, so one bad request cannot take its
 neighbours down. Replies are released only after the batch's commit returns.
@@ -23,7 +31,16 @@ import asyncpg
 from float_ledger.model import PostStatus, batch_transfers_max
 from gateway import sql
 from gateway.jsonlog import get_logger
-from gateway.vending import RefusedByLedger, VendingService, VendOutcome, VendRequest, decline, now_utc
+from gateway.vending import (
+    BatchEffects,
+    PreparedTopUps,
+    RefusedByLedger,
+    VendingService,
+    VendOutcome,
+    VendRequest,
+    decline,
+    now_utc,
+)
 from protocol.codes import ResponseCode
 
 batch_requests_max = 256
@@ -71,6 +88,7 @@ class CommitterBusy(Exception):
 
 
 BatchObserver = Callable[[int, float], None]
+_Item = tuple[VendRequest, "asyncio.Future[VendOutcome]"]
 
 
 class Committer:
@@ -81,12 +99,15 @@ class Committer:
         self._pool = pool
         self._service = service
         self._batch_max = batch_max
-        self._queue: asyncio.Queue[tuple[VendRequest, asyncio.Future[VendOutcome]]] = asyncio.Queue(queue_max)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_max)
         self._clock = clock
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._conn: asyncpg.Connection | None = None
+        self._committing = _KeptConnection(pool)  # every batch's commit
+        self._reading = _KeptConnection(pool)  # decides the next batch while one commits
+        # Taken from the queue but not yet in a batch (they repeat an id of the batch in flight).
+        self._carry: list[_Item] = []
 
     def start(self) -> None:
         assert self._task is None
@@ -103,7 +124,13 @@ class Committer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        await self._drop_connection()
+        await self._committing.drop()
+        await self._reading.drop()
+
+    @property
+    def _conn(self) -> asyncpg.Connection | None:
+        """The connection batches commit on (None until the first batch)."""
+        return self._committing.conn
 
     @property
     def queued(self) -> int:
@@ -125,16 +152,21 @@ class Committer:
             raise CommitterBusy("batch still running") from None
 
     async def _run(self) -> None:
+        ahead: tuple[list[_Item], PreparedTopUps] | None = None
+        prepared: PreparedTopUps | None
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self._batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            if ahead is not None:
+                batch, prepared = ahead
+                ahead = None
+            else:
+                batch = await self._take()
+                prepared = await self._prepare(self._committing, batch, None)
             try:
-                await self._commit(batch)
+                if prepared is None:
+                    await self._commit(batch, None)
+                    continue
+                commit = asyncio.create_task(self._commit(batch, prepared))
+                ahead = await self._decide_ahead(prepared, commit)
             except Exception as exc:  # our own bug: still, every waiting session gets an answer
                 log.exception("commit_crashed", batch_size=len(batch), error=type(exc).__name__)
                 for request, future in batch:
@@ -144,17 +176,83 @@ class Committer:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[tuple[VendRequest, asyncio.Future[VendOutcome]]]) -> None:
+    async def _take(self) -> list[_Item]:
+        """The next batch: what was carried over, then what is queued, up to batch_max."""
+        if not self._carry:
+            self._carry.append(await self._queue.get())
+        batch, self._carry = self._carry[:self._batch_max], self._carry[self._batch_max:]
+        while len(batch) < self._batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    async def _decide_ahead(self, prepared: PreparedTopUps, commit: asyncio.Task[bool]
+                            ) -> tuple[list[_Item], PreparedTopUps] | None:
+        """While `commit` runs, read and decide the requests queued meanwhile, on from the
+        committing batch's effects. Returns them with their decisions once the commit is known
+        to have written exactly what was prepared; else they go back to be decided afresh."""
+        effects = prepared.effects
+        queued: list[_Item] = []
+        while not self._carry and len(queued) < self._batch_max:
+            try:
+                queued.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        ahead: tuple[list[_Item], PreparedTopUps] | None = None
+        later = queued  # what the next batches take first
+        if queued and all(request.kind != "reversal" for request, _ in queued):
+            batch = [item for item in queued if item[0].client_txn_id not in effects.new_txn_ids]
+            if batch:
+                # The batch in flight writes nothing when it records no id: nothing to add then.
+                after = effects if effects.probe_txn_id is not None else None
+                decided = await self._prepare(self._reading, batch, after)
+                if decided is not None:
+                    ahead = (batch, decided)
+                    later = [item for item in queued if item[0].client_txn_id in effects.new_txn_ids]
+        self._carry = later + self._carry
+        try:
+            as_prepared = await commit
+        except BaseException:
+            if ahead is not None:
+                self._carry = ahead[0] + self._carry
+            raise
+        if ahead is not None and not as_prepared:
+            self._carry = ahead[0] + self._carry
+            return None
+        return ahead
+
+    async def _prepare(self, connection: _KeptConnection, batch: list[_Item],
+                       after: BatchEffects | None) -> PreparedTopUps | None:
+        """The batch read and decided, ready to commit; None when process_batch must decide it
+        (a reversal in it) or the reads failed (the commit path then retries them as usual)."""
+        requests = [request for request, _ in batch]
+        if any(r.kind == "reversal" for r in requests):
+            return None
+        try:
+            conn = await connection.get()
+            return await self._service.prepare_batch(conn, requests, self._clock(), after)
+        except _CONNECTION_LOST:
+            await connection.drop()
+            return None
+        except Exception as exc:
+            log.warning("batch_read_failed", batch_size=len(batch), error=type(exc).__name__)
+            return None
+
+    async def _commit(self, batch: list[_Item], prepared: PreparedTopUps | None) -> bool:
+        """Commit the batch and answer its sessions. True when `prepared` was committed as it was."""
         requests = [request for request, _ in batch]
         started = time.perf_counter()
+        as_prepared = False
         try:
-            outcomes = await self._transact(requests)
+            outcomes, as_prepared = await self._transact(requests, prepared)
         except Exception as exc:
             log.exception("batch_failed", batch_size=len(batch), error=type(exc).__name__)
             if len(batch) > 1 and not isinstance(exc, _INFRASTRUCTURE):
                 for item in batch:
-                    await self._commit([item])
-                return
+                    await self._commit([item], None)
+                return False
             outcomes = [decline(request, ResponseCode.SYSTEM_ERROR, "system error") for request in requests]
         if self._on_batch is not None:
             with contextlib.suppress(Exception):
@@ -162,22 +260,29 @@ class Committer:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+        return as_prepared
 
-    async def _transact(self, requests: list[VendRequest]) -> list[VendOutcome]:
+    async def _transact(self, requests: list[VendRequest], prepared: PreparedTopUps | None
+                        ) -> tuple[list[VendOutcome], bool]:
+        """The batch's outcomes, committed, and whether `prepared` was committed as it was (at
+        the first attempt); any later attempt decides the batch again from fresh reads."""
         refused: dict[int, PostStatus] = {}
         attempt = 0
         reconnects = 0
         # Each refusal round declines at least one more request, so those rounds are bounded by
         # the batch size; retryable SQLSTATEs get batch_retries_max attempts, a lost connection
         # reconnects_max.
-        for _ in range(len(requests) + batch_retries_max + reconnects_max + 1):
+        for _ in range(len(requests) + batch_retries_max + reconnects_max + 2):
             try:
-                conn = await self._connection()
-                return await self._service.process_batch(conn, requests, self._clock(), refused)
+                conn = await self._committing.get()
+                if prepared is not None:
+                    first, prepared = prepared, None
+                    return await self._service.commit_prepared(conn, first), True
+                return await self._service.process_batch(conn, requests, self._clock(), refused), False
             except RefusedByLedger as refusal:
                 refused.update(refusal.failed)
             except _CONNECTION_LOST:
-                await self._drop_connection()
+                await self._committing.drop()
                 if reconnects == reconnects_max:
                     raise
                 reconnects += 1
@@ -190,17 +295,31 @@ class Committer:
                     raise
                 await asyncio.sleep(0.001 * attempt)
             except _INFRASTRUCTURE:
-                await self._drop_connection()
+                await self._committing.drop()
                 raise
         raise AssertionError("unreachable: every round declines one more request or counts an attempt")
 
-    async def _connection(self) -> asyncpg.Connection:
-        """The committer's own connection, kept between batches: no acquire, no reset per batch."""
-        if self._conn is not None and self._closed(self._conn):
-            await self._drop_connection()
-        if self._conn is None:
-            self._conn = await self._pool.acquire(timeout=acquire_timeout_s)
-        return self._conn
+
+class _KeptConnection:
+    """A pooled connection kept between batches (no acquire and no reset per batch), replaced
+    once the server or the pool has ended it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        if self.conn is not None and self._closed(self.conn):
+            await self.drop()
+        if self.conn is None:
+            self.conn = await self._pool.acquire(timeout=acquire_timeout_s)
+        return self.conn
+
+    async def drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=acquire_timeout_s)
 
     @staticmethod
     def _closed(conn: asyncpg.Connection) -> bool:
@@ -208,9 +327,3 @@ class Committer:
             return bool(conn.is_closed())
         except asyncpg.InterfaceError:  # the pool took a connection that died back already
             return True
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await self._pool.release(conn, timeout=acquire_timeout_s)

@@ -154,6 +154,46 @@ class _Pending:
         self.float_after: int | None = None
 
 
+class BatchEffects(msgspec.Struct, frozen=True, kw_only=True):
+    """What a batch of top-ups writes that the next batch's decisions read: receipt counters and
+    daily totals per terminal, TIDs per meter, debt per customer; and the ids it records."""
+
+    probe_txn_id: str | None  # one id the batch records: visible to a read once the batch committed
+    new_txn_ids: frozenset[str]
+    receipts: dict[str, int]  # terminal -> receipts issued
+    approved: dict[tuple[str, date], int]  # (terminal, business date) -> amount approved
+    tids: dict[str, tuple[int, int]]  # meter -> (last TID issued, its base year)
+    debt_recovered: dict[int, int]  # debt account -> amount recovered
+
+    def apply(self, terminals: list[Row], meters: list[Row]) -> None:
+        """Add these effects to rows read before the batch committed (in place)."""
+        for row in terminals:
+            terminal = row["terminal_id"]
+            row["receipt_seq"] = int(row["receipt_seq"]) + self.receipts.get(terminal, 0)
+            row["approved_today_minor"] = (int(row["approved_today_minor"])
+                                           + self.approved.get((terminal, row["business_date"]), 0))
+        for row in meters:
+            tid = self.tids.get(row["meter_number"])
+            if tid is not None:
+                row["last_token_id"], row["last_token_base_year"] = tid
+            recovered = self.debt_recovered.get(int(row["debt_account_id"]), 0)
+            row["debt_balance_minor"] = int(row["debt_balance_minor"]) + recovered
+
+
+class PreparedTopUps:
+    """A decided batch of top-ups: its outcomes (approved ones completed by the commit), the
+    payments to post, the writing statement's arguments and what it will change."""
+
+    __slots__ = ("arguments", "effects", "outcomes", "pending")
+
+    def __init__(self, *, outcomes: list[Any], pending: list[_Pending], arguments: list[Any] | None,
+                 effects: BatchEffects) -> None:
+        self.outcomes = outcomes
+        self.pending = pending
+        self.arguments = arguments
+        self.effects = effects
+
+
 class VendingService:
     """Stateless apart from caches of system account ids and decoder keys."""
 
@@ -196,6 +236,29 @@ class VendingService:
                 return await self._process(conn, requests, now, refused or {})
         return await self._process(conn, requests, now, refused or {})
 
+    async def prepare_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
+                            after: BatchEffects | None = None) -> PreparedTopUps | None:
+        """Read and decide a batch of top-ups and advices, for commit_prepared() to write; None for
+        a batch holding a reversal (process_batch decides it). Reads only: `conn` may be another
+        connection than the one that commits, and `after` the effects of the batch committing
+        there now (see _prepare)."""
+        assert now.tzinfo is not None
+        if any(r.kind == "reversal" for r in requests):
+            return None
+        outcomes: list[Any] = [None] * len(requests)
+        return await self._prepare(conn, requests, list(range(len(requests))), outcomes, now, {}, after)
+
+    async def commit_prepared(self, conn: asyncpg.Connection, prepared: PreparedTopUps) -> list[VendOutcome]:
+        """The prepared batch's one statement, outside a transaction block: a transaction of its
+        own. A ledger refusal writes nothing and raises RefusedByLedger: the batch is then decided
+        again (process_batch with those declined)."""
+        assert not conn.is_in_transaction()
+        failed = await self._post_prepared(conn, prepared)
+        if failed:
+            raise RefusedByLedger(failed)
+        assert all(isinstance(o, VendOutcome) for o in prepared.outcomes)
+        return list(prepared.outcomes)
+
     async def _process(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
                        refused: dict[int, PostStatus]) -> list[VendOutcome]:
         outcomes: list[Any] = [None] * len(requests)
@@ -223,11 +286,28 @@ class VendingService:
 
     async def _topups_pass(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
                            outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
+        prepared = await self._prepare(conn, requests, indexes, outcomes, now, refused, None)
+        return await self._post_prepared(conn, prepared)
+
+    async def _prepare(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
+                       outcomes: list[Any], now: datetime, refused: dict[int, PostStatus],
+                       after: BatchEffects | None) -> PreparedTopUps:
+        """Read and decide the top-ups at `indexes`: everything but the writing statement.
+
+        `after`: the effects of a batch whose commit may still be running on another connection.
+        The read shows that batch's writes or none of them (one statement, one snapshot, one
+        committed transaction); when it shows none, the batch's effects are added to what was read,
+        so this batch numbers, tokens and splits on from it. Its ids must not be in this batch."""
         batch = [requests[i] for i in indexes]
         ids = [r.client_txn_id for r in batch]
+        if after is not None:
+            assert after.probe_txn_id is not None and not after.new_txn_ids & set(ids)
+            ids.append(after.probe_txn_id)
         known, terminal_rows, meter_rows = await self._read(
             conn, ids, list({r.terminal_id for r in batch}), list({r.meter_number for r in batch}), now)
         stored = {row["client_txn_id"]: row for row in known if row["stored"]}
+        if after is not None and stored.pop(after.probe_txn_id, None) is None:
+            after.apply(terminal_rows, meter_rows)
         reversed_ids = {row["client_txn_id"] for row in known if row["reversed"]}
         terminals = {row["terminal_id"]: row for row in terminal_rows}
         meters = {row["meter_number"]: row for row in meter_rows}
@@ -277,7 +357,8 @@ class VendingService:
             transfers = await self._transfers(conn, request, terminal, meter, split)
             pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers))
 
-        return await self._commit(conn, requests, pending, outcomes, terminals, dates, digests, reversed_ids, now)
+        return await self._prepare_commit(conn, requests, pending, outcomes, terminals, dates, digests,
+                                          reversed_ids, now)
 
     async def _read(self, conn: asyncpg.Connection, ids: list[str], terminal_ids: list[str],
                     meter_numbers: list[str], now: datetime) -> tuple[list[Row], list[Row], list[Row]]:
@@ -411,12 +492,12 @@ class VendingService:
             reasons = [s for s in failed if s != PostStatus.linked_failed]
             p.group_status = reasons[0] if reasons else (failed[0] if failed else PostStatus.ok)
 
-    async def _commit(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], pending: list[_Pending],
-                      outcomes: list[Any], terminals: dict[str, asyncpg.Record], dates: dict[str, date],
-                      digests: dict[int, bytes], reversed_ids: set[str], now: datetime) -> dict[int, PostStatus]:
-        """Number, token, seal and record every payment as approved, and post them all in one
-        statement. Should the ledger refuse any, nothing is written and the refused payments are
-        returned, for the batch to be decided again without them."""
+    async def _prepare_commit(self, conn: asyncpg.Connection, requests: Sequence[VendRequest],
+                              pending: list[_Pending], outcomes: list[Any], terminals: dict[str, asyncpg.Record],
+                              dates: dict[str, date], digests: dict[int, bytes], reversed_ids: set[str],
+                              now: datetime) -> PreparedTopUps:
+        """Number, token and seal every payment as approved, and build the statement that records
+        them and posts them all (_post_prepared)."""
         approved = pending
         # Receipt numbers: in arrival order per terminal, on from the counter the batch read;
         # BATCH_RECORD moves each counter by the receipts its terminal issued.
@@ -489,16 +570,33 @@ class VendingService:
         for number, (tid, base_year) in batch_tids.items():
             meter_updates.setdefault(number, [None, None, None])[1:] = [tid, base_year]
         meter_rows = [(number, *values) for number, values in sorted(meter_updates.items())]
+        arguments: list[Any] | None = None
+        new_ids = [row[0] for row in txn_rows]
         if txn_rows or meter_rows:
-            new_ids = [row[0] for row in txn_rows]
             columns = batch_columns([t for p in approved for t in p.transfers])
-            await self._post(conn, approved, [
+            arguments = [
                 columns.ids, columns.debit_account_ids, columns.credit_account_ids, columns.amounts_minor,
                 columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json,
                 new_ids, [i for i in new_ids if i not in reversed_ids],
                 *_columns(txn_rows, 13), *_columns(receipt_rows, 6), *_columns(token_rows, 9),
                 *_columns(outbox_rows, 4), *_columns(total_rows, 4), *_columns(meter_rows, 4), now,
-                *_columns(counter_rows, 2)])
+                *_columns(counter_rows, 2)]
+        debt_recovered: dict[int, int] = defaultdict(int)
+        for p in approved:
+            debt_recovered[int(p.meter["debt_account_id"])] += p.split.debt_recovery_minor
+        effects = BatchEffects(
+            probe_txn_id=new_ids[0] if new_ids else None, new_txn_ids=frozenset(new_ids),
+            receipts=dict(issued), approved={(t, dates[t]): amount for t, (_, amount) in totals.items()},
+            tids=dict(batch_tids), debt_recovered=dict(debt_recovered))
+        return PreparedTopUps(outcomes=outcomes, pending=approved, arguments=arguments, effects=effects)
+
+    async def _post_prepared(self, conn: asyncpg.Connection, prepared: PreparedTopUps) -> dict[int, PostStatus]:
+        """Post and record a prepared batch in its one statement. Should the ledger refuse any
+        payment, nothing is written and the refused payments are returned, for the batch to be
+        decided again without them."""
+        approved, outcomes = prepared.pending, prepared.outcomes
+        if prepared.arguments is not None:
+            await self._post(conn, approved, prepared.arguments)
             failed = {p.index: p.group_status for p in approved if p.group_status != PostStatus.ok}
             if failed:
                 return failed  # type: ignore[return-value]

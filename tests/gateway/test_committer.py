@@ -77,9 +77,9 @@ async def test_duplicate_ids_in_one_batch_are_applied_once(running: Running) -> 
 class _SlowVending(VendingService):
     """Holds every batch open a while: long enough for a session's wait to run out."""
 
-    async def process_batch(self, conn, requests, now, refused=None):  # type: ignore[no-untyped-def]
+    async def _prepare(self, *args):  # type: ignore[no-untyped-def]
         await asyncio.sleep(0.3)
-        return await super().process_batch(conn, requests, now, refused)
+        return await super()._prepare(*args)
 
 
 async def test_a_wait_that_runs_out_answers_busy_and_the_payment_still_commits(

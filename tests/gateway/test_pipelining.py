@@ -1,0 +1,216 @@
+"""The committer decides the next batch while one commits, on from that batch's effects.
+
+Each test holds the first batch at chosen points (a fake slowness in the vending service, on
+real PostgreSQL), so that the requests submitted meanwhile are decided ahead: either before the
+batch in flight commits (its effects added to what was read) or after (the read shows them).
+Receipts stay gap-free, TIDs rise, a customer's debt is recovered once, daily limits count the
+batch in flight, and a refused batch in flight sends the next one back to be decided afresh."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from float_ledger.ledger import post_transfers
+from float_ledger.model import Transfer
+from gateway.committer import Committer
+from gateway.records_check import check_all
+from gateway.seeding import DEMO_CURRENCY, seed, terminal_id
+from gateway.vending import BatchEffects, VendingService, VendOutcome, VendRequest
+from protocol.codes import ResponseCode
+from tests.gateway.conftest import Running
+
+
+class _Held(VendingService):
+    """Holds the first batch's reads (so later requests queue behind it), the batch's commit
+    statement, or the read of a batch decided ahead; counts the batches decided ahead."""
+
+    def __init__(self, keystore: Any, *, first_read_s: float = 0.2, post_s: float = 0.0,
+                 ahead_read_s: float = 0.0) -> None:
+        super().__init__(keystore)
+        self.first_read_s, self.post_s, self.ahead_read_s = first_read_s, post_s, ahead_read_s
+        self.reads = 0
+        self.decided_ahead = 0
+        self.posts = 0  # writing statements sent: a batch redone sends its statement again
+
+    async def _prepare(self, conn, requests, indexes, outcomes, now, refused, after):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        if self.reads == 1:
+            await asyncio.sleep(self.first_read_s)
+        if after is not None:
+            self.decided_ahead += 1
+            await asyncio.sleep(self.ahead_read_s)
+        return await super()._prepare(conn, requests, indexes, outcomes, now, refused, after)
+
+    async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+        self.posts += 1
+        await asyncio.sleep(self.post_s)
+        return await super()._post(conn, pending, arguments)
+
+
+@dataclass
+class Shop:
+    terminal: str
+    sts_meter: str
+    smart_meter: str
+    debt_account_id: int
+    receipt_seq: int
+
+
+async def new_shop(running: Running, *, float_minor: int = 10_000_000, debt_minor: int = 0) -> Shop:
+    """An agent with one terminal, an STS meter whose customer owes `debt_minor` (half of each
+    payment recovers it) and a smart meter."""
+    async with running.pool.acquire() as conn:
+        first_terminal = int(await conn.fetchval("SELECT count(*) FROM terminals")) + 1
+        first_meter = int(await conn.fetchval("SELECT count(*) FROM meters")) + 1
+        await seed(conn, running.keystore, agents=1, terminals=1, meters=3, seed_secret=running.seed_secret,
+                   float_each_minor=float_minor)
+        rows = await conn.fetch(
+            "SELECT m.meter_number, m.supply_mode, c.customer_id, c.debt_account_id FROM meters m"
+            " JOIN customers c USING (customer_id) ORDER BY m.meter_number DESC LIMIT 3")
+        assert len(rows) == 3 and first_meter > 0
+        sts = next(r for r in rows if r["supply_mode"] == "sts")
+        smart = next(r for r in rows if r["supply_mode"] == "smart")
+        await conn.execute("UPDATE customers SET debt_recovery_share_bp = 5000 WHERE customer_id = $1",
+                           sts["customer_id"])
+        if debt_minor:
+            collections = await conn.fetchval(
+                "SELECT account_id FROM system_accounts WHERE kind = 'utility_collections' AND currency = $1",
+                DEMO_CURRENCY)
+            [raised] = await post_transfers(conn, [Transfer(
+                id=uuid.uuid4(), debit_account_id=int(sts["debt_account_id"]), credit_account_id=int(collections),
+                amount_minor=debt_minor, currency=DEMO_CURRENCY, kind="debt_raised", metadata={})])
+            assert raised.status.posted
+        terminal = terminal_id(first_terminal)
+        seq = int(await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", terminal))
+    return Shop(terminal, sts["meter_number"], smart["meter_number"], int(sts["debt_account_id"]), seq)
+
+
+def topup(shop: Shop, n: int, meter: str, amount_minor: int) -> VendRequest:
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    return VendRequest(kind="topup", client_txn_id=f"{shop.terminal}-{today}-{700_000 + n:06d}",
+                       terminal_id=shop.terminal, meter_number=meter, amount_minor=amount_minor,
+                       currency=DEMO_CURRENCY)
+
+
+async def run_behind(running: Running, service: VendingService, first: VendRequest,
+                     behind: list[VendRequest]) -> list[VendOutcome]:
+    """`first` alone in a batch, `behind` submitted while that batch is being read and committed."""
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        leading = asyncio.create_task(committer.submit(first))
+        await asyncio.sleep(0.05)  # the committer holds `first`'s batch in its (held) read now
+        outcomes = await asyncio.gather(leading, *(committer.submit(r) for r in behind))
+    finally:
+        await committer.stop()
+    return list(outcomes)
+
+
+async def tids(running: Running, ids: list[str]) -> dict[str, int]:
+    async with running.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT client_txn_id, token_id FROM tokens WHERE client_txn_id = ANY($1)", ids)
+    return {r["client_txn_id"]: r["token_id"] for r in rows}
+
+
+@pytest.mark.parametrize("held", ["commit", "read_ahead"])
+async def test_a_batch_decided_ahead_numbers_tokens_limits_and_recovers_debt_on_from_the_one_in_flight(
+        running: Running, monkeypatch: pytest.MonkeyPatch, held: str) -> None:
+    """"commit": the batch ahead is read before the one in flight commits (its effects are added);
+    "read_ahead": after (the read shows them, and nothing is added twice)."""
+    shop = await new_shop(running, debt_minor=300)
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE terminals SET daily_limit_minor = 4500 WHERE terminal_id = $1", shop.terminal)
+    applied: list[BatchEffects] = []
+    apply = BatchEffects.apply
+
+    def counting_apply(self: BatchEffects, terminals: Any, meters: Any) -> None:
+        applied.append(self)
+        apply(self, terminals, meters)
+
+    monkeypatch.setattr(BatchEffects, "apply", counting_apply)
+    service = (_Held(running.keystore, post_s=0.4) if held == "commit"
+               else _Held(running.keystore, ahead_read_s=0.4))
+    a = topup(shop, 1, shop.sts_meter, 2_000)
+    b = topup(shop, 2, shop.sts_meter, 2_000)
+    c = topup(shop, 3, shop.smart_meter, 1_000)  # over the daily limit once a and b count
+    d = topup(shop, 4, shop.smart_meter, 500)
+    out = await run_behind(running, service, a, [b, c, d])
+    assert service.decided_ahead == 1
+    assert len(applied) == (1 if held == "commit" else 0)
+    assert service.posts == 2  # each batch committed as decided, at its first attempt
+    assert [o.response_code for o in out] == [ResponseCode.APPROVED, ResponseCode.APPROVED,
+                                              ResponseCode.LIMIT_EXCEEDED, ResponseCode.APPROVED]
+    # Gap-free, in arrival order, on from the batch in flight; the decline takes no number.
+    assert [o.receipt_number for o in out] == [shop.receipt_seq + 1, shop.receipt_seq + 2, None,
+                                               shop.receipt_seq + 3]
+    issued = await tids(running, [a.client_txn_id, b.client_txn_id])
+    assert issued[a.client_txn_id] < issued[b.client_txn_id]
+    # Half of each payment recovers the debt: a recovers all 300, b nothing more.
+    assert (out[0].debt_recovery_minor, out[1].debt_recovery_minor) == (300, 0)
+    assert out[3].float_remaining_minor == out[0].float_remaining_minor - 2_000 - 500  # type: ignore[operator]
+    async with running.pool.acquire() as conn:
+        debt = await conn.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", shop.debt_account_id)
+        seq = await conn.fetchval("SELECT receipt_seq FROM terminals WHERE terminal_id = $1", shop.terminal)
+        last_tid = await conn.fetchval("SELECT last_token_id FROM meters WHERE meter_number = $1", shop.sts_meter)
+        report = await check_all(conn)
+    assert debt == 0 and seq == shop.receipt_seq + 3 and last_tid == issued[b.client_txn_id]
+    assert report.holds, report.broken
+
+
+async def test_a_refusal_in_flight_sends_the_batch_decided_ahead_back_to_be_decided_afresh(
+        running: Running) -> None:
+    """The batch in flight had taken its payment to be approved; the ledger refuses it (the float
+    is short), so the receipt number the batch ahead continued from was never issued."""
+    shop = await new_shop(running, float_minor=3_000)
+    service = _Held(running.keystore, post_s=0.3)
+    refused = topup(shop, 1, shop.smart_meter, 5_000)
+    paid = topup(shop, 2, shop.smart_meter, 1_000)
+    out = await run_behind(running, service, refused, [paid])
+    assert service.decided_ahead == 1
+    # The refused batch's statement, its statement again with the payment declined, and the
+    # batch behind it decided afresh.
+    assert service.posts == 3
+    assert [o.response_code for o in out] == [ResponseCode.INSUFFICIENT_FLOAT, ResponseCode.APPROVED]
+    assert out[1].receipt_number == shop.receipt_seq + 1 and out[1].float_remaining_minor == 2_000
+    async with running.pool.acquire() as conn:
+        assert (await check_all(conn)).holds
+
+
+async def test_a_repeat_of_an_id_in_flight_waits_for_its_commit_and_replays_it(running: Running) -> None:
+    shop = await new_shop(running)
+    service = _Held(running.keystore, post_s=0.3)
+    first = topup(shop, 1, shop.sts_meter, 2_000)
+    other = topup(shop, 2, shop.smart_meter, 1_000)
+    out = await run_behind(running, service, first, [first, other])
+    assert service.decided_ahead == 1  # `other` went ahead; the repeat waited
+    assert out[1] == out[0] and out[0].response_code == ResponseCode.APPROVED
+    assert out[2].receipt_number == shop.receipt_seq + 2
+    async with running.pool.acquire() as conn:
+        groups = await conn.fetchval(
+            "SELECT count(DISTINCT group_id) FROM ledger_transfers WHERE metadata->>'client_txn_id' = $1",
+            first.client_txn_id)
+    assert groups == 1
+
+
+async def test_a_reversal_queued_behind_a_commit_is_not_decided_ahead(running: Running) -> None:
+    shop = await new_shop(running)
+    service = _Held(running.keystore, post_s=0.3)
+    payment = topup(shop, 1, shop.smart_meter, 2_000)
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{payment.client_txn_id}/R", terminal_id=shop.terminal,
+                           amount_minor=2_000, currency=DEMO_CURRENCY, original_txn_id=payment.client_txn_id,
+                           reason="reply lost")
+    out = await run_behind(running, service, payment, [reversal])
+    assert service.decided_ahead == 0
+    assert [o.response_code for o in out] == [ResponseCode.APPROVED, ResponseCode.APPROVED]
+    async with running.pool.acquire() as conn:
+        float_now = await conn.fetchval(
+            "SELECT a.balance_minor FROM ledger_accounts a JOIN agents g ON g.float_account_id = a.id"
+            " JOIN terminals t ON t.agent_id = g.agent_id WHERE t.terminal_id = $1", shop.terminal)
+        assert (await check_all(conn)).holds
+    assert float_now == 10_000_000  # the reversal restored the float in full
