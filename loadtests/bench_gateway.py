@@ -48,6 +48,8 @@ from loadtests.aio_terminal import AioTerminal
 from loadtests.deployment import (
     LocalDeployment,
     Population,
+    bucket_quantile_ms,
+    histogram_buckets,
     machine_busy_seconds,
     metric_sums,
     process_cpu_seconds,
@@ -102,12 +104,22 @@ class PhaseResult:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    # Inside the gateway, from a decoded request to its reply written (its own histogram): the
+    # upper bound of the bucket holding the quantile. Above, the terminals' view.
+    gateway_p50_ms: float | None
+    gateway_p99_ms: float | None
     mean_batch_size: float | None
     batches: int
     mean_batch_ms: float | None  # one batch's transaction, from its first statement to COMMIT
     committer_busy_share: float  # seconds spent committing per second of the phase (1.0: never idle)
     cpu_us_per_top_up: dict[str, float | None]  # CPU time per approved top-up: gateway, terminals, the rest
     machine_cpu_busy_share: float  # all cores: 1.0 means the machine had no idle CPU left
+
+
+def latency(phase: PhaseResult) -> dict[str, float | None]:
+    """The terminals' p50/p99, and the gateway's own (bucket upper bounds)."""
+    return {"p50": phase.p50_ms, "p99": phase.p99_ms, "in_gateway_p50_at_most": phase.gateway_p50_ms,
+            "in_gateway_p99_at_most": phase.gateway_p99_ms}
 
 
 def per_top_up_us(cpu_s: float, top_ups: int) -> float | None:
@@ -198,17 +210,19 @@ class Bench:
         self.deployment = deployment
         self.args = args
 
-    def batch_counters(self) -> tuple[float, float, float]:
-        """(requests in batches, batches, seconds spent committing batches) so far, from /metrics."""
+    def batch_counters(self) -> tuple[tuple[float, float, float], dict[float, float]]:
+        """(requests in batches, batches, seconds spent committing batches) so far, and the
+        gateway's own top-up latency histogram, from /metrics."""
         text = self.deployment.http_get("/metrics") or ""
         size_sum, count = metric_sums(text, "vendgate_commit_batch_size")
         seconds_sum, _ = metric_sums(text, "vendgate_commit_batch_duration_seconds")
-        return size_sum, count, seconds_sum
+        latency = histogram_buckets(text, "vendgate_request_duration_seconds", message_type="TopUpRequest")
+        return (size_sum, count, seconds_sum), latency
 
     async def phase(self, name: str, terminals: list[AioTerminal], meters: list[str],
                     rate_per_s: float | None) -> PhaseResult:
         duration_s = self.args.duration_s
-        batches_before = await asyncio.to_thread(self.batch_counters)
+        batches_before, latency_before = await asyncio.to_thread(self.batch_counters)
         assert self.deployment.process is not None
         gateway_pid = self.deployment.process.pid
         cpu_before = (process_cpu_seconds(gateway_pid), time.process_time(), machine_busy_seconds())
@@ -220,7 +234,7 @@ class Bench:
         elapsed_s = time.perf_counter() - started
         gateway_cpu_s, client_cpu_s, machine_cpu_s = (after - before for after, before in zip(
             (process_cpu_seconds(gateway_pid), time.process_time(), machine_busy_seconds()), cpu_before, strict=True))
-        batches_after = await asyncio.to_thread(self.batch_counters)
+        batches_after, latency_after = await asyncio.to_thread(self.batch_counters)
         batch_sum, batch_count, batch_seconds = (after - before for after, before in zip(batches_after,
                                                                                       batches_before, strict=True))
         latencies = sorted(tally.latencies_s)
@@ -231,6 +245,8 @@ class Bench:
             declined=sum(tally.codes.values()) - approved, errors=sum(tally.errors.values()),
             elapsed_s=round(elapsed_s, 2), p50_ms=percentile_ms(latencies, 0.50),
             p99_ms=percentile_ms(latencies, 0.99), max_ms=percentile_ms(latencies, 1.0),
+            gateway_p50_ms=bucket_quantile_ms(latency_before, latency_after, 0.50),
+            gateway_p99_ms=bucket_quantile_ms(latency_before, latency_after, 0.99),
             mean_batch_size=round(batch_sum / batch_count, 2) if batch_count else None, batches=int(batch_count),
             mean_batch_ms=round(batch_seconds / batch_count * 1000, 2) if batch_count else None,
             committer_busy_share=round(batch_seconds / elapsed_s, 2),
@@ -242,7 +258,8 @@ class Bench:
         for reason, count in tally.errors.most_common(3):
             log(f"  {name}: {count} x {reason}")
         log(f"{name}: {result.top_ups_per_s} top-ups/s (offered {result.offered_per_s}), p50 {result.p50_ms} ms, "
-            f"p99 {result.p99_ms} ms, mean batch {result.mean_batch_size} in {result.mean_batch_ms} ms "
+            f"p99 {result.p99_ms} ms (in the gateway <= {result.gateway_p50_ms}/{result.gateway_p99_ms} ms), "
+            f"mean batch {result.mean_batch_size} in {result.mean_batch_ms} ms "
             f"(committer busy {result.committer_busy_share}), CPU/top-up {result.cpu_us_per_top_up} us, machine CPU "
             f"busy {result.machine_cpu_busy_share}, declined {result.declined}, "
             f"errors {result.errors}")
@@ -377,12 +394,10 @@ async def bench(args: argparse.Namespace, deployment: LocalDeployment) -> dict[s
         "benchmark": "bench_gateway",
         "top_ups_per_s": {"spread_agents": spread_max.top_ups_per_s, "hot_agent": hot_max.top_ups_per_s},
         "latency_ms": {
-            f"spread_agents_at_{fraction_tag}": {"p50": spread_at.p50_ms, "p99": spread_at.p99_ms,
-                                                 "offered_per_s": spread_at.offered_per_s},
-            f"hot_agent_at_{fraction_tag}": {"p50": hot_at.p50_ms, "p99": hot_at.p99_ms,
-                                             "offered_per_s": hot_at.offered_per_s},
-            "spread_agents_at_max": {"p50": spread_max.p50_ms, "p99": spread_max.p99_ms},
-            "hot_agent_at_max": {"p50": hot_max.p50_ms, "p99": hot_max.p99_ms},
+            f"spread_agents_at_{fraction_tag}": {**latency(spread_at), "offered_per_s": spread_at.offered_per_s},
+            f"hot_agent_at_{fraction_tag}": {**latency(hot_at), "offered_per_s": hot_at.offered_per_s},
+            "spread_agents_at_max": latency(spread_max),
+            "hot_agent_at_max": latency(hot_max),
         },
         "mean_batch_size": {p.phase: p.mean_batch_size for p in phases},
         "pgbench": references,

@@ -248,6 +248,36 @@ def metric_sums(text: str, name: str) -> tuple[float, float]:
     return total, count
 
 
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def histogram_buckets(text: str, name: str, **labels: str) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of one labelled Prometheus histogram."""
+    buckets: dict[float, float] = {}
+    prefix = f"{name}_bucket{{"
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        label_text, _, value = line[len(prefix):].partition("} ")
+        found = dict(_LABEL.findall(label_text))
+        if all(found.get(k) == v for k, v in labels.items()) and "le" in found:
+            buckets[float(found["le"])] = float(value)
+    return buckets
+
+
+def bucket_quantile_ms(before: dict[float, float], after: dict[float, float], fraction: float) -> float | None:
+    """The upper bound (ms) of the bucket holding the `fraction` quantile of what was observed
+    between two readings: a value at most that, at the histogram's resolution."""
+    counts = sorted((bound, after.get(bound, 0.0) - before.get(bound, 0.0)) for bound in after)
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return None
+    for bound, cumulative in counts:
+        if cumulative >= fraction * total:
+            return None if bound == float("inf") else round(bound * 1000, 1)
+    return None
+
+
 def run_in_deployment(prefix: str, body: Callable[[LocalDeployment], Coroutine[Any, Any, T]], *,
                       keep: bool) -> T:
     """Run `body` on uvloop against a fresh durable deployment in a temporary folder, then tear
