@@ -94,7 +94,8 @@ _Item = tuple[VendRequest, "asyncio.Future[VendOutcome]"]
 class Committer:
     def __init__(self, pool: asyncpg.Pool, service: VendingService, *,
                  batch_max: int = batch_requests_max, queue_max: int = queue_requests_max,
-                 clock: Callable[[], datetime] = now_utc, on_batch: BatchObserver | None = None) -> None:
+                 clock: Callable[[], datetime] = now_utc, on_batch: BatchObserver | None = None,
+                 on_decided_ahead: Callable[[bool], None] | None = None) -> None:
         assert 1 <= batch_max <= queue_max
         self._pool = pool
         self._service = service
@@ -102,6 +103,7 @@ class Committer:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_max)
         self._clock = clock
         self._on_batch = on_batch
+        self._on_decided_ahead = on_decided_ahead  # called with True (kept) or False (dropped)
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._committing = _KeptConnection(pool)  # every batch's commit
@@ -218,6 +220,9 @@ class Committer:
             if ahead is not None:
                 self._carry = ahead[0] + self._carry
             raise
+        if ahead is not None and self._on_decided_ahead is not None:
+            with contextlib.suppress(Exception):
+                self._on_decided_ahead(as_prepared)
         if ahead is not None and not as_prepared:
             self._carry = ahead[0] + self._carry
             return None

@@ -24,6 +24,10 @@ class GatewayMetrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.batch_duration = Histogram("vendgate_commit_batch_duration_seconds", "Duration of one batch commit",
                                         buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.decided_ahead = Counter(
+            "vendgate_commit_batches_decided_ahead_total",
+            "Batches read and decided while the batch before them committed: kept (that batch committed as "
+            "decided) or dropped (decided afresh)", ["outcome"], registry=self.registry)
         self.sessions_open = Gauge("vendgate_sessions_open", "Open terminal sessions", ["channel"],
                                    registry=self.registry)
         self.connections_refused = Counter("vendgate_connections_refused_total", "Connections refused",
@@ -51,3 +55,6 @@ class GatewayMetrics:
     def observe_batch(self, size: int, duration_s: float) -> None:
         self.batch_size.observe(size)
         self.batch_duration.observe(duration_s)
+
+    def observe_decided_ahead(self, kept: bool) -> None:
+        self.decided_ahead.labels("kept" if kept else "dropped").inc()

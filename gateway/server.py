@@ -84,7 +84,8 @@ class Gateway:
         self.limits = limits or Limits()
         self.metrics = GatewayMetrics()
         self.vending = VendingService(keystore)
-        self.committer = Committer(pool, self.vending, on_batch=self.metrics.observe_batch)
+        self.committer = Committer(pool, self.vending, on_batch=self.metrics.observe_batch,
+                                   on_decided_ahead=self.metrics.observe_decided_ahead)
         self.handlers = Handlers(pool, keystore, self.committer, self.metrics)
         self._connections: set[_Connection] = set()
         self._by_terminal: dict[str, _Connection] = {}

@@ -19,3 +19,13 @@ def test_observe_request_counts_each_outcome_and_times_each_type() -> None:
     assert 'vendgate_requests_total{message_type="HeartbeatRequest",response_code="APPROVED"} 1.0' in text
     assert 'vendgate_request_duration_seconds_count{message_type="TopUpRequest"} 4.0' in text
     assert 'vendgate_request_duration_seconds_bucket{le="0.005",message_type="TopUpRequest"} 3.0' in text
+
+
+def test_batches_decided_ahead_are_counted_kept_or_dropped() -> None:
+    metrics = GatewayMetrics()
+    metrics.observe_decided_ahead(True)
+    metrics.observe_decided_ahead(True)
+    metrics.observe_decided_ahead(False)
+    text = generate_latest(metrics.registry).decode()
+    assert 'vendgate_commit_batches_decided_ahead_total{outcome="kept"} 2.0' in text
+    assert 'vendgate_commit_batches_decided_ahead_total{outcome="dropped"} 1.0' in text

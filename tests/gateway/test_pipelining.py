@@ -99,9 +99,10 @@ def topup(shop: Shop, n: int, meter: str, amount_minor: int) -> VendRequest:
 
 
 async def run_behind(running: Running, service: VendingService, first: VendRequest,
-                     behind: list[VendRequest]) -> list[VendOutcome]:
-    """`first` alone in a batch, `behind` submitted while that batch is being read and committed."""
-    committer = Committer(running.pool, service)
+                     behind: list[VendRequest], kept: list[bool] | None = None) -> list[VendOutcome]:
+    """`first` alone in a batch, `behind` submitted while that batch is being read and committed;
+    `kept` collects, per batch decided ahead, whether its decisions were kept."""
+    committer = Committer(running.pool, service, on_decided_ahead=None if kept is None else kept.append)
     committer.start()
     try:
         leading = asyncio.create_task(committer.submit(first))
@@ -140,8 +141,9 @@ async def test_a_batch_decided_ahead_numbers_tokens_limits_and_recovers_debt_on_
     b = topup(shop, 2, shop.sts_meter, 2_000)
     c = topup(shop, 3, shop.smart_meter, 1_000)  # over the daily limit once a and b count
     d = topup(shop, 4, shop.smart_meter, 500)
-    out = await run_behind(running, service, a, [b, c, d])
-    assert service.decided_ahead == 1
+    kept: list[bool] = []
+    out = await run_behind(running, service, a, [b, c, d], kept)
+    assert service.decided_ahead == 1 and kept == [True]
     assert len(applied) == (1 if held == "commit" else 0)
     assert service.posts == 2  # each batch committed as decided, at its first attempt
     assert [o.response_code for o in out] == [ResponseCode.APPROVED, ResponseCode.APPROVED,
@@ -171,8 +173,9 @@ async def test_a_refusal_in_flight_sends_the_batch_decided_ahead_back_to_be_deci
     service = _Held(running.keystore, post_s=0.3)
     refused = topup(shop, 1, shop.smart_meter, 5_000)
     paid = topup(shop, 2, shop.smart_meter, 1_000)
-    out = await run_behind(running, service, refused, [paid])
-    assert service.decided_ahead == 1
+    kept: list[bool] = []
+    out = await run_behind(running, service, refused, [paid], kept)
+    assert service.decided_ahead == 1 and kept == [False]
     # The refused batch's statement, its statement again with the payment declined, and the
     # batch behind it decided afresh.
     assert service.posts == 3
@@ -214,3 +217,29 @@ async def test_a_reversal_queued_behind_a_commit_is_not_decided_ahead(running: R
             " JOIN terminals t ON t.agent_id = g.agent_id WHERE t.terminal_id = $1", shop.terminal)
         assert (await check_all(conn)).holds
     assert float_now == 10_000_000  # the reversal restored the float in full
+
+
+async def test_a_read_connection_lost_while_deciding_ahead_leaves_the_requests_to_be_decided_afresh(
+        running: Running) -> None:
+    """The server ends the connection that decides ahead while it reads: the batch in flight
+    commits, and the requests behind it are decided afresh once it has."""
+    shop = await new_shop(running)
+
+    class _LosesItsReadingConnection(_Held):
+        async def _prepare(self, conn, requests, indexes, outcomes, now, refused, after):  # type: ignore[no-untyped-def]
+            if after is not None and self.decided_ahead == 0:
+                async with running.pool.acquire() as other:
+                    await other.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            return await super()._prepare(conn, requests, indexes, outcomes, now, refused, after)
+
+    service = _LosesItsReadingConnection(running.keystore, post_s=0.3)
+    kept: list[bool] = []
+    first = topup(shop, 1, shop.sts_meter, 2_000)
+    behind = [topup(shop, 2 + n, shop.smart_meter if n % 2 else shop.sts_meter, 1_000) for n in range(4)]
+    out = await run_behind(running, service, first, behind, kept)
+    assert [o.response_code for o in out] == [ResponseCode.APPROVED] * 5
+    assert [o.receipt_number for o in out] == [shop.receipt_seq + n for n in range(1, 6)]
+    assert service.decided_ahead == 1 and kept == []  # the failed read decided nothing
+    assert service.posts == 2  # the batch in flight, then the four behind it as one batch
+    async with running.pool.acquire() as conn:
+        assert (await check_all(conn)).holds
