@@ -295,6 +295,8 @@ class Gateway:
 
     async def _write(self, conn: _Connection, data: bytes) -> None:
         conn.writer.write(data)
+        if not conn.writer.transport.get_write_buffer_size():
+            return  # all of it went to the socket: nothing to wait for (the common case)
         async with asyncio.timeout(self.limits.write_drain_timeout_s):
             await conn.writer.drain()
 
