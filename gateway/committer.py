@@ -196,14 +196,16 @@ class Committer:
         committing batch's effects. Returns them with their decisions once the commit is known
         to have written exactly what was prepared; else they go back to be decided afresh."""
         effects = prepared.effects
+        waiting = self._carry  # taken earlier, not yet in a batch: they go first
         queued: list[_Item] = []
-        while not self._carry and len(queued) < self._batch_max:
+        while not waiting and len(queued) < self._batch_max:
             try:
                 queued.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
                 break
+        # Until they are in a batch, what was taken waits in _carry, in arrival order.
+        self._carry = queued + waiting
         ahead: tuple[list[_Item], PreparedTopUps] | None = None
-        later = queued  # what the next batches take first
         if queued and all(request.kind != "reversal" for request, _ in queued):
             batch = [item for item in queued if item[0].client_txn_id not in effects.new_txn_ids]
             if batch:
@@ -212,19 +214,21 @@ class Committer:
                 decided = await self._prepare(self._reading, batch, after)
                 if decided is not None:
                     ahead = (batch, decided)
-                    later = [item for item in queued if item[0].client_txn_id in effects.new_txn_ids]
-        self._carry = later + self._carry
+                    # Repeats of the ids in flight follow the batch decided ahead: they replay,
+                    # so they move no money and their place among the others does not matter.
+                    self._carry = [item for item in queued if item[0].client_txn_id in effects.new_txn_ids]
         try:
             as_prepared = await commit
         except BaseException:
-            if ahead is not None:
-                self._carry = ahead[0] + self._carry
+            self._carry = queued + waiting
             raise
         if ahead is not None and self._on_decided_ahead is not None:
             with contextlib.suppress(Exception):
                 self._on_decided_ahead(as_prepared)
         if ahead is not None and not as_prepared:
-            self._carry = ahead[0] + self._carry
+            # Decided afresh, in the order they arrived: a repeat that came first may now be the
+            # payment itself (the batch in flight did not record it).
+            self._carry = queued + waiting
             return None
         return ahead
 

@@ -1,12 +1,13 @@
 """Invariants of the payment records, checked by `vendgate ledger check` beside the ledger's.
 
-The payment path writes its records without foreign keys (gateway/migrations/0013_vend_records.sql),
+The payment path writes its records without foreign keys (gateway/migrations/0013_vend_records.sql,
+0014_vend_record_keys.sql),
 so this verifies what the keys would have:
 
 - vend_records_referenced   every payment record names a terminal that exists, every receipt a
                             payment and a terminal, every token a payment and a meter
-- vend_records_undeletable  the triggers refusing DELETE and TRUNCATE on those tables are present
-                            and enabled
+- vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
+                            tables are present and enabled
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 from float_ledger import sql as ledger_sql
 from float_ledger.check import CheckReport, InvariantResult, check_ledger, problems_shown_max
 
-UNDELETABLE_TRIGGERS = tuple(
+PROTECTING_TRIGGERS = tuple(
     f"{table}_{suffix}"
     for table in ("terminals", "meters", "vend_transactions", "receipts", "tokens")
-    for suffix in ("undeletable", "not_truncated"))
+    for suffix in ("undeletable", "not_truncated", "keys_fixed"))
 
 # One row per record naming a row that is not there; each part stops at the first few.
 SQL_UNREFERENCED = """
@@ -54,14 +55,15 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
         counts = await conn.fetchrow(SQL_COUNTS)
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
         triggers = [f"trigger {r['name']} is {'disabled' if r['tgenabled'] == 'D' else 'missing'}"
-                    for r in await conn.fetch(ledger_sql.SQL_CHECK_TRIGGERS, list(UNDELETABLE_TRIGGERS))]
+                    for r in await conn.fetch(ledger_sql.SQL_CHECK_TRIGGERS, list(PROTECTING_TRIGGERS))]
     return [
         InvariantResult("vend_records_referenced",
                         f"{counts['payments']} payments, {counts['receipts']} receipts and {counts['tokens']} "
                         "tokens name terminals, payments and meters that exist",
                         unreferenced[:problems_shown_max]),
-        InvariantResult("vend_records_undeletable",
-                        f"{len(UNDELETABLE_TRIGGERS)} triggers refusing DELETE and TRUNCATE present and enabled",
+        InvariantResult("vend_records_protected",
+                        f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes present and "
+                        "enabled",
                         triggers[:problems_shown_max]),
     ]
 

@@ -173,9 +173,14 @@ class BatchEffects(msgspec.Struct, frozen=True, kw_only=True):
             row["approved_today_minor"] = (int(row["approved_today_minor"])
                                            + self.approved.get((terminal, row["business_date"]), 0))
         for row in meters:
-            tid = self.tids.get(row["meter_number"])
-            if tid is not None:
-                row["last_token_id"], row["last_token_base_year"] = tid
+            issued = self.tids.get(row["meter_number"])
+            if issued is not None:
+                # As the commit statement moves it: forward only (another gateway may have issued
+                # a later TID, already in what was read), or onto a new base year.
+                tid, base_year = issued
+                last = row["last_token_id"]
+                if last is None or row["last_token_base_year"] != base_year or tid > int(last):
+                    row["last_token_id"], row["last_token_base_year"] = tid, base_year
             recovered = self.debt_recovered.get(int(row["debt_account_id"]), 0)
             row["debt_balance_minor"] = int(row["debt_balance_minor"]) + recovered
 

@@ -22,7 +22,7 @@ BEGIN
 END;
 $$;
 
--- <table>_undeletable and <table>_not_truncated on each (records_check.UNDELETABLE_TRIGGERS).
+-- <table>_undeletable and <table>_not_truncated on each (records_check.PROTECTING_TRIGGERS).
 DO $$
 DECLARE
     t text;

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -243,3 +243,61 @@ async def test_a_read_connection_lost_while_deciding_ahead_leaves_the_requests_t
     assert service.posts == 2  # the batch in flight, then the four behind it as one batch
     async with running.pool.acquire() as conn:
         assert (await check_all(conn)).holds
+
+
+async def test_a_later_tid_another_gateway_issued_meanwhile_is_not_moved_back(running: Running) -> None:
+    """Between the batch in flight's read and its commit, another gateway (its clock ten minutes
+    ahead) issues the meter a later TID; the batch decided ahead reads it, and must issue after
+    it, not after the batch in flight's earlier one."""
+    shop = await new_shop(running)
+    elsewhere = await new_shop(running)
+    t0 = datetime.now(UTC).replace(second=0, microsecond=0)
+    theirs = topup(elsewhere, 90, shop.sts_meter, 2_000)
+
+    class _OtherGatewayFirst(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            if self.posts == 0:
+                async with running.pool.acquire() as other:
+                    [paid] = await VendingService(running.keystore).process_batch(
+                        other, [theirs], t0 + timedelta(minutes=10))
+                assert paid.response_code == ResponseCode.APPROVED
+            return await super()._post(conn, pending, arguments)
+
+    service = _OtherGatewayFirst(running.keystore, post_s=0.6, ahead_read_s=0.3)
+    first, behind = topup(shop, 1, shop.sts_meter, 2_000), topup(shop, 2, shop.sts_meter, 2_000)
+    kept: list[bool] = []
+    committer = Committer(running.pool, service, clock=lambda: t0, on_decided_ahead=kept.append)
+    committer.start()
+    try:
+        leading = asyncio.create_task(committer.submit(first))
+        await asyncio.sleep(0.05)
+        out = await asyncio.gather(leading, committer.submit(behind))
+    finally:
+        await committer.stop()
+    assert [o.response_code for o in out] == [ResponseCode.APPROVED] * 2 and kept == [True]
+    issued = await tids(running, [first.client_txn_id, behind.client_txn_id, theirs.client_txn_id])
+    assert issued[first.client_txn_id] < issued[theirs.client_txn_id] < issued[behind.client_txn_id]
+
+
+async def test_requests_dropped_from_ahead_are_decided_again_in_arrival_order(running: Running) -> None:
+    """The batch in flight fails for good (its link lost twice), so its payment x was not
+    recorded; x sent again (x') arrived before y, of the same agent, whose float covers one of
+    them: x' is the one paid."""
+    shop = await new_shop(running, float_minor=3_000)
+
+    class _LinkLostTwice(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            if self.posts < 2:
+                self.posts += 1
+                await asyncio.sleep(self.post_s)
+                raise ConnectionResetError("link lost")
+            return await super()._post(conn, pending, arguments)
+
+    service = _LinkLostTwice(running.keystore, post_s=0.3)
+    x, y = topup(shop, 1, shop.smart_meter, 2_000), topup(shop, 2, shop.smart_meter, 2_000)
+    kept: list[bool] = []
+    out = await run_behind(running, service, x, [x, y], kept)
+    assert kept == [False]
+    assert [o.response_code for o in out] == [ResponseCode.SYSTEM_ERROR, ResponseCode.APPROVED,
+                                              ResponseCode.INSUFFICIENT_FLOAT]
+    assert out[1].receipt_number == shop.receipt_seq + 1

@@ -1,5 +1,5 @@
 """The payment records' invariants: `vendgate ledger check` finds a record naming nothing, and no
-payment record, terminal or meter can be deleted."""
+payment record, terminal or meter can be deleted or have its key changed."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import asyncpg
 import pytest
 
 from gateway.keystore import KeyStore
-from gateway.records_check import UNDELETABLE_TRIGGERS, check_all
+from gateway.records_check import PROTECTING_TRIGGERS, check_all
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
 from tests.ledger.test_check import ALL_INVARIANTS, vendgate_ledger_check
 
-VEND_INVARIANTS = {"vend_records_referenced", "vend_records_undeletable"}
+VEND_INVARIANTS = {"vend_records_referenced", "vend_records_protected"}
 
 
 @pytest.fixture
@@ -69,7 +69,10 @@ async def test_a_token_for_no_meter_and_a_payment_of_no_terminal_are_found(
         paid: tuple[asyncpg.Connection, str]) -> None:
     conn, _ = paid
     txn = await conn.fetchval("SELECT client_txn_id FROM tokens LIMIT 1")
-    # Renaming the referenced rows is how a record could come to name nothing now.
+    # Renaming the referenced rows is how a record could come to name nothing now (the keys'
+    # triggers refuse it: they are disabled to corrupt).
+    await conn.execute("ALTER TABLE meters DISABLE TRIGGER meters_keys_fixed")
+    await conn.execute("ALTER TABLE vend_transactions DISABLE TRIGGER vend_transactions_keys_fixed")
     await conn.execute("UPDATE meters SET meter_number = '99999999' WHERE meter_number = "
                        "(SELECT meter_number FROM tokens WHERE client_txn_id = $1)", txn)
     other = await conn.fetchval("SELECT client_txn_id FROM vend_transactions WHERE terminal_id = $1 LIMIT 1",
@@ -93,8 +96,25 @@ async def test_records_are_never_deleted(paid: tuple[asyncpg.Connection, str], t
 
 async def test_a_disabled_or_missing_delete_trigger_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
     conn, _ = paid
-    assert "receipts_undeletable" in UNDELETABLE_TRIGGERS
+    assert "receipts_undeletable" in PROTECTING_TRIGGERS
     await conn.execute("ALTER TABLE receipts DISABLE TRIGGER receipts_undeletable")
     await conn.execute("DROP TRIGGER tokens_not_truncated ON tokens")
-    assert await broken(conn) == {"vend_records_undeletable": ["trigger receipts_undeletable is disabled",
+    assert await broken(conn) == {"vend_records_protected": ["trigger receipts_undeletable is disabled",
                                                                "trigger tokens_not_truncated is missing"]}
+
+
+@pytest.mark.parametrize(("table", "change"), [
+    ("terminals", "terminal_id = 'ZZZZ0001'"), ("meters", "meter_number = '99999999'"),
+    ("vend_transactions", "terminal_id = 'ZZZZ0001'"), ("vend_transactions", "client_txn_id = client_txn_id || 'X'"),
+    ("receipts", "receipt_number = receipt_number + 1000"), ("receipts", "client_txn_id = 'NOPE-1'"),
+    ("tokens", "meter_number = '99999999'"), ("tokens", "client_txn_id = 'NOPE-1'")])
+async def test_the_keys_records_name_never_change(paid: tuple[asyncpg.Connection, str], table: str,
+                                                   change: str) -> None:
+    conn, _ = paid
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"the keys of {table} rows never change"):
+        await conn.execute(f"UPDATE {table} SET {change}")
+    # Other columns still change (a reprint, a voided token, a blocked terminal).
+    await conn.execute("UPDATE vend_transactions SET reprints = reprints + 1")
+    await conn.execute("UPDATE tokens SET status = 'voided'")
+    await conn.execute("UPDATE terminals SET status = 'blocked'")
+    assert await broken(conn) == {}
