@@ -47,6 +47,7 @@ batch_requests_max = 256
 queue_requests_max = 20_000
 batch_retries_max = 5
 acquire_timeout_s = 10.0
+reading_acquire_timeout_s = 0.5
 # A session waits this long for its payment's batch; then it answers SYSTEM_BUSY ("retry with
 # the same id"), which is safe: the payment either committed and the retry replays it, or not.
 submit_timeout_s = 30.0
@@ -107,7 +108,9 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._committing = _KeptConnection(pool)  # every batch's commit
-        self._reading = _KeptConnection(pool)  # decides the next batch while one commits
+        # Decides the next batch while one commits. A pool with no connection to spare costs only
+        # the deciding ahead, and only briefly: the batch is then decided on the commit's connection.
+        self._reading = _KeptConnection(pool, acquire_timeout_s=reading_acquire_timeout_s)
         # Taken from the queue but not yet in a batch (they repeat an id of the batch in flight).
         self._carry: list[_Item] = []
 
@@ -245,8 +248,11 @@ class Committer:
         except _CONNECTION_LOST:
             await connection.drop()
             return None
-        except Exception as exc:
+        except (asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("batch_read_failed", batch_size=len(batch), error=type(exc).__name__)
+            return None
+        except Exception as exc:  # our own bug: the commit path decides the batch again, visibly
+            log.exception("batch_decide_failed", batch_size=len(batch), error=type(exc).__name__)
             return None
 
     async def _commit(self, batch: list[_Item], prepared: PreparedTopUps | None) -> bool:
@@ -313,15 +319,16 @@ class _KeptConnection:
     """A pooled connection kept between batches (no acquire and no reset per batch), replaced
     once the server or the pool has ended it."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = acquire_timeout_s) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
         self.conn: asyncpg.Connection | None = None
 
     async def get(self) -> asyncpg.Connection:
         if self.conn is not None and self._closed(self.conn):
             await self.drop()
         if self.conn is None:
-            self.conn = await self._pool.acquire(timeout=acquire_timeout_s)
+            self.conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
         return self.conn
 
     async def drop(self) -> None:
