@@ -144,17 +144,31 @@ class Committer:
     async def submit(self, request: VendRequest) -> VendOutcome:
         if not self._accepting:
             raise CommitterBusy("stopping")
-        future: asyncio.Future[VendOutcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[VendOutcome] = loop.create_future()
         try:
             self._queue.put_nowait((request, future))
         except asyncio.QueueFull:
             raise CommitterBusy("queue full") from None
-        # Shielded: a session that goes away must not cancel a payment already queued.
+        # The session waits on a future of its own, woken by the outcome or by the time limit: a
+        # session that goes away cancels only that, never the payment already queued. (What
+        # asyncio.shield and asyncio.timeout do, for a fraction of their cost on every payment.)
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        future.add_done_callback(wake)
+        timer = loop.call_later(submit_timeout_s, wake)
         try:
-            async with asyncio.timeout(submit_timeout_s):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            raise CommitterBusy("batch still running") from None
+            await waiter
+        finally:
+            timer.cancel()
+            future.remove_done_callback(wake)
+        if not future.done():
+            raise CommitterBusy("batch still running")
+        return future.result()
 
     async def _run(self) -> None:
         ahead: tuple[list[_Item], PreparedTopUps] | None = None

@@ -144,7 +144,8 @@ class ClientTransactionId(_Record, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError("terminal_id has a character outside 0-9 A-Z")
 
     def as_key(self) -> str:
-        return f"{self.terminal_id}-{self.business_date:%Y%m%d}-{self.terminal_sequence:06d}"
+        day = self.business_date  # formatted field by field: strftime costs several times as much
+        return f"{self.terminal_id}-{day.year:04d}{day.month:02d}{day.day:02d}-{self.terminal_sequence:06d}"
 
     @classmethod
     def from_key(cls, key: str) -> ClientTransactionId:
