@@ -108,10 +108,9 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._committing = _KeptConnection(pool)  # every batch's commit
-        # Decides the next batch while one commits. A pool with no connection to spare costs only
-        # the deciding ahead, and only briefly: the batch is then decided on the commit's connection.
+        # Decides the next batch while one commits; taken only when the pool has one to spare.
         self._reading = _KeptConnection(pool, acquire_timeout_s=reading_acquire_timeout_s)
-        # Taken from the queue but not yet in a batch (they repeat an id of the batch in flight).
+        # Taken from the queue but not yet in a batch, in arrival order (_take takes them first).
         self._carry: list[_Item] = []
 
     def start(self) -> None:
@@ -223,7 +222,8 @@ class Committer:
         # Until they are in a batch, what was taken waits in _carry, in arrival order.
         self._carry = queued + waiting
         ahead: tuple[list[_Item], PreparedTopUps] | None = None
-        if queued and all(request.kind != "reversal" for request, _ in queued):
+        # Never waits for the pool: with no connection to spare, the batch is decided after the commit.
+        if queued and self._reading.ready() and all(request.kind != "reversal" for request, _ in queued):
             batch = [item for item in queued if item[0].client_txn_id not in effects.new_txn_ids]
             if batch:
                 # The batch in flight writes nothing when it records no id: nothing to add then.
@@ -262,7 +262,7 @@ class Committer:
         except _CONNECTION_LOST:
             await connection.drop()
             return None
-        except (asyncpg.PostgresError, TimeoutError) as exc:
+        except (asyncpg.PostgresError, TimeoutError, LookupError) as exc:  # the database's or its data's
             log.warning("batch_read_failed", batch_size=len(batch), error=type(exc).__name__)
             return None
         except Exception as exc:  # our own bug: the commit path decides the batch again, visibly
@@ -337,6 +337,12 @@ class _KeptConnection:
         self._pool = pool
         self._acquire_timeout_s = acquire_timeout_s
         self.conn: asyncpg.Connection | None = None
+
+    def ready(self) -> bool:
+        """Held already, or one the pool can hand over at once (idle, or room to open one)."""
+        if self.conn is not None:
+            return True
+        return bool(self._pool.get_idle_size() or self._pool.get_size() < self._pool.get_max_size())
 
     async def get(self) -> asyncpg.Connection:
         if self.conn is not None and self._closed(self.conn):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from float_ledger.ledger import post_transfers
@@ -301,3 +302,38 @@ async def test_requests_dropped_from_ahead_are_decided_again_in_arrival_order(ru
     assert [o.response_code for o in out] == [ResponseCode.SYSTEM_ERROR, ResponseCode.APPROVED,
                                               ResponseCode.INSUFFICIENT_FLOAT]
     assert out[1].receipt_number == shop.receipt_seq + 1
+
+
+async def test_with_no_connection_to_spare_nothing_is_decided_ahead_and_nothing_waits_for_one(
+        running: Running) -> None:
+    """A pool of one connection: the commit holds it, so the requests behind are decided after
+    the commit, on that connection, and the pool is never asked for a second one."""
+    shop = await new_shop(running)
+    real = await asyncpg.create_pool(running.db_url, min_size=1, max_size=1)
+    assert real is not None
+    acquired: list[object] = []
+
+    class _CountingPool:
+        def acquire(self, *args: Any, **kwargs: Any) -> Any:
+            acquired.append(kwargs.get("timeout"))
+            return real.acquire(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    pool: Any = _CountingPool()
+    service = _Held(running.keystore, post_s=0.2)
+    committer = Committer(pool, service)
+    committer.start()
+    first, behind = topup(shop, 1, shop.smart_meter, 1_000), [topup(shop, 2 + n, shop.smart_meter, 1_000)
+                                                              for n in range(3)]
+    try:
+        leading = asyncio.create_task(committer.submit(first))
+        await asyncio.sleep(0.05)
+        out = await asyncio.gather(leading, *(committer.submit(r) for r in behind))
+    finally:
+        await committer.stop()
+        await real.close()
+    assert [o.response_code for o in out] == [ResponseCode.APPROVED] * 4
+    assert [o.receipt_number for o in out] == [shop.receipt_seq + n for n in range(1, 5)]
+    assert service.decided_ahead == 0 and len(acquired) == 1  # the commit's connection only
