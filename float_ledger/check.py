@@ -110,7 +110,7 @@ async def check_ledger(conn: Any) -> CheckReport:
             return (changed + tips)[:limit]
 
         async def immutable() -> list[str]:
-            return [f"trigger {r['name']} is {'disabled' if r['tgenabled'] == 'D' else 'missing'}"
+            return [trigger_problem(r["name"], r["tgenabled"])
                     for r in await rows(sql.SQL_CHECK_TRIGGERS, list(IMMUTABILITY_TRIGGERS))]
 
         checks: list[tuple[str, str, Callable[[], Awaitable[list[str]]]]] = [
@@ -130,6 +130,12 @@ async def check_ledger(conn: Any) -> CheckReport:
         digest = await conn.fetchval(sql.SQL_LEDGER_DIGEST)
     return CheckReport(transfers=int(transfers), accounts=int(accounts), currencies=int(currencies),
                        digest_hex=bytes(digest).hex(), invariants=results)
+
+
+def trigger_problem(name: str, enabled: str | None) -> str:
+    """Why a trigger that must fire in every session does not (pg_trigger.tgenabled)."""
+    state = {None: "missing", "D": "disabled", "R": "enabled for replication sessions only"}.get(enabled, enabled)
+    return f"trigger {name} is {state}"
 
 
 def render(report: CheckReport) -> list[str]:

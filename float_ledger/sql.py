@@ -287,9 +287,10 @@ SELECT sha256(coalesce(string_agg(id::text || ':' || coalesce(encode(chain_hash,
                        '')::bytea) AS digest
   FROM ledger_accounts"""
 
-# The immutability triggers exist and are enabled.
+# The immutability triggers exist and fire in every session: enabled (O) or always (A), not disabled
+# (D) nor firing only in replication sessions (R).
 SQL_CHECK_TRIGGERS = """
 SELECT expected.name, t.tgenabled::text AS tgenabled
   FROM unnest($1::text[]) AS expected(name)
   LEFT JOIN pg_trigger t ON t.tgname = expected.name AND NOT t.tgisinternal
- WHERE t.tgname IS NULL OR t.tgenabled = 'D'"""
+ WHERE t.tgname IS NULL OR t.tgenabled NOT IN ('O', 'A')"""

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from float_ledger import sql as ledger_sql
-from float_ledger.check import CheckReport, InvariantResult, check_ledger, problems_shown_max
+from float_ledger.check import CheckReport, InvariantResult, check_ledger, problems_shown_max, trigger_problem
 
 PROTECTING_TRIGGERS = tuple(
     f"{table}_{suffix}"
@@ -54,7 +54,7 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         counts = await conn.fetchrow(SQL_COUNTS)
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
-        triggers = [f"trigger {r['name']} is {'disabled' if r['tgenabled'] == 'D' else 'missing'}"
+        triggers = [trigger_problem(r["name"], r["tgenabled"])
                     for r in await conn.fetch(ledger_sql.SQL_CHECK_TRIGGERS, list(PROTECTING_TRIGGERS))]
     return [
         InvariantResult("vend_records_referenced",

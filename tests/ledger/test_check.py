@@ -208,16 +208,24 @@ async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
     assert await broken(ledger) == {"balances_within_bounds"}
 
 
+async def immutability_problems(ledger: Any) -> list[str]:
+    report = await check_ledger(ledger)
+    [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]
+    return problems
+
+
 async def test_a_disabled_trigger_is_found(ledger: Any) -> None:
     await ledger.execute("ALTER TABLE ledger_transfers DISABLE TRIGGER ledger_transfers_immutable")
     assert await broken(ledger) == {"transfers_immutable"}
-    report = await check_ledger(ledger)
-    [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]
-    assert problems == ["trigger ledger_transfers_immutable is disabled"]
+    assert await immutability_problems(ledger) == ["trigger ledger_transfers_immutable is disabled"]
+    # Firing only in replication sessions protects nothing in the others.
+    await ledger.execute("ALTER TABLE ledger_transfers ENABLE REPLICA TRIGGER ledger_transfers_immutable")
+    assert await immutability_problems(ledger) == [
+        "trigger ledger_transfers_immutable is enabled for replication sessions only"]
+    await ledger.execute("ALTER TABLE ledger_transfers ENABLE ALWAYS TRIGGER ledger_transfers_immutable")
+    assert (await check_ledger(ledger)).holds
     await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
-    report = await check_ledger(ledger)
-    [problems] = [i.problems for i in report.invariants if i.name == "transfers_immutable"]
-    assert problems == ["trigger ledger_transfers_immutable is missing"]
+    assert await immutability_problems(ledger) == ["trigger ledger_transfers_immutable is missing"]
 
 
 async def test_the_check_runs_in_its_own_transaction(ledger: Any) -> None:
