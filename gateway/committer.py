@@ -223,7 +223,7 @@ class Committer:
         self._carry = queued + waiting
         ahead: tuple[list[_Item], PreparedTopUps] | None = None
         # Never waits for the pool: with no connection to spare, the batch is decided after the commit.
-        if queued and self._reading.ready() and all(request.kind != "reversal" for request, _ in queued):
+        if queued and self._reading.ready():
             batch = [item for item in queued if item[0].client_txn_id not in effects.new_txn_ids]
             if batch:
                 # The batch in flight writes nothing when it records no id: nothing to add then.
@@ -252,10 +252,9 @@ class Committer:
     async def _prepare(self, connection: _KeptConnection, batch: list[_Item],
                        after: BatchEffects | None) -> PreparedTopUps | None:
         """The batch read and decided, ready to commit; None when process_batch must decide it
-        (a reversal in it) or the reads failed (the commit path then retries them as usual)."""
+        (a reversal in it: prepare_batch declines it) or the reads failed (the commit path then
+        retries them as usual)."""
         requests = [request for request, _ in batch]
-        if any(r.kind == "reversal" for r in requests):
-            return None
         try:
             conn = await connection.get()
             return await self._service.prepare_batch(conn, requests, self._clock(), after)

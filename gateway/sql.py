@@ -124,7 +124,7 @@ SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max
 FROM terminals t JOIN agents a USING (agent_id)
 WHERE t.terminal_id = ANY($1::text[])"""
 # The same, with what each terminal has approved so far on its agent's business day at $2, and its
-# last receipt number (the batch numbers its receipts from there; BATCH_RECORD moves the counter).
+# last receipt number (the batch numbers its receipts from there; vend_commit_topups moves the counter).
 TERMINALS_FOR_VEND_WITH_TOTALS = """
 SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone,

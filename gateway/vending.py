@@ -1,6 +1,7 @@
 """Vending: turn a batch of top-ups, offline advices and reversals into money, receipts and tokens.
 
-`process_batch` runs inside ONE database transaction opened by the committer. For each request,
+A batch is ONE database transaction (for top-ups, one statement: vend_commit_topups; decided by
+`prepare_batch`, written by `commit_prepared`, or both by `process_batch`). For each request,
 in arrival order, it decides (replay, guard, limit, split), then posts every approved payment's
 linked transfer group with one ledger call, numbers receipts without gaps per terminal, issues
 STS tokens (never two with one TID for one meter), records the reply under the client
@@ -158,12 +159,16 @@ class BatchEffects(msgspec.Struct, frozen=True, kw_only=True):
     """What a batch of top-ups writes that the next batch's decisions read: receipt counters and
     daily totals per terminal, TIDs per meter, debt per customer; and the ids it records."""
 
-    probe_txn_id: str | None  # one id the batch records: visible to a read once the batch committed
     new_txn_ids: frozenset[str]
     receipts: dict[str, int]  # terminal -> receipts issued
     approved: dict[tuple[str, date], int]  # (terminal, business date) -> amount approved
     tids: dict[str, tuple[int, int]]  # meter -> (last TID issued, its base year)
     debt_recovered: dict[int, int]  # debt account -> amount recovered
+
+    @property
+    def probe_txn_id(self) -> str | None:
+        """One id the batch records: visible to a read once the batch committed (None: it writes nothing)."""
+        return next(iter(self.new_txn_ids), None)
 
     def apply(self, terminals: list[Row], meters: list[Row]) -> None:
         """Add these effects to rows read before the batch committed (in place)."""
@@ -505,7 +510,7 @@ class VendingService:
         them and posts them all (_post_prepared)."""
         approved = pending
         # Receipt numbers: in arrival order per terminal, on from the counter the batch read;
-        # BATCH_RECORD moves each counter by the receipts its terminal issued.
+        # the commit statement moves each counter by the receipts its terminal issued.
         receipt_numbers: dict[int, int] = {}
         issued: dict[str, int] = {}
         for p in approved:
@@ -590,7 +595,7 @@ class VendingService:
         for p in approved:
             debt_recovered[int(p.meter["debt_account_id"])] += p.split.debt_recovery_minor
         effects = BatchEffects(
-            probe_txn_id=new_ids[0] if new_ids else None, new_txn_ids=frozenset(new_ids),
+            new_txn_ids=frozenset(new_ids),
             receipts=dict(issued), approved={(t, dates[t]): amount for t, (_, amount) in totals.items()},
             tids=dict(batch_tids), debt_recovered=dict(debt_recovered))
         return PreparedTopUps(outcomes=outcomes, pending=approved, arguments=arguments, effects=effects)

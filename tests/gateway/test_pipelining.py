@@ -25,6 +25,7 @@ from gateway.seeding import DEMO_CURRENCY, seed, terminal_id
 from gateway.vending import BatchEffects, VendingService, VendOutcome, VendRequest
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
+from tests.gateway.test_load_and_shutdown import assert_each_approved_has_one_group
 
 
 class _Held(VendingService):
@@ -195,11 +196,7 @@ async def test_a_repeat_of_an_id_in_flight_waits_for_its_commit_and_replays_it(r
     assert service.decided_ahead == 1  # `other` went ahead; the repeat waited
     assert out[1] == out[0] and out[0].response_code == ResponseCode.APPROVED
     assert out[2].receipt_number == shop.receipt_seq + 2
-    async with running.pool.acquire() as conn:
-        groups = await conn.fetchval(
-            "SELECT count(DISTINCT group_id) FROM ledger_transfers WHERE metadata->>'client_txn_id' = $1",
-            first.client_txn_id)
-    assert groups == 1
+    await assert_each_approved_has_one_group(running.pool, [first.client_txn_id])
 
 
 async def test_a_reversal_queued_behind_a_commit_is_not_decided_ahead(running: Running) -> None:
