@@ -328,9 +328,17 @@ class Committer:
         raise AssertionError("unreachable: every round declines one more request or counts an attempt")
 
 
+# The committer's statements reach every row by key, for batches of 1 to batch_requests_max.
+# PostgreSQL's default re-plans a statement with array parameters on every execution (a custom
+# plan fitted to the arrays' length): for the batch read that planning cost more than running it
+# for a small batch. One generic plan per connection serves every size (index lookups).
+KEPT_CONNECTION_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+
 class _KeptConnection:
     """A pooled connection kept between batches (no acquire and no reset per batch), replaced
-    once the server or the pool has ended it."""
+    once the server or the pool has ended it. Its settings (KEPT_CONNECTION_SETTINGS) last until
+    it goes back to the pool, whose reset undoes them."""
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = acquire_timeout_s) -> None:
         self._pool = pool
@@ -347,7 +355,14 @@ class _KeptConnection:
         if self.conn is not None and self._closed(self.conn):
             await self.drop()
         if self.conn is None:
-            self.conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
+            conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
+            try:
+                for name, value in KEPT_CONNECTION_SETTINGS.items():
+                    await conn.execute("SELECT set_config($1, $2, false)", name, value)
+            except BaseException:
+                await self._pool.release(conn, timeout=acquire_timeout_s)
+                raise
+            self.conn = conn
         return self.conn
 
     async def drop(self) -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
+from asyncpg.pgproto.pgproto import UUID as _PgUUID  # the C UUID asyncpg decodes uuid columns into
 
 from float_ledger.ledger import reverse_group
 from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind, batch_columns
@@ -122,15 +123,28 @@ def decline(request: VendRequest, code: ResponseCode, message: str) -> VendOutco
 TOPUP_PARTS = ("collection", "debt_recovery", "energy_sale", "vat", "commission")
 
 
+_GROUP_NAMESPACE_BYTES = GROUP_NAMESPACE.bytes
+FastUUID: Callable[[bytes], uuid.UUID] = _PgUUID  # from 16 bytes; a uuid.UUID subclass
+_PART_BYTES = {part: bytes([number]) for number, part in enumerate(TOPUP_PARTS, start=1)}
+
+
 def group_id_for(client_txn_id: str) -> uuid.UUID:
-    return uuid.uuid5(GROUP_NAMESPACE, client_txn_id)
+    """uuid.uuid5(GROUP_NAMESPACE, client_txn_id) (RFC 9562 section 5.5: SHA-1 of the namespace
+    and the name, version 5, variant 10), built as asyncpg's C UUID, a uuid.UUID that equals and
+    hashes as the standard one: a fraction of uuid.uuid5's cost, on every payment."""
+    # SHA-1 because uuid5 is defined on it: an identifier, not a security boundary.
+    name = _GROUP_NAMESPACE_BYTES + client_txn_id.encode()
+    digest = bytearray(hashlib.sha1(name, usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return FastUUID(bytes(digest))
 
 
 def transfer_id_for(group_id: uuid.UUID, part: str) -> uuid.UUID:
     """A transfer's id within its top-up's group: the group id with its last byte set to the
     part's number (1-5). Deterministic, so a retry derives the same ids, and far cheaper than a
     fresh uuid5 per leg; two groups differing only in their last byte are 2^-112 unlikely."""
-    return uuid.UUID(int=(group_id.int & ~0xFF) | (TOPUP_PARTS.index(part) + 1))
+    return FastUUID(group_id.bytes[:15] + _PART_BYTES[part])
 
 
 def business_date(now: datetime, time_zone: str) -> date:

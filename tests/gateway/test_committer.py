@@ -386,3 +386,35 @@ def test_an_unreadable_ledger_refusal_is_an_error_not_a_guess(detail: str | None
 def test_a_ledger_refusal_names_the_transfers_not_posted() -> None:
     assert refused_statuses("2:insufficient_balance,3:linked_failed", 4) == [
         "ok", "insufficient_balance", "linked_failed", "ok"]
+
+
+async def test_the_committers_connections_plan_once_and_hand_back_their_settings(running: Running) -> None:
+    """Batches run with one generic plan per statement (no re-planning for every batch size), also
+    on a connection that replaces a lost one; a connection back in the pool has the defaults."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    requests = [VendRequest(kind="topup", client_txn_id=f"{terminal_id(11)}-{today}-{770001 + n}",
+                            terminal_id=terminal_id(11), meter_number=meter_number(11), amount_minor=500,
+                            currency="EUR") for n in range(2)]
+    committer = Committer(running.pool, VendingService(running.keystore))
+    committer.start()
+    try:
+        assert (await committer.submit(requests[0])).response_code == ResponseCode.APPROVED
+        assert committer._conn is not None
+        assert await committer._conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+        pid = committer._conn.get_server_pid()
+        async with running.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        assert (await committer.submit(requests[1])).response_code == ResponseCode.APPROVED
+        assert committer._conn is not None and committer._conn.get_server_pid() != pid
+        assert await committer._conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+        kept_pid = committer._conn.get_server_pid()
+    finally:
+        await committer.stop()
+    held = [await running.pool.acquire() for _ in range(running.pool.get_size())]
+    try:
+        returned = [c for c in held if c.get_server_pid() == kept_pid]
+        assert returned, "the committer's connection went back to the pool"
+        assert await returned[0].fetchval("SHOW plan_cache_mode") == "auto"
+    finally:
+        for conn in held:
+            await running.pool.release(conn)

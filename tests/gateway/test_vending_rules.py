@@ -11,7 +11,7 @@ from float_ledger.model import AccountKind, Transfer
 from gateway import registry
 from gateway.committer import Committer
 from gateway.seeding import DEMO_TARIFF, meter_number
-from gateway.vending import VendingService, VendRequest
+from gateway.vending import GROUP_NAMESPACE, TOPUP_PARTS, VendingService, VendRequest, group_id_for, transfer_id_for
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
 
@@ -101,3 +101,20 @@ async def test_receipts_stay_gap_free_across_a_reversal_in_the_batch(running: Ru
     assert [o.response_code for o in outcomes] == [ResponseCode.APPROVED] * 4
     assert [outcomes[i].receipt_number for i in (0, 2, 3)] == [before + 1, before + 2, before + 3]
     assert stored == [before + 1, before + 2, before + 3] and after == before + 3
+
+
+def test_payment_ids_are_the_uuid5_ids_every_earlier_gateway_derived() -> None:
+    """A retry must derive the ids its first attempt posted, whichever gateway version took it:
+    the group id is uuid5(GROUP_NAMESPACE, client transaction id) and a leg's id is the group id
+    with its last byte set to the leg's number (1-5)."""
+    names = [f"T{n:07d}-20261202-{n % 999_999 + 1:06d}" for n in range(0, 5_000_000, 997)]
+    names += ["", "K0000001-20991231-999999", "T\u00e9rminal-\U0001f600"]
+    for name in names:
+        group = group_id_for(name)
+        expected = uuid.uuid5(GROUP_NAMESPACE, name)
+        assert group == expected and hash(group) == hash(expected) and str(group) == str(expected)
+        assert isinstance(group, uuid.UUID) and group.version == 5
+        for number, part in enumerate(TOPUP_PARTS, start=1):
+            leg = transfer_id_for(group, part)
+            assert leg == uuid.UUID(int=(expected.int & ~0xFF) | number)
+            assert leg == transfer_id_for(expected, part)  # from a group id read back from the database
