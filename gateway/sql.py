@@ -162,12 +162,12 @@ SELECT ARRAY(SELECT ROW(q.*) FROM ({TXNS_AND_REVERSALS_GET_MANY}) AS q) AS known
        ARRAY(SELECT ROW(q.*) FROM ({_renumber(TERMINALS_FOR_VEND_WITH_TOTALS, {1: 2, 2: 4})}) AS q) AS terminals,
        ARRAY(SELECT ROW(q.*) FROM ({_renumber(METERS_FOR_VEND, {1: 3, 2: 4})}) AS q) AS meters"""
 
-# A batch of top-ups, committed in one statement (gateway/migrations/0012_vend_commit.sql): the
+# A batch of top-ups, committed in one statement (gateway/migrations/0015_vend_commit_lean.sql): the
 # batch's locks, the reversal check, the ledger groups and every row the batch records. Outside a
 # transaction block it is a transaction of its own. Raises V0001 (ledger refusal; DETAIL: each
 # transfer not posted, position:status) or V0002 (a reversal arrived since the batch's reads), writing nothing.
 VEND_COMMIT_TOPUPS = (
     "SELECT o_statuses, o_debit_afters FROM vend_commit_topups("
-    + ", ".join(f"${n}" for n in range(1, 54)) + ")")
+    + ", ".join(f"${n}" for n in range(1, 52)) + ")")
 STATE_LEDGER_REFUSED = "V0001"
 STATE_REVERSAL_ARRIVED = "V0002"

@@ -542,10 +542,10 @@ class VendingService:
             if p.meter["supply_mode"] == "sts":
                 token, tid = await self._issue_token(conn, p, now, batch_tids)
                 tokens.append(token)
-                token_rows.append((request.client_txn_id, request.meter_number, tid,
+                token_rows.append((request.client_txn_id, request.meter_number, tid,  # issued at `now`
                                    0, 0, p.split.units_deci_kwh,
                                    self.keystore.seal(token.encode(), f"token:{request.client_txn_id}"),
-                                   token[-4:], now))
+                                   token[-4:]))
             receipt_number = receipt_numbers[p.index]
             outcome = VendOutcome(
                 client_txn_id=request.client_txn_id, response_code=int(ResponseCode.APPROVED), message="approved",
@@ -559,7 +559,7 @@ class VendingService:
                 receipt_lines=receipt_lines(request, p, receipt_number, now),
             )
             outcomes[p.index] = _New(outcome)
-            receipt_rows.append((request.terminal_id, receipt_number, request.client_txn_id, now,
+            receipt_rows.append((request.terminal_id, receipt_number, request.client_txn_id,  # issued at `now`
                                  p.tariff.tariff_code, p.meter["tariff_valid_from"]))
             outbox_rows.append(("payment_received", request.client_txn_id, request.meter_number, msgspec.json.encode({
                 "client_txn_id": request.client_txn_id, "meter_number": request.meter_number,
@@ -598,11 +598,18 @@ class VendingService:
         new_ids = [row[0] for row in txn_rows]
         if txn_rows or meter_rows:
             columns = batch_columns([t for p in approved for t in p.transfers])
+            # A group's legs share one metadata text (batch_columns encodes each dict once): sent once.
+            group_metadata: list[str] = []
+            metadata_of: list[int] = []
+            for encoded in columns.metadata_json:
+                if not group_metadata or encoded is not group_metadata[-1]:
+                    group_metadata.append(encoded)
+                metadata_of.append(len(group_metadata))
             arguments = [
                 columns.ids, columns.debit_account_ids, columns.credit_account_ids, columns.amounts_minor,
-                columns.currencies, columns.kinds, columns.group_ids, columns.metadata_json,
-                new_ids, [i for i in new_ids if i not in reversed_ids],
-                *_columns(txn_rows, 13), *_columns(receipt_rows, 6), *_columns(token_rows, 9),
+                columns.currencies, columns.kinds, columns.group_ids, group_metadata, metadata_of,
+                *_columns(txn_rows, 13), [i for i in new_ids if i in reversed_ids],
+                *_columns(receipt_rows, 5), *_columns(token_rows, 8),
                 *_columns(outbox_rows, 4), *_columns(total_rows, 4), *_columns(meter_rows, 4), now,
                 *_columns(counter_rows, 2)]
         debt_recovered: dict[int, int] = defaultdict(int)
