@@ -360,7 +360,8 @@ class _KeptConnection:
                 for name, value in KEPT_CONNECTION_SETTINGS.items():
                     await conn.execute("SELECT set_config($1, $2, false)", name, value)
             except BaseException:
-                await self._pool.release(conn, timeout=acquire_timeout_s)
+                with contextlib.suppress(Exception):  # the reason it failed is what the caller needs
+                    await self._pool.release(conn, timeout=acquire_timeout_s)
                 raise
             self.conn = conn
         return self.conn

@@ -61,7 +61,12 @@ class _Link(asyncio.Protocol):
         try:
             events = self._session.receive_data(data)
         except ProtocolError as exc:
+            # The session is FAILED: hang up (the next request logs on afresh), and tell the
+            # request waiting, if any, why.
             self._fail(exc)
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
             return
         waiter = self._waiter
         if events and waiter is not None and not waiter.done():
@@ -126,10 +131,15 @@ class AioTerminal:
         if session is None or link is None or link.closed or link.transport is None:
             self.close()
             raise LinkLost("not connected")
+        try:
+            frame = session.send(message)
+        except ProtocolError:
+            self.close()
+            raise
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[ServerMessage] = loop.create_future()
         link.expect(waiter)
-        link.transport.write(session.send(message))
+        link.transport.write(frame)
         timer = loop.call_later(timeout_s, _time_out, waiter)
         try:
             reply = await waiter

@@ -2,7 +2,7 @@
 -- it does is unchanged). The database parses every jsonb argument and the gateway encodes every
 -- array element, for each batch, so:
 --   * metadata comes once per ledger group (p_group_metadata), each transfer naming its group's
---     (p_metadata_of, 1-based): a top-up's four or five legs share one, parsed once, not per leg;
+--     (p_metadata_of, 1-based): a top-up's legs (up to five) share one, parsed once, not per leg;
 --   * the ids the batch records are locked and checked against reversals from p_txn_id (no copy
 --     of them); p_reversed_ids names those the batch found reversed already (usually none);
 --   * receipts and tokens are issued at p_now, the batch's time, as they always were.
@@ -13,17 +13,9 @@
 --         those payments declined.
 --   V0002 a reversal (or a reversal's tombstone) now names a payment the batch took for
 --         unreversed. The caller reads again and decides again.
-DROP FUNCTION vend_commit_topups(
-    uuid[], bigint[], bigint[], bigint[], text[], text[], uuid[], jsonb[], text[], text[],
-    text[], text[], text[], bigint[], bytea[], integer[], text[], bigint[], text[], uuid[], bigint[], date[], bytea[],
-    text[], bigint[], text[], timestamptz[], text[], timestamptz[],
-    text[], text[], bigint[], integer[], integer[], bigint[], bytea[], text[], timestamptz[],
-    text[], text[], text[], jsonb[],
-    text[], date[], bigint[], bigint[],
-    text[], bigint[], bigint[], integer[],
-    timestamptz,
-    text[], bigint[]);
-
+-- The 53-argument form of 0012 stays, so that a gateway of the previous release still running
+-- while this migration applies keeps committing (PostgreSQL tells the two apart by their
+-- arguments); a later migration drops it once no such gateway can be left.
 CREATE FUNCTION vend_commit_topups(
     -- the ledger groups, as for ledger_apply_transfers, but metadata per group
     p_ids uuid[], p_debit bigint[], p_credit bigint[], p_amount bigint[], p_currency text[],

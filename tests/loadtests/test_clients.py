@@ -111,3 +111,51 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile_ms(values, 1.0) == round(values[-1] * 1000, 2)
     assert percentile_ms([0.002], 0.99) == 2.0
     assert percentile_ms([], 0.5) is None
+
+
+async def test_a_reply_that_fails_its_mac_hangs_up_and_the_terminal_logs_on_afresh(served: Served) -> None:
+    """Between the terminal and the gateway, a relay flips the last byte (in the MAC) of the first
+    connection's third reply: the request sees the session's ProtocolError, the terminal hangs
+    up, and the next logon, on a new connection, works."""
+    from protocol.errors import ProtocolError
+
+    connections = 0
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        corrupt = connections == 1
+        gateway_reader, gateway_writer = await asyncio.open_connection(served.target.host, served.target.pos_port)
+
+        async def upstream() -> None:
+            while data := await client_reader.read(65_536):
+                gateway_writer.write(data)
+            gateway_writer.close()
+
+        async def downstream() -> None:
+            replies = 0
+            while data := await gateway_reader.read(65_536):
+                replies += 1
+                client_writer.write(data[:-1] + bytes([data[-1] ^ 0x01]) if corrupt and replies == 3 else data)
+            client_writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tid, key = served.target.terminal(7)
+    terminal = AioTerminal(tid, key, "127.0.0.1", port)
+    try:
+        await terminal.logon()
+        with pytest.raises(ProtocolError):
+            await terminal.request(FloatInquiryRequest(), FloatInquiryResult)
+        assert not terminal.connected
+        with pytest.raises(LinkLost):
+            await terminal.request(FloatInquiryRequest(), FloatInquiryResult)
+        await terminal.logon()
+        inquiry = await terminal.request(FloatInquiryRequest(), FloatInquiryResult)
+        assert inquiry.response_code == ResponseCode.APPROVED
+    finally:
+        await terminal.logoff()
+        server.close()
+        await server.wait_closed()
