@@ -328,11 +328,14 @@ class Committer:
         raise AssertionError("unreachable: every round declines one more request or counts an attempt")
 
 
-# The committer's statements reach every row by key, for batches of 1 to batch_requests_max.
-# PostgreSQL's default re-plans a statement with array parameters on every execution (a custom
-# plan fitted to the arrays' length): for the batch read that planning cost more than running it
-# for a small batch. One generic plan per connection serves every size (index lookups).
-KEPT_CONNECTION_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+# The committer's statements reach every row by key, for batches of 1 to batch_requests_max. With
+# a few thousand agents or customers the planner takes a whole-table hash join for cheaper than a
+# few index lookups, and for the batches of a few payments that moderate load makes it is not:
+# the batch read cost three times the database's CPU it costs by index. (A generic plan, built
+# once, would save re-planning, but it is fitted to the tables as they were when the connection
+# first ran it: built on an empty vend_transactions it walked the whole table for every batch.)
+# The ledger's and the commit statement's functions set the same for themselves.
+KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off"}
 
 
 class _KeptConnection:
