@@ -85,7 +85,8 @@ BEGIN
     WITH counters AS (
         UPDATE terminals t SET receipt_seq = t.receipt_seq + k.n
           FROM unnest(p_ct_terminal, p_ct_count) AS k(terminal_id, n)
-         WHERE t.terminal_id = k.terminal_id
+         -- = ANY: reached by primary key whatever plan is cached (never a walk of every terminal)
+         WHERE t.terminal_id = k.terminal_id AND t.terminal_id = ANY (p_ct_terminal)
     ), txns AS (
         INSERT INTO vend_transactions (client_txn_id, kind, terminal_id, agent_id, request_sha256, response_code,
                                        meter_number, amount_minor, currency, group_id, receipt_number,
@@ -126,6 +127,6 @@ BEGIN
                                             OR k.tid > m.last_token_id THEN k.base_year
                                        ELSE m.last_token_base_year END
       FROM unnest(p_mt_number, p_mt_amount, p_mt_tid, p_mt_base_year) AS k(meter_number, amount, tid, base_year)
-     WHERE m.meter_number = k.meter_number;
+     WHERE m.meter_number = k.meter_number AND m.meter_number = ANY (p_mt_number);
 END;
 $$;
