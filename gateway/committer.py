@@ -328,13 +328,13 @@ class Committer:
         raise AssertionError("unreachable: every round declines one more request or counts an attempt")
 
 
-# The committer's statements reach every row by key, for batches of 1 to batch_requests_max. With
-# a few thousand agents or customers the planner takes a whole-table hash join for cheaper than a
-# few index lookups, and for the batches of a few payments that moderate load makes it is not:
-# the batch read cost three times the database's CPU it costs by index. (A generic plan, built
-# once, would save re-planning, but it is fitted to the tables as they were when the connection
-# first ran it: built on an empty vend_transactions it walked the whole table for every batch.)
-# The ledger's and the commit statement's functions set the same for themselves.
+# The committer's statements reach every row by key, for batches of 1 to batch_requests_max: no
+# table is scanned whole (with a few thousand agents or customers the planner takes a whole-table
+# hash join for cheaper than a few index lookups, and for the small batches of moderate load it
+# is not). Each batch is planned afresh: a generic plan, built once, is fitted to the tables as
+# they were when the connection first ran it, and one built on an empty vend_transactions walked
+# the whole table for every batch. The ledger's and the commit statement's functions set
+# enable_seqscan off for themselves.
 KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off"}
 
 
