@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import string
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -419,22 +422,62 @@ async def test_the_committers_connections_read_by_index_and_hand_back_their_sett
             await running.pool.release(conn)
 
 
+def relation_scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan that reads a table."""
+    found = [plan] if "Relation Name" in plan else []
+    for child in plan.get("Plans", []):
+        found.extend(relation_scans(child))
+    return found
+
+
+def by_key(scan: dict[str, Any]) -> bool:
+    """The node reads its table through an index, by a condition on the key (never a walk of
+    the whole table or of a whole index)."""
+    if scan["Node Type"] in ("Index Scan", "Index Only Scan"):
+        return "Index Cond" in scan
+    return scan["Node Type"] == "Bitmap Heap Scan" and "Recheck Cond" in scan
+
+
+def sql_array(values: list[str]) -> str:
+    """A text[] literal of terminal ids, meter numbers or client transaction ids (no quoting needed)."""
+    assert all(set(v) <= set(string.ascii_uppercase + string.digits + "-") for v in values)
+    return "'{" + ",".join(values) + "}'"
+
+
 async def test_the_batch_read_reaches_every_row_by_key_under_the_committers_settings(running: Running) -> None:
-    """With the settings the committer's connections run with, the batch read scans no table
-    whole, for a batch of one payment as for a full one: a small batch costs a few index
-    lookups, however many agents, customers and payments there are."""
+    """With the settings the committer's connections run with, the batch read reaches every table
+    by key, for a batch of one payment as for a full one, in its generic plan (the one the
+    committer's connections keep, made once whatever the tables held then) as in a plan made
+    for the values: a small batch costs a few index lookups, however many agents, customers and
+    payments there are."""
     async with running.pool.acquire() as conn:
         for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
             await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
         terminals = [r["terminal_id"] for r in await conn.fetch("SELECT terminal_id FROM terminals LIMIT 200")]
         meters = [r["meter_number"] for r in await conn.fetch("SELECT meter_number FROM meters LIMIT 200")]
         assert terminals and meters
-        plans = []
-        for size in (1, 200):
-            ids = [f"{terminals[n % len(terminals)]}-20261202-{n + 1:06d}" for n in range(size)]
-            plans.append("\n".join(row[0] for row in await conn.fetch(
-                "EXPLAIN " + committer_module.sql.VEND_BATCH_READ, ids, terminals[:size], meters[:size],
-                datetime.now(UTC))))
-    for plan in plans:
-        assert "Seq Scan" not in plan, plan
-        assert "vend_transactions_pkey" in plan and "agents_pkey" in plan, plan
+        await conn.execute("PREPARE batch_read(text[], text[], text[], timestamptz) AS "
+                           + committer_module.sql.VEND_BATCH_READ)
+        plans: dict[tuple[str, int], dict[str, Any]] = {}
+        try:
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                await conn.execute(f"SET plan_cache_mode = {mode}")
+                for size in (1, 200):
+                    ids = [f"{terminals[n % len(terminals)]}-20261202-{n + 1:06d}" for n in range(size)]
+                    explained = await conn.fetchval(
+                        f"EXPLAIN (FORMAT JSON) EXECUTE batch_read({sql_array(ids)}, {sql_array(terminals[:size])}, "
+                        f"{sql_array(meters[:size])}, '{datetime.now(UTC).isoformat()}')")
+                    plans[mode, size] = json.loads(explained)[0]["Plan"]
+        finally:
+            await conn.execute("DEALLOCATE batch_read")
+    for (mode, size), plan in plans.items():
+        scans = relation_scans(plan)
+        tables = {scan["Relation Name"] for scan in scans}
+        assert {"vend_transactions", "reversals", "terminals", "agents", "terminal_daily_totals", "meters",
+                "customers", "ledger_accounts", "vending_keys", "tariffs", "ledger_transfers"} <= tables, (mode, size)
+        assert all(by_key(scan) for scan in scans), (mode, size, [s for s in scans if not by_key(s)])
+    # The generic plan is one plan for any values: its conditions name the parameters.
+    generic = json.dumps(plans["force_generic_plan", 1])
+    assert "$2" in generic and "$3" in generic
+    assert "$2" not in json.dumps(plans["force_custom_plan", 1])
