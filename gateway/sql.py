@@ -125,10 +125,12 @@ WHERE delivered_at IS NULL AND attempts < $2 ORDER BY event_id LIMIT $1 FOR UPDA
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
 
+# (Run on the committer's connections too, for reversals: keyed lookups, as in METERS_FOR_VEND.)
 TERMINALS_FOR_VEND = """
 SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone
-FROM terminals t JOIN agents a USING (agent_id)
+FROM terminals t
+CROSS JOIN LATERAL (SELECT * FROM agents a WHERE a.agent_id = t.agent_id LIMIT 1) a
 WHERE t.terminal_id = ANY($1::text[])"""
 # The same, with what each terminal has approved so far on its agent's business day at $2, and its
 # last receipt number (the batch numbers its receipts from there; vend_commit_topups moves the counter).

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from float_ledger import sql as ledger_sql
 from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
 from gateway.records_check import check_all
@@ -432,7 +433,9 @@ def relation_scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 def by_key(scan: dict[str, Any]) -> bool:
     """The node reads its table through an index, by a condition on the key (never a walk of
-    the whole table or of a whole index)."""
+    the whole table or of a whole index); a write's rows come from the scans below it."""
+    if scan["Node Type"] == "ModifyTable":
+        return True
     if scan["Node Type"] in ("Index Scan", "Index Only Scan"):
         return "Index Cond" in scan
     return scan["Node Type"] == "Bitmap Heap Scan" and "Recheck Cond" in scan
@@ -481,3 +484,30 @@ async def test_the_batch_read_reaches_every_row_by_key_under_the_committers_sett
     generic = json.dumps(plans["force_generic_plan", 1])
     assert "$2" in generic and "$3" in generic
     assert "$2" not in json.dumps(plans["force_custom_plan", 1])
+
+
+@pytest.mark.parametrize(("statement", "types", "values"), [
+    (committer_module.sql.TERMINALS_FOR_VEND, "text[]", "'{T0000011}'"),
+    (committer_module.sql.TXN_GET, "text", "'T0000011-20261202-000001'"),
+    (committer_module.sql.REVERSALS_GET_MANY, "text[]", "'{T0000011-20261202-000001}'"),
+    (committer_module.sql.TOKEN_VOID, "text", "'T0000011-20261202-000001'"),
+    (committer_module.sql.ACCOUNT_BALANCES, "bigint[]", "'{1,2}'"),
+    (committer_module.sql.SYSTEM_ACCOUNT_GET, "text, text", "'vat_payable', 'EUR'"),
+    (ledger_sql.SQL_GROUP_TRANSFERS, "uuid", "'6f9619ff-8b86-d011-b42d-00c04fc964ff'"),
+], ids=["terminals", "txn", "reversals", "token_void", "balances", "system_account", "group_transfers"])
+async def test_what_else_runs_on_the_committers_connections_reaches_rows_by_key_in_its_generic_plan(
+        running: Running, statement: str, types: str, values: str) -> None:
+    """A reversal's statements and the system account lookup run on the committer's connections
+    as well, so with one generic plan each: by key too, whatever the tables held when it was made."""
+    async with running.pool.acquire() as conn:
+        for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
+            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        await conn.execute(f"PREPARE keyed({types}) AS {statement}")
+        try:  # EXPLAIN without ANALYZE: the statement is planned, not run
+            explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE keyed({values})")
+        finally:
+            await conn.execute("DEALLOCATE keyed")
+    plan = json.loads(explained)[0]["Plan"]
+    scans = relation_scans(plan)
+    assert scans and all(by_key(scan) for scan in scans), [s for s in scans if not by_key(s)]
+    assert "$1" in json.dumps(plan)  # the generic plan: its conditions name the parameter
