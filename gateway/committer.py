@@ -8,7 +8,9 @@ on a hot agent's float serve many payments. One queue keeps arrival order, hence
 Pipelined: while a batch of top-ups commits on the committer's connection, the requests queued
 meanwhile are read and decided on a second connection, on from that batch's effects (receipt
 counters, daily totals, TIDs, debt: vending.BatchEffects), and their statement goes as soon as
-that commit returns. Batches still commit one after the other, in arrival order. The decisions
+that commit returns. They are taken a little way into the commit (ahead_take_fraction of its
+expected time), so that the requests sent in answer to the previous batch's replies are among
+them. Batches still commit one after the other, in arrival order. The decisions
 are kept only when the batch before committed exactly as prepared, at its first attempt; else
 they are dropped and the requests decided afresh. A request repeating an id of the batch in
 flight waits for the next batch (it will replay); a batch holding a reversal is not decided ahead.
@@ -51,6 +53,16 @@ reading_acquire_timeout_s = 0.5
 # A session waits this long for its payment's batch; then it answers SYSTEM_BUSY ("retry with
 # the same id"), which is safe: the payment either committed and the retry replays it, or not.
 submit_timeout_s = 30.0
+# While a batch commits, the batch after it is taken from the queue this far into the commit's
+# expected time (an estimate from the commits before it), not at once: the sessions that the
+# previous batch's replies woke have sent their next requests by then, and those join the batch
+# decided ahead instead of waiting out one more commit. Deciding a batch (its reads and the
+# gateway's work) takes about half of what committing it does, so the rest of the commit's time
+# is left for that. The take happens at once when the queue holds a full batch, and the wait
+# never outlasts the commit.
+ahead_take_fraction = 0.3
+ahead_take_wait_max_s = 0.05
+commit_estimate_weight = 0.3  # of the latest commit in the running estimate of a commit's time
 assert batch_requests_max <= queue_requests_max
 # A top-up posts at most 5 transfers; one batch must fit one ledger call.
 assert batch_requests_max * 5 <= batch_transfers_max
@@ -112,6 +124,8 @@ class Committer:
         self._reading = _KeptConnection(pool, acquire_timeout_s=reading_acquire_timeout_s)
         # Taken from the queue but not yet in a batch, in arrival order (_take takes them first).
         self._carry: list[_Item] = []
+        self._commit_s_estimate = 0.0  # a running estimate of one batch's commit time
+        self._queue_full = asyncio.Event()  # set when a full batch is queued
 
     def start(self) -> None:
         assert self._task is None
@@ -149,6 +163,8 @@ class Committer:
             self._queue.put_nowait((request, future))
         except asyncio.QueueFull:
             raise CommitterBusy("queue full") from None
+        if self._queue.qsize() >= self._batch_max:
+            self._queue_full.set()
         # The session waits on a future of its own, woken by the outcome or by the time limit: a
         # session that goes away cancels only that, never the payment already queued. (What
         # asyncio.shield and asyncio.timeout do, for a fraction of their cost on every payment.)
@@ -213,6 +229,8 @@ class Committer:
         to have written exactly what was prepared; else they go back to be decided afresh."""
         effects = prepared.effects
         waiting = self._carry  # taken earlier, not yet in a batch: they go first
+        if not waiting:
+            await self._await_arrivals(commit)
         queued: list[_Item] = []
         while not waiting and len(queued) < self._batch_max:
             try:
@@ -249,6 +267,26 @@ class Committer:
             return None
         return ahead
 
+    async def _await_arrivals(self, commit: asyncio.Task[bool]) -> None:
+        """Let requests gather for the batch decided ahead (see ahead_take_fraction): until that
+        share of the commit's expected time has passed, the commit has ended, or a full batch
+        is queued, whichever comes first."""
+        wait_s = min(ahead_take_wait_max_s, ahead_take_fraction * self._commit_s_estimate)
+        if wait_s <= 0 or commit.done() or self._queue.qsize() >= self._batch_max:
+            return
+        self._queue_full.clear()
+        full = asyncio.ensure_future(self._queue_full.wait())
+        try:
+            await asyncio.wait((commit, full), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            full.cancel()
+
+    def _count_commit_time(self, seconds: float) -> None:
+        if self._commit_s_estimate == 0.0:
+            self._commit_s_estimate = seconds
+        else:
+            self._commit_s_estimate += commit_estimate_weight * (seconds - self._commit_s_estimate)
+
     async def _prepare(self, connection: _KeptConnection, batch: list[_Item],
                        after: BatchEffects | None) -> PreparedTopUps | None:
         """The batch read and decided, ready to commit; None when process_batch must decide it
@@ -282,9 +320,11 @@ class Committer:
                     await self._commit([item], None)
                 return False
             outcomes = [decline(request, ResponseCode.SYSTEM_ERROR, "system error") for request in requests]
+        elapsed_s = time.perf_counter() - started
+        self._count_commit_time(elapsed_s)
         if self._on_batch is not None:
             with contextlib.suppress(Exception):
-                self._on_batch(len(batch), time.perf_counter() - started)
+                self._on_batch(len(batch), elapsed_s)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)

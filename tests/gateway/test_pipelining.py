@@ -334,3 +334,36 @@ async def test_with_no_connection_to_spare_nothing_is_decided_ahead_and_nothing_
     assert [o.response_code for o in out] == [ResponseCode.APPROVED] * 4
     assert [o.receipt_number for o in out] == [shop.receipt_seq + n for n in range(1, 5)]
     assert service.decided_ahead == 0 and len(acquired) == 1  # the commit's connection only
+
+
+async def test_requests_sent_just_after_a_commit_starts_join_the_batch_decided_ahead(running: Running) -> None:
+    """Terminals answered by one batch send their next payments as the next batch starts to
+    commit: those are taken into the batch decided ahead (committed next), not left for the
+    batch after it."""
+    shop = await new_shop(running)
+    started = asyncio.Event()
+
+    class _Signalling(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            if self.posts == 1:  # the second batch's statement goes now
+                started.set()
+            return await super()._post(conn, pending, arguments)
+
+    service = _Signalling(running.keystore, first_read_s=0.0, post_s=0.25)
+    kept: list[bool] = []
+    committer = Committer(running.pool, service, on_decided_ahead=kept.append)
+    committer.start()
+    try:
+        first = await committer.submit(topup(shop, 1, shop.smart_meter, 1_000))  # its commit: about 0.25 s
+        second = asyncio.create_task(committer.submit(topup(shop, 2, shop.smart_meter, 1_000)))
+        await started.wait()
+        await asyncio.sleep(0.01)  # sent just after the second batch started to commit
+        third = await committer.submit(topup(shop, 3, shop.smart_meter, 1_000))
+        second_outcome = await second
+    finally:
+        await committer.stop()
+    assert service.decided_ahead == 1 and kept == [True], "the third payment was decided while the second committed"
+    assert [o.response_code for o in (first, second_outcome, third)] == [ResponseCode.APPROVED] * 3
+    assert [o.receipt_number for o in (first, second_outcome, third)] == [
+        shop.receipt_seq + 1, shop.receipt_seq + 2, shop.receipt_seq + 3]
+    assert service.posts == 3
