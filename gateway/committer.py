@@ -102,15 +102,6 @@ class CommitterBusy(Exception):
 
 BatchObserver = Callable[[int, float], None]
 _Item = tuple[VendRequest, "asyncio.Future[VendOutcome]"]
-# A batch committed: whether as prepared, and its outcomes if they are still to be released.
-_Committed = tuple[bool, list[VendOutcome] | None]
-
-
-def _release(batch: list[_Item], outcomes: list[VendOutcome]) -> None:
-    """Hand each waiting session its outcome (after the commit returned)."""
-    for (_, future), outcome in zip(batch, outcomes, strict=True):
-        if not future.done():
-            future.set_result(outcome)
 
 
 class Committer:
@@ -196,8 +187,6 @@ class Committer:
 
     async def _run(self) -> None:
         ahead: tuple[list[_Item], PreparedTopUps] | None = None
-        # The commit of `ahead`, started before the replies of the batch before it were released.
-        started: asyncio.Task[_Committed] | None = None
         prepared: PreparedTopUps | None
         while True:
             if ahead is not None:
@@ -206,28 +195,18 @@ class Committer:
             else:
                 batch = await self._take()
                 prepared = await self._prepare(self._committing, batch, None)
-            outcomes: list[VendOutcome] | None = None
             try:
                 if prepared is None:
-                    _, outcomes = await self._commit(batch, None)
+                    await self._commit(batch, None)
                     continue
-                commit = started if started is not None else asyncio.create_task(self._commit(batch, prepared))
-                started = None
+                commit = asyncio.create_task(self._commit(batch, prepared))
                 ahead = await self._decide_ahead(prepared, commit)
-                _, outcomes = commit.result()
-                if ahead is not None:
-                    # The next statement goes before this batch's replies are handed out: the
-                    # task's first step (encoding and sending it) is scheduled ahead of the
-                    # sessions those replies wake, so the database starts on it while they write.
-                    started = asyncio.create_task(self._commit(*ahead))
             except Exception as exc:  # our own bug: still, every waiting session gets an answer
                 log.exception("commit_crashed", batch_size=len(batch), error=type(exc).__name__)
-            finally:
-                if outcomes is not None:
-                    _release(batch, outcomes)
                 for request, future in batch:
                     if not future.done():
                         future.set_result(decline(request, ResponseCode.SYSTEM_ERROR, "system error"))
+            finally:
                 for _ in batch:
                     self._queue.task_done()
 
@@ -243,7 +222,7 @@ class Committer:
                 break
         return batch
 
-    async def _decide_ahead(self, prepared: PreparedTopUps, commit: asyncio.Task[_Committed]
+    async def _decide_ahead(self, prepared: PreparedTopUps, commit: asyncio.Task[bool]
                             ) -> tuple[list[_Item], PreparedTopUps] | None:
         """While `commit` runs, read and decide the requests queued meanwhile, on from the
         committing batch's effects. Returns them with their decisions once the commit is known
@@ -274,7 +253,7 @@ class Committer:
                     # so they move no money and their place among the others does not matter.
                     self._carry = [item for item in queued if item[0].client_txn_id in effects.new_txn_ids]
         try:
-            as_prepared, _ = await commit
+            as_prepared = await commit
         except BaseException:
             self._carry = queued + waiting
             raise
@@ -288,7 +267,7 @@ class Committer:
             return None
         return ahead
 
-    async def _await_arrivals(self, commit: asyncio.Task[_Committed]) -> None:
+    async def _await_arrivals(self, commit: asyncio.Task[bool]) -> None:
         """Let requests gather for the batch decided ahead (see ahead_take_fraction): until that
         share of the commit's expected time has passed, the commit has ended, or a full batch
         is queued, whichever comes first."""
@@ -327,10 +306,8 @@ class Committer:
             log.exception("batch_decide_failed", batch_size=len(batch), error=type(exc).__name__)
             return None
 
-    async def _commit(self, batch: list[_Item], prepared: PreparedTopUps | None) -> _Committed:
-        """Commit the batch. Returns whether `prepared` was committed as it was, and the outcomes
-        for the caller to release to the sessions (None when they were released here: a batch
-        split into single requests after a failure answers each as it goes)."""
+    async def _commit(self, batch: list[_Item], prepared: PreparedTopUps | None) -> bool:
+        """Commit the batch and answer its sessions. True when `prepared` was committed as it was."""
         requests = [request for request, _ in batch]
         started = time.perf_counter()
         as_prepared = False
@@ -340,17 +317,18 @@ class Committer:
             log.exception("batch_failed", batch_size=len(batch), error=type(exc).__name__)
             if len(batch) > 1 and not isinstance(exc, _INFRASTRUCTURE):
                 for item in batch:
-                    _, alone = await self._commit([item], None)
-                    if alone is not None:
-                        _release([item], alone)
-                return False, None
+                    await self._commit([item], None)
+                return False
             outcomes = [decline(request, ResponseCode.SYSTEM_ERROR, "system error") for request in requests]
         elapsed_s = time.perf_counter() - started
         self._count_commit_time(elapsed_s)
         if self._on_batch is not None:
             with contextlib.suppress(Exception):
                 self._on_batch(len(batch), elapsed_s)
-        return as_prepared, outcomes
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+        return as_prepared
 
     async def _transact(self, requests: list[VendRequest], prepared: PreparedTopUps | None
                         ) -> tuple[list[VendOutcome], bool]:
