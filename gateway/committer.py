@@ -278,6 +278,9 @@ class Committer:
         full = asyncio.ensure_future(self._queue_full.wait())
         try:
             await asyncio.wait((commit, full), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            commit.cancel()  # as awaiting it would: the commit goes down with the committer
+            raise
         finally:
             full.cancel()
 
@@ -321,7 +324,8 @@ class Committer:
                 return False
             outcomes = [decline(request, ResponseCode.SYSTEM_ERROR, "system error") for request in requests]
         elapsed_s = time.perf_counter() - started
-        self._count_commit_time(elapsed_s)
+        if as_prepared:  # a prepared batch's one statement, at its first attempt: what the estimate is of
+            self._count_commit_time(elapsed_s)
         if self._on_batch is not None:
             with contextlib.suppress(Exception):
                 self._on_batch(len(batch), elapsed_s)
@@ -405,6 +409,11 @@ class _KeptConnection:
             try:
                 for name, value in KEPT_CONNECTION_SETTINGS.items():
                     await conn.execute("SELECT set_config($1, $2, false)", name, value)
+                # Statements this connection prepared before it was kept may hold a generic plan
+                # made under the defaults (a sequential scan of a table that was small then), which
+                # force_generic_plan would reuse: asyncpg forgets its prepared statements (the
+                # pool's, all cheap to prepare again), so each is planned afresh under the settings.
+                await conn.reload_schema_state()
             except BaseException:
                 with contextlib.suppress(Exception):  # the reason it failed is what the caller needs
                     await self._pool.release(conn, timeout=acquire_timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import string
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,8 @@ import asyncpg
 import pytest
 
 from float_ledger import sql as ledger_sql
+from float_ledger.ledger import create_account, post_transfers
+from float_ledger.model import AccountKind, PostStatus, Transfer
 from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
 from gateway.records_check import check_all
@@ -511,3 +514,87 @@ async def test_what_else_runs_on_the_committers_connections_reaches_rows_by_key_
     scans = relation_scans(plan)
     assert scans and all(by_key(scan) for scan in scans), [s for s in scans if not by_key(s)]
     assert "$1" in json.dumps(plan)  # the generic plan: its conditions name the parameter
+
+
+async def test_a_kept_connection_plans_its_statements_afresh_under_the_committers_settings(running: Running) -> None:
+    """A pooled connection that served other work first prepares every statement again once the
+    committer keeps it: no plan made under the defaults (maybe while a table was small) is reused
+    under force_generic_plan."""
+    txn_id = f"{terminal_id(11)}-20261202-000001"
+    statement = committer_module.sql.TXN_GET
+    listed = "SELECT prepare_time, generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1"
+    pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            for _ in range(8):  # past the five custom plans after which PostgreSQL may keep a generic one
+                await conn.fetchrow(statement, txn_id)
+            [before] = await conn.fetch(listed, statement)
+        kept = committer_module._KeptConnection(pool)
+        conn = await kept.get()
+        try:
+            await conn.fetchrow(statement, txn_id)
+            after = await conn.fetch(listed, statement)
+        finally:
+            await kept.drop()
+    finally:
+        await pool.close()
+    assert before["custom_plans"] + before["generic_plans"] == 8
+    assert len(after) == 1, after  # the one prepared before is gone
+    assert after[0]["prepare_time"] > before["prepare_time"]
+    assert (after[0]["generic_plans"], after[0]["custom_plans"]) == (1, 0)
+
+
+async def test_every_plan_a_batch_runs_on_a_kept_connection_reaches_rows_by_key(running: Running) -> None:
+    """auto_explain, nested statements included, shows every plan that runs for a batch of
+    top-ups on a connection with the committer's settings: the batch read, vend_commit_topups,
+    the ledger's functions inside it and the constraint checks; and for a ledger replay (the
+    stored transfers read back). Each reaches its tables by key, in the generic plans kept."""
+    explained: list[dict[str, Any]] = []
+
+    def on_notice(_: object, message: asyncpg.PostgresLogMessage) -> None:
+        text = message.message or ""
+        if "plan:" in text:
+            explained.append(json.loads(text.split("plan:", 1)[1]))
+
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    requests = [VendRequest(kind="topup", client_txn_id=f"{terminal_id(12 + n)}-{today}-{780001 + n}",
+                            terminal_id=terminal_id(12 + n), meter_number=meter_number(12 + n), amount_minor=500,
+                            currency="EUR") for n in range(3)]
+    async with running.pool.acquire() as conn:
+        tables = {r["tablename"] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        # Statistics of small tables, as a young deployment has: the planner's cheapest plan for a
+        # few rows may walk a whole table or index, and a generic plan keeps what it chose.
+        await conn.execute("ANALYZE")
+        debit, credit = [await create_account(conn, kind=AccountKind.suspense, currency="EUR", owner_ref=f"plans-{n}",
+                                               lower_bound_minor=None) for n in range(2)]
+        replayed = Transfer(id=uuid.uuid4(), debit_account_id=debit, credit_account_id=credit, amount_minor=7,
+                            currency="EUR", kind="adjustment", metadata={})
+        [first] = await post_transfers(conn, [replayed])
+        for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
+            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        await conn.execute("LOAD 'auto_explain'")
+        for name, value in (("log_min_duration", "0"), ("log_nested_statements", "on"), ("log_format", "json"),
+                            ("log_level", "notice")):
+            await conn.execute(f"SET auto_explain.{name} = {value}")
+        conn.add_log_listener(on_notice)
+        try:
+            service = VendingService(running.keystore)
+            prepared = await service.prepare_batch(conn, requests, datetime.now(UTC))
+            assert prepared is not None
+            outcomes = await service.commit_prepared(conn, prepared)
+            [again] = await post_transfers(conn, [replayed])
+            await asyncio.sleep(0.05)  # notices are handed to the listener from the event loop
+        finally:
+            conn.remove_log_listener(on_notice)
+            await conn.execute("SET auto_explain.log_min_duration = -1")
+    assert [o.response_code for o in outcomes] == [ResponseCode.APPROVED] * 3
+    assert first.status == PostStatus.ok and again.status == PostStatus.exists
+    read = {scan["Relation Name"] for plan in explained for scan in relation_scans(plan["Plan"])}
+    assert {"vend_transactions", "terminals", "meters", "ledger_accounts", "ledger_transfers", "receipts",
+            "terminal_daily_totals"} <= read, read
+    assert any("JOIN ledger_transfers t ON t.id = u.id" in plan["Query Text"] for plan in explained)
+    walks = [(plan["Query Text"][:120], scan["Node Type"], scan["Relation Name"])
+             for plan in explained for scan in relation_scans(plan["Plan"])
+             if scan["Relation Name"] in tables and not by_key(scan)]
+    assert not walks, walks
