@@ -19,6 +19,7 @@ import pytest
 
 from float_ledger.ledger import post_transfers
 from float_ledger.model import Transfer
+from gateway import committer as committer_module
 from gateway.committer import Committer
 from gateway.records_check import check_all
 from gateway.seeding import DEMO_CURRENCY, seed, terminal_id
@@ -336,10 +337,14 @@ async def test_with_no_connection_to_spare_nothing_is_decided_ahead_and_nothing_
     assert service.decided_ahead == 0 and len(acquired) == 1  # the commit's connection only
 
 
-async def test_requests_sent_just_after_a_commit_starts_join_the_batch_decided_ahead(running: Running) -> None:
+async def test_requests_sent_just_after_a_commit_starts_join_the_batch_decided_ahead(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """Terminals answered by one batch send their next payments as the next batch starts to
     commit: those are taken into the batch decided ahead (committed next), not left for the
     batch after it."""
+    # Commits of half a second, so the take waits 0.15 s (the cap, raised for a slow machine's sake)
+    # and a payment sent 10 ms into the commit is in time.
+    monkeypatch.setattr(committer_module, "ahead_take_wait_max_s", 0.15)
     shop = await new_shop(running)
     started = asyncio.Event()
 
@@ -349,12 +354,12 @@ async def test_requests_sent_just_after_a_commit_starts_join_the_batch_decided_a
                 started.set()
             return await super()._post(conn, pending, arguments)
 
-    service = _Signalling(running.keystore, first_read_s=0.0, post_s=0.25)
+    service = _Signalling(running.keystore, first_read_s=0.0, post_s=0.5)
     kept: list[bool] = []
     committer = Committer(running.pool, service, on_decided_ahead=kept.append)
     committer.start()
     try:
-        first = await committer.submit(topup(shop, 1, shop.smart_meter, 1_000))  # its commit: about 0.25 s
+        first = await committer.submit(topup(shop, 1, shop.smart_meter, 1_000))  # its commit: about 0.5 s
         second = asyncio.create_task(committer.submit(topup(shop, 2, shop.smart_meter, 1_000)))
         await started.wait()
         await asyncio.sleep(0.01)  # sent just after the second batch started to commit
