@@ -385,6 +385,17 @@ class Committer:
 KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
 
 
+async def keep(conn: asyncpg.Connection) -> None:
+    """Make a pooled connection one of the committer's: its settings, and every statement planned
+    afresh under them."""
+    for name, value in KEPT_CONNECTION_SETTINGS.items():
+        await conn.execute("SELECT set_config($1, $2, false)", name, value)
+    # Statements this connection prepared before may hold a generic plan made under the defaults
+    # (a sequential scan of a table that was small then), which force_generic_plan would reuse:
+    # asyncpg forgets its prepared statements (the pool's, all cheap to prepare again).
+    await conn.reload_schema_state()
+
+
 class _KeptConnection:
     """A pooled connection kept between batches (no acquire and no reset per batch), replaced
     once the server or the pool has ended it. Its settings (KEPT_CONNECTION_SETTINGS) last until
@@ -407,13 +418,7 @@ class _KeptConnection:
         if self.conn is None:
             conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
             try:
-                for name, value in KEPT_CONNECTION_SETTINGS.items():
-                    await conn.execute("SELECT set_config($1, $2, false)", name, value)
-                # Statements this connection prepared before it was kept may hold a generic plan
-                # made under the defaults (a sequential scan of a table that was small then), which
-                # force_generic_plan would reuse: asyncpg forgets its prepared statements (the
-                # pool's, all cheap to prepare again), so each is planned afresh under the settings.
-                await conn.reload_schema_state()
+                await keep(conn)
             except BaseException:
                 with contextlib.suppress(Exception):  # the reason it failed is what the caller needs
                     await self._pool.release(conn, timeout=acquire_timeout_s)

@@ -457,8 +457,7 @@ async def test_the_batch_read_reaches_every_row_by_key_under_the_committers_sett
     for the values: a small batch costs a few index lookups, however many agents, customers and
     payments there are."""
     async with running.pool.acquire() as conn:
-        for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
-            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        await committer_module.keep(conn)
         assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
         terminals = [r["terminal_id"] for r in await conn.fetch("SELECT terminal_id FROM terminals LIMIT 200")]
         meters = [r["meter_number"] for r in await conn.fetch("SELECT meter_number FROM meters LIMIT 200")]
@@ -503,8 +502,7 @@ async def test_what_else_runs_on_the_committers_connections_reaches_rows_by_key_
     """A reversal's statements and the system account lookup run on the committer's connections
     as well, so with one generic plan each: by key too, whatever the tables held when it was made."""
     async with running.pool.acquire() as conn:
-        for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
-            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        await committer_module.keep(conn)
         await conn.execute(f"PREPARE keyed({types}) AS {statement}")
         try:  # EXPLAIN without ANALYZE: the statement is planned, not run
             explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE keyed({values})")
@@ -571,8 +569,7 @@ async def test_every_plan_a_batch_runs_on_a_kept_connection_reaches_rows_by_key(
         replayed = Transfer(id=uuid.uuid4(), debit_account_id=debit, credit_account_id=credit, amount_minor=7,
                             currency="EUR", kind="adjustment", metadata={})
         [first] = await post_transfers(conn, [replayed])
-        for name, value in committer_module.KEPT_CONNECTION_SETTINGS.items():
-            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        await committer_module.keep(conn)
         await conn.execute("LOAD 'auto_explain'")
         for name, value in (("log_min_duration", "0"), ("log_nested_statements", "on"), ("log_format", "json"),
                             ("log_level", "notice")):
