@@ -66,14 +66,12 @@ SQL_FLOAT = """
 SELECT a.currency, a.low_float_threshold_minor, l.balance_minor
 FROM terminals t JOIN agents a USING (agent_id) JOIN ledger_accounts l ON l.id = a.float_account_id
 WHERE t.terminal_id = $1"""
+# Each approved transaction on the business date it was processed on: a reversal (its own record,
+# kind 'reversal', approved only when it undid a payment) on its own date, not its original's.
 SQL_EOD = """
 SELECT kind, count(*) FILTER (WHERE response_code = 0) AS n,
        coalesce(sum(amount_minor) FILTER (WHERE response_code = 0), 0) AS total
 FROM vend_transactions WHERE terminal_id = $1 AND business_date = $2 GROUP BY kind"""
-SQL_EOD_REVERSED = """
-SELECT count(*) AS n, coalesce(sum(v.amount_minor), 0) AS total
-FROM reversals r JOIN vend_transactions v ON v.client_txn_id = r.original_txn_id
-WHERE r.original_found AND v.terminal_id = $1 AND v.business_date = $2"""
 
 
 def wire_amount(value: int | None) -> int:
@@ -231,6 +229,8 @@ class Handlers:
             debt_minor=wire_amount(-int(row["debt_balance_minor"])), currency=context.currency, last_purchase=last))
 
     async def _float(self, context: registry.TerminalContext) -> FloatInquiryResult:
+        if "float" not in context.allowed_operations:
+            return FloatInquiryResult(response_code=ResponseCode.NOT_PERMITTED, currency=context.currency)
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
             row = await conn.fetchrow(SQL_FLOAT, context.terminal_id)
         assert row is not None
@@ -239,6 +239,9 @@ class Handlers:
                                   low_float_threshold_minor=wire_amount(int(row["low_float_threshold_minor"])))
 
     async def _reprint(self, context: registry.TerminalContext, message: ReprintRequest) -> ReprintResult:
+        if "reprint" not in context.allowed_operations:
+            # A reprint hands out the payment's token again: only where the back office allows it.
+            return ReprintResult(response_code=ResponseCode.NOT_PERMITTED)
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
             if message.client_transaction_id is not None:
                 key = message.client_transaction_id.as_key()
@@ -268,17 +271,17 @@ class Handlers:
 
     async def _end_of_day(self, context: registry.TerminalContext, message: EndOfDayRequest) -> EndOfDayResult:
         day: date = message.business_date
+        if "eod" not in context.allowed_operations:
+            return EndOfDayResult(response_code=ResponseCode.NOT_PERMITTED, business_date=day,
+                                  currency=context.currency)
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
             rows = {r["kind"]: r for r in await conn.fetch(SQL_EOD, context.terminal_id, day)}
-            reversed_row = await conn.fetchrow(SQL_EOD_REVERSED, context.terminal_id, day)
-        assert reversed_row is not None
 
         def totals(kind: str) -> tuple[int, int]:
             row = rows.get(kind)
             return (int(row["n"]), int(row["total"])) if row else (0, 0)
 
-        top_ups, advices = totals("topup"), totals("advice")
-        reversals = (int(reversed_row["n"]), int(reversed_row["total"]))
+        top_ups, reversals, advices = totals("topup"), totals("reversal"), totals("advice")
         server = (top_ups, reversals, advices)
         terminal = ((message.top_up_count, message.top_up_total_minor),
                     (message.reversal_count, message.reversal_total_minor),

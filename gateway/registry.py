@@ -122,14 +122,22 @@ async def add_agent(
         raise RegistryError("commission rate must be 0..10000 basis points")
     await ensure_system_accounts(conn, currency)
     async with conn.transaction():
+        agent_id = int(await conn.fetchval(sql.AGENT_NEXT_ID))
+        owner = agent_owner_ref(agent_id)
         float_id = await create_account(conn, kind=AccountKind.agent_float, currency=currency,
-                                        owner_ref=f"agent:{name}", lower_bound_minor=0,
+                                        owner_ref=owner, lower_bound_minor=0,
                                         low_threshold_minor=low_float_threshold_minor or None)
         commission_id = await create_account(conn, kind=AccountKind.commission_payable, currency=currency,
-                                             owner_ref=f"agent:{name}", lower_bound_minor=0)
-        agent_id = await conn.fetchval(sql.AGENT_INSERT, kind, name, contact, currency, float_id, commission_id,
-                                       commission_rate_bp, low_float_threshold_minor, time_zone)
+                                             owner_ref=owner, lower_bound_minor=0)
+        await conn.execute(sql.AGENT_INSERT, agent_id, kind, name, contact, currency, float_id, commission_id,
+                           commission_rate_bp, low_float_threshold_minor, time_zone)
     return await get_agent(conn, int(agent_id))
+
+
+def agent_owner_ref(agent_id: int) -> str:
+    """The owner of an agent's float and commission accounts: its id, never its name (names need
+    not be unique; reconciliation finds the agent's commission accounts by their owner)."""
+    return f"agent:{agent_id}"
 
 
 async def get_agent(conn: asyncpg.Connection, agent_id: int) -> Agent:

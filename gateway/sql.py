@@ -13,10 +13,13 @@ SYSTEM_ACCOUNT_INSERT = """
 INSERT INTO system_accounts (kind, currency, account_id) VALUES ($1, $2, $3)
 ON CONFLICT (kind, currency) DO NOTHING"""
 
+# The agent's id is taken first: its ledger accounts are owned by it (agent_owner_ref), and two
+# agents may share a name.
+AGENT_NEXT_ID = "SELECT nextval(pg_get_serial_sequence('agents', 'agent_id'))"
 AGENT_INSERT = """
-INSERT INTO agents (kind, name, contact, currency, float_account_id, commission_account_id,
+INSERT INTO agents (agent_id, kind, name, contact, currency, float_account_id, commission_account_id,
                     commission_rate_bp, low_float_threshold_minor, time_zone)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 RETURNING agent_id"""
 AGENT_GET = "SELECT * FROM agents WHERE agent_id = $1"
 

@@ -165,11 +165,13 @@ def business_date(now: datetime, time_zone: str) -> date:
 class _Pending:
     """A top-up that passed every guard and waits for the ledger's verdict."""
 
-    __slots__ = ("float_after", "group_status", "index", "meter", "request", "split", "tariff", "terminal", "transfers")
+    __slots__ = ("float_after", "group_status", "index", "meter", "request", "split", "tariff", "terminal", "tid",
+                 "transfers")
 
     def __init__(self, index: int, request: VendRequest, terminal: asyncpg.Record, meter: asyncpg.Record,
-                 tariff: Tariff, split: Any, transfers: list[Transfer]) -> None:
+                 tariff: Tariff, split: Any, transfers: list[Transfer], tid: tuple[int, int] | None = None) -> None:
         self.index = index
+        self.tid = tid  # a token meter's: (TID allotted, its base year)
         self.request = request
         self.terminal = terminal
         self.meter = meter
@@ -349,6 +351,7 @@ class VendingService:
         dates = {tid: row["business_date"] for tid, row in terminals.items()}
         daily = {tid: int(row["approved_today_minor"]) for tid, row in terminals.items()}
 
+        batch_tids: dict[str, tuple[int, int]] = {}  # meter -> (last TID allotted in this batch, its base year)
         seen_in_batch: dict[str, tuple[bytes, int]] = {}
         digests: dict[int, bytes] = {}  # computed once: the replay check and the stored record both need it
         pending: list[_Pending] = []
@@ -381,16 +384,23 @@ class VendingService:
                 outcomes[index] = _New(verdict)
                 continue
             terminal, meter, tariff, split = verdict
+            tid: tuple[int, int] | None = None
             if meter["supply_mode"] == "sts":
                 try:
                     await self._decoder_key(conn, meter)
+                    tid = _next_tid(meter, now, batch_tids)
                 except (sts.StsError, LookupError):
+                    # No usable key, or no TID left on the meter's base date (it needs a key
+                    # change): a stored decline, not an error the terminal would retry forever.
                     outcomes[index] = _New(decline(request, ResponseCode.UNKNOWN_METER,
                                                    "the meter's token parameters are not usable"))
                     daily[request.terminal_id] -= request.amount_minor
+                    debt_key = int(meter["debt_account_id"])
+                    debt_left[debt_key] = debt_left.get(debt_key, 0) + split.debt_recovery_minor
                     continue
+                batch_tids[request.meter_number] = tid
             transfers = await self._transfers(conn, request, terminal, meter, split)
-            pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers))
+            pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers, tid))
 
         return await self._prepare_commit(conn, requests, pending, outcomes, terminals, dates, digests,
                                           reversed_ids, now)
@@ -577,7 +587,7 @@ class VendingService:
                 "supply_mode": p.meter["supply_mode"], "amount_minor": request.amount_minor,
                 "currency": request.currency, "debt_recovery_minor": p.split.debt_recovery_minor,
                 "energy_minor": p.split.energy_minor, "units_deci_kwh": p.split.units_deci_kwh,
-                "paid_at": now.isoformat(), "taken_at": (request.taken_at or now).isoformat(),
+                "paid_at": now.isoformat(), "taken_at": (request.taken_at or now).astimezone(UTC).isoformat(),
             }).decode()))
 
         txn_rows: list[tuple[Any, ...]] = []
@@ -660,15 +670,12 @@ class VendingService:
 
     async def _issue_token(self, conn: asyncpg.Connection, p: _Pending, now: datetime,
                            batch_tids: dict[str, tuple[int, int]]) -> tuple[str, int]:
-        """A class-0 credit token with a TID newer than any this meter has had (persisted)."""
-        meter = p.meter
-        number = p.request.meter_number
-        stored = meter["last_token_id"] if meter["last_token_base_year"] == meter["sts_base_year"] else None
-        base_year = int(meter["sts_base_year"])
-        previous = batch_tids[number][0] if number in batch_tids else stored
-        tid = sts.next_token_id(now, None if previous is None else int(previous), base_year)
-        batch_tids[number] = (tid, base_year)  # persisted for the whole batch in _finish
-        decoder_key = await self._decoder_key(conn, meter)
+        """A class-0 credit token with the TID allotted when the payment was decided (_next_tid):
+        newer than any this meter has had; persisted with the batch."""
+        assert p.tid is not None
+        tid, base_year = p.tid
+        batch_tids[p.request.meter_number] = (tid, base_year)  # the last one issued in the batch wins
+        decoder_key = await self._decoder_key(conn, p.meter)
         token = sts.credit_token(decoder_key, 0, tid, p.split.units_deci_kwh, _token_random(p.request.client_txn_id))
         return token, tid
 
@@ -827,6 +834,16 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     columns = [list(column) for column in zip(*rows, strict=True)]
     assert len(columns) == width
     return columns
+
+
+def _next_tid(meter: Row, now: datetime, batch_tids: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """The TID for a token meter's next token, on from the last one stored for its base date or
+    allotted earlier in this batch; raises sts.StsError when its base date has none left."""
+    base_year = int(meter["sts_base_year"])
+    stored = meter["last_token_id"] if meter["last_token_base_year"] == base_year else None
+    allotted = batch_tids.get(meter["meter_number"])
+    previous = allotted[0] if allotted is not None and allotted[1] == base_year else stored
+    return sts.next_token_id(now, None if previous is None else int(previous), base_year), base_year
 
 
 def token_units(units: int) -> int:

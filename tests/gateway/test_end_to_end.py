@@ -7,10 +7,11 @@ import uuid
 import pytest
 
 from float_ledger.ledger import balance
-from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_VENDING_KEY, meter_number, terminal_id
+from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_VENDING_KEY, meter_number, seed, terminal_id
 from gateway.vending import group_id_for
 from protocol import sts
 from protocol.codes import ResponseCode
+from protocol.messages import EndOfDayRequest
 from terminal_sim.client import PosTerminal, TerminalRefused
 from terminal_sim.meter import Meter
 from tests.gateway.conftest import Running
@@ -220,4 +221,41 @@ async def test_refused_reversal_can_be_sent_again_corrected(running: Running) ->
     assert wrong.response_code is ResponseCode.INVALID_AMOUNT
     right = await pos.reverse(txn, 1_700, "EUR")
     assert right.response_code is ResponseCode.APPROVED and right.reversed_amount_minor == 1_700
+    await pos.logoff()
+
+
+async def test_reads_the_back_office_has_not_granted_are_refused(running: Running) -> None:
+    # A terminal of its own: the grants change here and must not leak into other tests.
+    async with running.pool.acquire() as conn:
+        n = int(await conn.fetchval("SELECT count(*) FROM terminals")) + 1
+        await seed(conn, running.keystore, agents=1, terminals=1, meters=1, seed_secret=running.seed_secret)
+    pos = terminal(running, n)
+    await pos.logon()
+    txn = pos.next_transaction_id()
+    paid = await pos.top_up(meter_number(2), 1_000, "EUR", txn=txn)
+    assert paid.response_code is ResponseCode.APPROVED and paid.receipt_number is not None
+    assert (await pos.reprint(txn)).response_code is ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE terminals SET allowed_operations = ARRAY['topup'] WHERE terminal_id = $1",
+                           pos.terminal_id)
+        reprints_before = await conn.fetchval("SELECT reprints FROM vend_transactions WHERE client_txn_id = $1",
+                                              txn.as_key())
+    # Withdrawn mid-session: the next request of each kind is refused, and nothing is handed out.
+    reprint = await pos.reprint(txn)
+    assert reprint.response_code is ResponseCode.NOT_PERMITTED
+    assert reprint.tokens == [] and reprint.receipt_lines == [] and reprint.receipt_number is None
+    inquiry = await pos.float_inquiry()
+    assert inquiry.response_code is ResponseCode.NOT_PERMITTED and inquiry.float_remaining_minor == 0
+    assert pos.business_date is not None
+    totals = await pos.end_of_day(EndOfDayRequest(
+        business_date=pos.business_date, currency="EUR", top_up_count=1, top_up_total_minor=1_000,
+        reversal_count=0, reversal_total_minor=0, advice_count=0, advice_total_minor=0))
+    assert totals.response_code is ResponseCode.NOT_PERMITTED and totals.top_up_count == 0
+    lookup = await pos.lookup(meter_number(2))
+    assert lookup.response_code is ResponseCode.NOT_PERMITTED and lookup.customer is None
+    async with running.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT reprints FROM vend_transactions WHERE client_txn_id = $1",
+                                   txn.as_key()) == reprints_before
+    # What stays granted still works.
+    assert (await pos.top_up(meter_number(2), 1_000, "EUR")).response_code is ResponseCode.APPROVED
     await pos.logoff()

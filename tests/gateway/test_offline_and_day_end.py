@@ -49,3 +49,30 @@ async def test_lookup_by_account_number_and_unknown(running: Running) -> None:
     missing = await pos.lookup(account_number="AC99999999")
     assert missing.response_code is ResponseCode.UNKNOWN_ACCOUNT and missing.customer is None
     await pos.logoff()
+
+
+async def test_a_reversal_counts_on_the_day_it_was_processed_not_its_originals(running: Running) -> None:
+    assert running.gateway.pos_port is not None
+    pos = PosTerminal(terminal_id(264), running.key(264), "127.0.0.1", running.gateway.pos_port)
+    await pos.logon()
+    assert pos.business_date is not None
+    today = pos.business_date
+    yesterday = today - timedelta(days=1)
+    txn = pos.next_transaction_id()
+    paid = await pos.top_up(meter_number(23), 1_500, "EUR", txn=txn)
+    assert paid.response_code is ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:  # as if paid just before midnight
+        await conn.execute("UPDATE vend_transactions SET business_date = $2 WHERE client_txn_id = $1",
+                           txn.as_key(), yesterday)
+    assert (await pos.reverse(txn, 1_500, "EUR")).response_code is ResponseCode.APPROVED
+
+    def day(on: object, top_ups: int, top_up_total: int, reversals: int, reversal_total: int) -> EndOfDayRequest:
+        return EndOfDayRequest(business_date=on, currency="EUR", top_up_count=top_ups, top_up_total_minor=top_up_total,
+                               reversal_count=reversals, reversal_total_minor=reversal_total, advice_count=0,
+                               advice_total_minor=0)
+
+    before = await pos.end_of_day(day(yesterday, 1, 1_500, 0, 0))
+    assert before.response_code is ResponseCode.APPROVED, before
+    on_the_day = await pos.end_of_day(day(today, 0, 0, 1, 1_500))
+    assert on_the_day.response_code is ResponseCode.APPROVED, on_the_day
+    await pos.logoff()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 from float_ledger.ledger import balance, post_transfers
 from float_ledger.model import AccountKind, Transfer
 from gateway import registry
 from gateway.committer import Committer
-from gateway.seeding import DEMO_TARIFF, meter_number
+from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_TARIFF, meter_number
 from gateway.vending import GROUP_NAMESPACE, TOPUP_PARTS, VendingService, VendRequest, group_id_for, transfer_id_for
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
@@ -25,6 +26,23 @@ async def fund(conn, agent: registry.Agent, amount: int) -> None:  # type: ignor
                                          currency="EUR", kind="deposit")])
 
 
+async def shop_with_indebted_customer(conn, running: Running, *, terminal: str, account: str,  # type: ignore[no-untyped-def]
+                                      debt_minor: int) -> tuple[int, int]:
+    """An agent with float, one terminal, and a customer who owes `debt_minor` at a 50 % recovery
+    share: (customer id, debt account id). The caller adds the customer's meters."""
+    agent = await registry.add_agent(conn, kind="shop", name=f"Shop {terminal}", currency="EUR")
+    await fund(conn, agent, 100_000)
+    await registry.add_terminal(conn, running.keystore, terminal_id=terminal, serial=f"SN{terminal}",
+                                agent_id=agent.agent_id)
+    customer = await registry.add_customer(conn, account_number=account, name="Owes Money", currency="EUR",
+                                           debt_recovery_share_bp=5_000)
+    debt_id = await conn.fetchval("SELECT debt_account_id FROM customers WHERE customer_id = $1", customer)
+    collections = await registry.system_account(conn, AccountKind.utility_collections, "EUR")
+    await post_transfers(conn, [Transfer(id=uuid.uuid4(), debit_account_id=debt_id, credit_account_id=collections,
+                                         amount_minor=debt_minor, currency="EUR", kind="adjustment")])
+    return customer, int(debt_id)
+
+
 async def run_batch(running: Running, requests: list[VendRequest]) -> list[int]:
     committer = Committer(running.pool, VendingService(running.keystore))
     committer.start()
@@ -37,19 +55,11 @@ async def run_batch(running: Running, requests: list[VendRequest]) -> list[int]:
 
 async def test_debt_is_recovered_once_across_a_customers_meters(running: Running) -> None:
     async with running.pool.acquire() as conn:
-        agent = await registry.add_agent(conn, kind="shop", name="Debt test", currency="EUR")
-        await fund(conn, agent, 100_000)
-        await registry.add_terminal(conn, running.keystore, terminal_id="D0000001", serial="DSN1",
-                                    agent_id=agent.agent_id)
-        customer = await registry.add_customer(conn, account_number="DEBT0001", name="Owes Money", currency="EUR",
-                                               debt_recovery_share_bp=5_000)
+        customer, debt_id = await shop_with_indebted_customer(conn, running, terminal="D0000001",
+                                                              account="DEBT0001", debt_minor=1_000)
         for number in ("90000000001", "90000000002"):
             await registry.add_meter(conn, meter_number=number, customer_id=customer, supply_mode="smart",
                                      tariff_code=DEMO_TARIFF)
-        debt_id = await conn.fetchval("SELECT debt_account_id FROM customers WHERE customer_id = $1", customer)
-        collections = await registry.system_account(conn, AccountKind.utility_collections, "EUR")
-        await post_transfers(conn, [Transfer(id=uuid.uuid4(), debit_account_id=debt_id, credit_account_id=collections,
-                                             amount_minor=1_000, currency="EUR", kind="adjustment")])
     codes = await run_batch(running, [
         VendRequest(kind="topup", client_txn_id=f"D0000001-{TODAY}-00000{n}", terminal_id="D0000001",
                     meter_number=number, amount_minor=5_000, currency="EUR")
@@ -118,3 +128,49 @@ def test_payment_ids_are_the_uuid5_ids_every_earlier_gateway_derived() -> None:
             leg = transfer_id_for(group, part)
             assert leg == uuid.UUID(int=(expected.int & ~0xFF) | number)
             assert leg == transfer_id_for(expected, part)  # from a group id read back from the database
+
+
+async def test_a_token_meter_without_a_tid_left_is_declined_and_its_debt_share_stays_for_the_next(
+        running: Running) -> None:
+    """TIDs of the 1993 base date ran out in November 2024: that meter needs a key change. Its
+    payment is a stored decline, the batch around it commits as one, and the debt its share
+    would have recovered is recovered by the customer's next payment in the batch instead."""
+    async with running.pool.acquire() as conn:
+        customer, debt_id = await shop_with_indebted_customer(conn, running, terminal="K0000001",
+                                                              account="TID00001", debt_minor=100)
+        await registry.add_meter(conn, meter_number="91000000001", customer_id=customer, supply_mode="sts",
+                                 tariff_code=DEMO_TARIFF, sts_supply_group_code=DEMO_SUPPLY_GROUP,
+                                 sts_tariff_index="01", sts_key_revision=1, sts_base_year=1993)
+        await registry.add_meter(conn, meter_number="91000000002", customer_id=customer, supply_mode="smart",
+                                 tariff_code=DEMO_TARIFF)
+    old, smart = (VendRequest(kind="topup", client_txn_id=f"K0000001-{TODAY}-00000{n}", terminal_id="K0000001",
+                              meter_number=number, amount_minor=1_000, currency="EUR")
+                  for n, number in ((1, "91000000001"), (2, "91000000002")))
+    service = VendingService(running.keystore)
+    async with running.pool.acquire() as conn:
+        async with conn.transaction():
+            outcomes = await service.process_batch(conn, [old, smart], datetime.now(UTC))
+        assert [o.response_code for o in outcomes] == [ResponseCode.UNKNOWN_METER, ResponseCode.APPROVED]
+        assert outcomes[0].tokens == [] and outcomes[0].receipt_number is None
+        assert outcomes[1].receipt_number == 1  # numbered as the terminal's first: no gap for the decline
+        assert outcomes[1].debt_recovery_minor == 100  # the declined payment's share did not use it up
+        assert await balance(conn, debt_id) == 0
+        # Asked again, the decline is the stored one.
+        async with conn.transaction():
+            [again] = await service.process_batch(conn, [old], datetime.now(UTC))
+    assert again.response_code == ResponseCode.UNKNOWN_METER and again.message == outcomes[0].message
+
+
+async def test_the_engine_is_told_when_an_advice_was_taken_in_utc(running: Running) -> None:
+    taken = datetime(2026, 3, 1, 11, 0, tzinfo=timezone(timedelta(hours=3)))  # the terminal's local clock
+    advice = VendRequest(kind="advice", client_txn_id=f"T0000004-{TODAY}-995001", terminal_id="T0000004",
+                         meter_number=meter_number(8), amount_minor=700, currency="EUR", taken_at=taken)
+    service = VendingService(running.keystore)
+    async with running.pool.acquire() as conn:
+        async with conn.transaction():
+            [outcome] = await service.process_batch(conn, [advice], datetime.now(UTC))
+        assert outcome.response_code == ResponseCode.APPROVED
+        payload = json.loads(await conn.fetchval("SELECT payload FROM outbox WHERE client_txn_id = $1",
+                                                 advice.client_txn_id))
+    assert payload["taken_at"] == "2026-03-01T08:00:00+00:00"
+    assert payload["paid_at"].endswith("+00:00")
