@@ -131,7 +131,7 @@ async def add_agent(
                                              owner_ref=owner, lower_bound_minor=0)
         await conn.execute(sql.AGENT_INSERT, agent_id, kind, name, contact, currency, float_id, commission_id,
                            commission_rate_bp, low_float_threshold_minor, time_zone)
-    return await get_agent(conn, int(agent_id))
+    return await get_agent(conn, agent_id)
 
 
 def agent_owner_ref(agent_id: int) -> str:

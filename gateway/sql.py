@@ -19,8 +19,7 @@ AGENT_NEXT_ID = "SELECT nextval(pg_get_serial_sequence('agents', 'agent_id'))"
 AGENT_INSERT = """
 INSERT INTO agents (agent_id, kind, name, contact, currency, float_account_id, commission_account_id,
                     commission_rate_bp, low_float_threshold_minor, time_zone)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-RETURNING agent_id"""
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
 AGENT_GET = "SELECT * FROM agents WHERE agent_id = $1"
 
 TERMINAL_INSERT = """

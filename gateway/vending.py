@@ -394,16 +394,17 @@ class VendingService:
                     # change): a stored decline, not an error the terminal would retry forever.
                     outcomes[index] = _New(decline(request, ResponseCode.UNKNOWN_METER,
                                                    "the meter's token parameters are not usable"))
-                    daily[request.terminal_id] -= request.amount_minor
-                    debt_key = int(meter["debt_account_id"])
-                    debt_left[debt_key] = debt_left.get(debt_key, 0) + split.debt_recovery_minor
                     continue
                 batch_tids[request.meter_number] = tid
+            # Provisional: a refusal by the ledger re-runs the pass without this payment (_topups).
+            daily[request.terminal_id] = daily.get(request.terminal_id, 0) + request.amount_minor
+            debt_key = int(meter["debt_account_id"])
+            debt_left[debt_key] = debt_left.get(debt_key, 0) - split.debt_recovery_minor
             transfers = await self._transfers(conn, request, terminal, meter, split)
             pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers, tid))
 
         return await self._prepare_commit(conn, requests, pending, outcomes, terminals, dates, digests,
-                                          reversed_ids, now)
+                                          reversed_ids, batch_tids, now)
 
     async def _read(self, conn: asyncpg.Connection, ids: list[str], terminal_ids: list[str],
                     meter_numbers: list[str], now: datetime) -> tuple[list[Row], list[Row], list[Row]]:
@@ -465,10 +466,6 @@ class VendingService:
                 return decline(request, ResponseCode.INVALID_AMOUNT, "amount buys no whole token unit or too many")
             # A token carries only representable amounts; sell the one at or below what was paid for.
             split = msgspec.structs.replace(split, units_deci_kwh=token_units(split.units_deci_kwh))
-        # Provisional: a refusal by the ledger re-runs the pass without this payment (_topups).
-        daily[request.terminal_id] = spent + request.amount_minor
-        debt_key = int(meter["debt_account_id"])
-        debt_left[debt_key] = debt_left.get(debt_key, 0) - split.debt_recovery_minor
         return terminal, meter, tariff, split
 
     async def _transfers(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
@@ -540,9 +537,10 @@ class VendingService:
     async def _prepare_commit(self, conn: asyncpg.Connection, requests: Sequence[VendRequest],
                               pending: list[_Pending], outcomes: list[Any], terminals: dict[str, asyncpg.Record],
                               dates: dict[str, date], digests: dict[int, bytes], reversed_ids: set[str],
-                              now: datetime) -> PreparedTopUps:
+                              batch_tids: dict[str, tuple[int, int]], now: datetime) -> PreparedTopUps:
         """Number, token and seal every payment as approved, and build the statement that records
-        them and posts them all (_post_prepared)."""
+        them and posts them all (_post_prepared). `batch_tids`: each token meter's last TID allotted
+        to `pending` and its base year."""
         approved = pending
         # Receipt numbers: in arrival order per terminal, on from the counter the batch read;
         # the commit statement moves each counter by the receipts its terminal issued.
@@ -554,14 +552,13 @@ class VendingService:
             receipt_numbers[p.index] = int(terminals[terminal_id]["receipt_seq"]) + count
         counter_rows = sorted(issued.items())
         token_rows: list[tuple[Any, ...]] = []
-        batch_tids: dict[str, tuple[int, int]] = {}  # meter -> (last TID issued, its base year)
         outbox_rows: list[tuple[Any, ...]] = []
         receipt_rows: list[tuple[Any, ...]] = []
         for p in pending:
             request = p.request
             tokens: list[str] = []
             if p.meter["supply_mode"] == "sts":
-                token, tid = await self._issue_token(conn, p, now, batch_tids)
+                token, tid = await self._issue_token(conn, p)
                 tokens.append(token)
                 token_rows.append((request.client_txn_id, request.meter_number, tid,  # issued at `now`
                                    0, 0, p.split.units_deci_kwh,
@@ -668,13 +665,11 @@ class VendingService:
 
     # -- tokens ------------------------------------------------------------------------------
 
-    async def _issue_token(self, conn: asyncpg.Connection, p: _Pending, now: datetime,
-                           batch_tids: dict[str, tuple[int, int]]) -> tuple[str, int]:
+    async def _issue_token(self, conn: asyncpg.Connection, p: _Pending) -> tuple[str, int]:
         """A class-0 credit token with the TID allotted when the payment was decided (_next_tid):
         newer than any this meter has had; persisted with the batch."""
         assert p.tid is not None
-        tid, base_year = p.tid
-        batch_tids[p.request.meter_number] = (tid, base_year)  # the last one issued in the batch wins
+        tid = p.tid[0]
         decoder_key = await self._decoder_key(conn, p.meter)
         token = sts.credit_token(decoder_key, 0, tid, p.split.units_deci_kwh, _token_random(p.request.client_txn_id))
         return token, tid
@@ -841,8 +836,8 @@ def _next_tid(meter: Row, now: datetime, batch_tids: dict[str, tuple[int, int]])
     allotted earlier in this batch; raises sts.StsError when its base date has none left."""
     base_year = int(meter["sts_base_year"])
     stored = meter["last_token_id"] if meter["last_token_base_year"] == base_year else None
-    allotted = batch_tids.get(meter["meter_number"])
-    previous = allotted[0] if allotted is not None and allotted[1] == base_year else stored
+    allotted = batch_tids.get(meter["meter_number"])  # one meter row per batch: the same base year
+    previous = allotted[0] if allotted is not None else stored
     return sts.next_token_id(now, None if previous is None else int(previous), base_year), base_year
 
 
