@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import ssl
+import time
 from datetime import date
 
 import aiohttp
+import msgspec
 
+from protocol.codes import ResponseCode
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, encode_kiosk_message
 from protocol.messages import (
     ClientTransactionId,
@@ -14,6 +19,7 @@ from protocol.messages import (
     TenderType,
     TerminalMessage,
     TopUpRequest,
+    TopUpResult,
 )
 
 request_timeout_s = 30.0
@@ -53,3 +59,63 @@ class Kiosk:
         return await self.send(TopUpRequest(client_transaction_id=txn or self.next_transaction_id(),
                                             meter_number=meter_number, amount_minor=amount_minor,
                                             currency=currency, tender_type=TenderType.CASH))
+
+
+class KioskSummary(msgspec.Struct, kw_only=True):
+    kiosks: int
+    approved: int = 0
+    declined: int = 0
+    errors: int = 0
+    inconsistencies: int = 0
+    notes: list[str] = []
+
+    @property
+    def ok(self) -> bool:
+        return self.inconsistencies == 0
+
+
+async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, duration_s: float, *,
+                     amount_minor: int = 2_000, retry_every: int = 4, seed: int = 1) -> KioskSummary:
+    """Each kiosk tops up until duration_s has passed, one payment at a time. Every retry_every-th
+    payment is sent a second time with the same transaction id, as a kiosk does when its reply
+    is lost: the second reply must be the first one again (same receipt, same token). An approved
+    reply without a receipt, a receipt given to two payments or a retry answered differently
+    counts as an inconsistency."""
+    summary = KioskSummary(kiosks=len(kiosks))
+    receipts: dict[str, str] = {}
+    deadline = time.monotonic() + duration_s
+
+    def inconsistent(note: str) -> None:
+        summary.inconsistencies += 1
+        summary.notes.append(note)
+
+    async def run(kiosk: Kiosk, rng: random.Random) -> None:
+        payments = 0
+        while time.monotonic() < deadline:
+            payments += 1
+            txn, meter = kiosk.next_transaction_id(), rng.choice(meters)
+            try:
+                status, reply = await kiosk.top_up(meter, amount_minor, currency, txn)
+                if payments % retry_every == 0:
+                    again_status, again = await kiosk.top_up(meter, amount_minor, currency, txn)
+                    if (again_status, again) != (status, reply):
+                        inconsistent(f"{kiosk.kiosk_id}: a retry of sequence {txn.terminal_sequence} "
+                                     "was answered differently")
+            except (aiohttp.ClientError, ssl.SSLError, ConnectionError, TimeoutError) as error:
+                summary.errors += 1
+                summary.notes.append(f"{kiosk.kiosk_id}: {type(error).__name__}")
+                continue
+            if not isinstance(reply, TopUpResult):
+                inconsistent(f"{kiosk.kiosk_id}: HTTP {status} answered with {type(reply).__name__}")
+            elif reply.response_code is ResponseCode.APPROVED:
+                summary.approved += 1
+                key = f"{txn.terminal_id}/{txn.business_date}/{txn.terminal_sequence}"
+                if not reply.receipt_number:
+                    inconsistent(f"{kiosk.kiosk_id}: approved without a receipt")
+                elif receipts.setdefault(reply.receipt_number, key) != key:
+                    inconsistent(f"{kiosk.kiosk_id}: receipt {reply.receipt_number} given to two payments")
+            else:
+                summary.declined += 1
+
+    await asyncio.gather(*(run(kiosk, random.Random(seed * 7_919 + i)) for i, kiosk in enumerate(kiosks)))
+    return summary

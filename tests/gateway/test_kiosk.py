@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway import registry
 from gateway.ca import CertificateAuthority
@@ -16,8 +17,9 @@ from gateway.seeding import meter_number
 from gateway.server import Gateway
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
-from protocol.messages import TopUpResult
-from terminal_sim.kiosk import Kiosk, client_ssl_context
+from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_request, encode_kiosk_message
+from protocol.messages import TopUpRequest, TopUpResult
+from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
 
 KIOSK_ID = "K0000001"
@@ -92,3 +94,42 @@ async def test_kiosk_may_not_use_another_terminals_transaction_id(kiosk_setup: d
     status, reply = await client.top_up(meter_number(9), 2_000, "EUR", txn=other.next_transaction_id())
     assert status == 403 and reply.response_code is ResponseCode.NOT_PERMITTED  # type: ignore[union-attr]
 
+
+
+async def test_kiosk_simulator_pays_and_finds_every_retry_answered_the_same(kiosk_setup: dict[str, object]) -> None:
+    cert, key, _ = kiosk_setup["good"]  # type: ignore[misc]
+    client = kiosk(kiosk_setup, client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key)))
+    client._sequence = 10_000  # past the sequences the other tests of this module use
+    summary = await run_kiosks([client], [meter_number(n) for n in range(7, 13)], "EUR", 1.0, retry_every=2)
+    assert summary.approved >= 2 and summary.errors == 0
+    assert summary.inconsistencies == 0 and summary.ok, summary.notes
+
+
+async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
+    # A gateway that numbers every reply anew, even for a repeated transaction id: the simulator
+    # must count each such retry as an inconsistency, not as a second payment.
+    numbers = iter(range(1, 1_000))
+
+    async def answer(request: web.Request) -> web.Response:
+        message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
+        assert isinstance(message, TopUpRequest)
+        reply = TopUpResult(client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
+                            currency=message.currency, amount_minor=message.amount_minor,
+                            receipt_number=f"{KIOSK_ID}-{next(numbers):06d}", energy_minor=message.amount_minor)
+        return web.Response(body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
+
+    app = web.Application()
+    app.router.add_post(KIOSK_PATH, answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
+        summary = await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=2)
+    finally:
+        await runner.cleanup()
+    assert summary.approved >= 2
+    assert summary.inconsistencies == summary.approved // 2 and not summary.ok
+    assert "answered differently" in summary.notes[0]

@@ -68,4 +68,13 @@ def test_demo_runs_the_whole_job_and_stops_cleanly(tmp_path: Path) -> None:
     assert ": holds" in out
     approved = int(out.split("sim: approved ")[1].split(",")[0])
     assert approved > 0
+    # Kiosks paid over HTTPS with their client certificates, and every retry was answered the same.
+    assert "kiosks https://127.0.0.1:" in out
+    kiosks = out.split("kiosks: approved ")[1].splitlines()[0]
+    assert int(kiosks.split(",")[0]) > 0 and kiosks.endswith("inconsistencies 0"), kiosks
     assert vendgate("db", "status", env=env).returncode == 3  # nothing left running
+    # A second run reuses the data folder: its CA, kiosks and their certificates.
+    again = vendgate("demo", "--duration", "2", "--link", "lan", env=env, timeout=170)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "seeded:" not in again.stdout and "migrations: schema up to date" in again.stdout
+    assert int(again.stdout.split("kiosks: approved ")[1].split(",")[0]) > 0
