@@ -157,11 +157,21 @@ class Handlers:
         if isinstance(message, FloatInquiryRequest):
             return await self._float(context)
         if isinstance(message, ReversalRequest):
-            return await self._reversal(context, message)
+            reversal = await self._reversal(context, message)
+            if reversal.response_code is ResponseCode.TERMINAL_BLOCKED:
+                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
+                                  connection_closing=True)
+            return reversal
         if isinstance(message, ReprintRequest):
             return await self._reprint(context, message)
         if isinstance(message, AdviceBatchRequest):
-            return await self._advices(context, message)
+            advices = await self._advices(context, message)
+            # Blocked before any of them was recorded: refused as a whole, and the session ends. An
+            # advice recorded before the block is reported with the rest; the next request ends it.
+            if advices.outcomes and all(o.response_code is ResponseCode.TERMINAL_BLOCKED for o in advices.outcomes):
+                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
+                                  connection_closing=True)
+            return advices
         if isinstance(message, EndOfDayRequest):
             return await self._end_of_day(context, message)
         return ErrorReply(response_code=ResponseCode.STATE_ERROR, detail="unexpected message",

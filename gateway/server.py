@@ -48,6 +48,7 @@ logon_deadline_s = 15.0  # from accept to a proven logon: an unauthenticated soc
 write_drain_timeout_s = 10.0
 heartbeat_interval_s = 60
 shutdown_grace_s = 20.0
+goodbye_drain_s = 2.0  # a session's goodbye frame must leave within this, or the connection is dropped
 float_watch_interval_s = 5.0
 SQL_FLOATS_BELOW = """
 SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
@@ -94,6 +95,7 @@ class Gateway:
         self._kiosk_ssl = kiosk_ssl
         self.pos_port: int | None = None
         self.kiosk_port: int | None = None
+        self._kiosk_site: web.TCPSite | None = None
         self.http_port: int | None = None
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
@@ -112,20 +114,27 @@ class Gateway:
             self._serve_pos, self.settings.pos_host, self.settings.pos_port, limit=read_chunk_bytes,
             backlog=1024)
         self.pos_port = self._pos_server.sockets[0].getsockname()[1]
-        self.http_port = await self._start_app(self._ops_app(), self.settings.http_host, self.settings.http_port)
+        self.http_port = self._site_port(
+            await self._start_app(self._ops_app(), self.settings.http_host, self.settings.http_port))
         if self._kiosk_ssl is not None:
             from gateway.kiosk import kiosk_app
 
-            self.kiosk_port = await self._start_app(kiosk_app(self), self.settings.kiosk_host,
-                                                    self.settings.kiosk_port, ssl_context=self._kiosk_ssl)
+            self._kiosk_site = await self._start_app(kiosk_app(self), self.settings.kiosk_host,
+                                                     self.settings.kiosk_port, ssl_context=self._kiosk_ssl)
+            self.kiosk_port = self._site_port(self._kiosk_site)
         log.info("gateway_started", pos_port=self.pos_port, kiosk_port=self.kiosk_port, http_port=self.http_port)
 
-    async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None) -> int:
+    async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None
+                         ) -> web.TCPSite:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)  # type: ignore[arg-type]
         await site.start()
         self._runners.append(runner)
+        return site
+
+    @staticmethod
+    def _site_port(site: web.TCPSite) -> int:
         sockets = getattr(site._server, "sockets", None)  # asyncio.Server or uvloop's Server
         assert sockets, "the site is listening"
         return int(sockets[0].getsockname()[1])
@@ -137,6 +146,10 @@ class Gateway:
         self._stopping = True
         if self._pos_server is not None:
             self._pos_server.close()
+        if self._kiosk_site is not None:
+            # No new kiosk connections; requests on those open are still answered until the
+            # committer stops, and the runner's cleanup below closes them.
+            await self._kiosk_site.stop()
         deadline = time.monotonic() + shutdown_grace_s
         # Requests already read are answered; then every session is told goodbye.
         while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
@@ -145,8 +158,11 @@ class Gateway:
         # Handlers whose payment was in the last batches now write their replies.
         while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
-        for conn in list(self._connections):
-            await self._goodbye(conn)
+        # Every session at once, each within goodbye_drain_s: a peer that does not read delays
+        # neither the others nor the end of shutdown.
+        goodbyes = [asyncio.create_task(self._goodbye(conn)) for conn in list(self._connections)]
+        if goodbyes:
+            await asyncio.wait(goodbyes, timeout=goodbye_drain_s + 1)
         for runner in self._runners:
             await runner.cleanup()
         if self.relay is not None:
@@ -164,10 +180,14 @@ class Gateway:
         if conn.closing:
             return
         conn.closing = True
-        with contextlib.suppress(Exception):
+        try:
             if conn.session.state not in (ServerState.CLOSED, ServerState.FAILED):
                 conn.writer.write(conn.session.reject(ResponseCode.SYSTEM_BUSY, "server shutting down"))
-                await asyncio.wait_for(conn.writer.drain(), 2)
+                async with asyncio.timeout(goodbye_drain_s):
+                    await conn.writer.drain()
+        except Exception:
+            conn.writer.transport.abort()  # unread or unwritable: nothing more is owed to it
+            return
         conn.writer.close()
 
     # -- POS connections ---------------------------------------------------------------------
@@ -227,9 +247,14 @@ class Gateway:
                     return
                 await self._write(conn, conn.session.send(ErrorReply(
                     response_code=error.response_code, detail=error.detail, connection_closing=False)))
-                frame_started = None
+                frame_started = now if conn.session.buffered_bytes else None
                 continue
-            frame_started = None if events else (frame_started or now)
+            # The frame deadline runs from the first byte of a frame: bytes of the next one that
+            # came in the same read as a whole frame start its clock now.
+            if events:
+                frame_started = now if conn.session.buffered_bytes else None
+            elif frame_started is None:
+                frame_started = now
             for event in events:
                 if not await self._handle_event(conn, event):
                     return
@@ -297,8 +322,15 @@ class Gateway:
         conn.writer.write(data)
         if not conn.writer.transport.get_write_buffer_size():
             return  # all of it went to the socket: nothing to wait for (the common case)
-        async with asyncio.timeout(self.limits.write_drain_timeout_s):
-            await conn.writer.drain()
+        try:
+            async with asyncio.timeout(self.limits.write_drain_timeout_s):
+                await conn.writer.drain()
+        except TimeoutError:
+            # A peer that does not read: dropped, with what it left unread (closing would wait to
+            # send that first).
+            conn.writer.transport.abort()
+            log.warning("write_drain_timed_out", terminal_id=conn.terminal_id)
+            raise ConnectionResetError("the peer did not read its replies") from None
 
     async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
         with contextlib.suppress(Exception):

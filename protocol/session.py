@@ -383,6 +383,11 @@ class _Session:
         return self._receive_sequence
 
     @property
+    def buffered_bytes(self) -> int:
+        """Bytes received of a frame not yet whole (0 between frames)."""
+        return len(self._buffer)
+
+    @property
     def pending_request(self) -> type[TerminalMessage] | None:
         """The request awaiting its reply (server SERVING, terminal AWAITING_REPLY), else None."""
         return self._pending

@@ -1,0 +1,270 @@
+"""Sessions are cut off as promised: a blocked terminal whatever it sends, a frame that dribbles in,
+and every session at shutdown, within its bound, however its peer behaves."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.seeding import meter_number, terminal_id
+from gateway.server import Gateway, Limits, goodbye_drain_s, shutdown_grace_s
+from gateway.settings import load_settings
+from protocol.codes import ResponseCode
+from protocol.messages import (
+    Advice,
+    AdviceBatchRequest,
+    AdviceBatchResult,
+    ClientTransactionId,
+    ErrorReply,
+    HeartbeatRequest,
+    LogonProof,
+    LogonRequest,
+    LookupRequest,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
+    TenderType,
+)
+from protocol.session import MessageReceived, ServerState, TerminalSession, TerminalState
+from terminal_sim.client import PosTerminal, TerminalRefused
+from tests.gateway.conftest import Running
+
+
+def pos(running: Running, n: int) -> PosTerminal:
+    assert running.gateway.pos_port is not None
+    return PosTerminal(terminal_id(n), running.key(n), "127.0.0.1", running.gateway.pos_port, last_sequence=500)
+
+
+async def block(running: Running, n: int) -> None:
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE terminals SET status = 'blocked' WHERE terminal_id = $1", terminal_id(n))
+
+
+async def test_terminal_blocked_mid_session_gets_closing_error_on_reversal(running: Running) -> None:
+    """docs/protocol.md: 'a terminal blocked since it logged on gets a MACed closing
+    TERMINAL_BLOCKED to any request other than heartbeat_request and logoff_request'."""
+    term = pos(running, 290)
+    await term.logon()
+    await block(running, 290)
+    txn = ClientTransactionId(terminal_id=term.terminal_id, terminal_sequence=1, business_date=term.business_date)
+    request = ReversalRequest(original_transaction_id=txn, amount_minor=500, currency="EUR",
+                              reason=ReversalReason.NO_REPLY)
+    try:
+        with pytest.raises(TerminalRefused) as refused:
+            await term._exchange(request, ReversalResult)
+        assert refused.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    finally:
+        await term.close()
+
+
+async def test_terminal_blocked_mid_session_gets_closing_error_on_advices(running: Running) -> None:
+    term = pos(running, 291)
+    await term.logon()
+    await block(running, 291)
+    advice = Advice(client_transaction_id=term.next_transaction_id(), meter_number=meter_number(26),
+                    amount_minor=500, currency="EUR", tender_type=TenderType.CASH, taken_at=datetime.now(UTC))
+    try:
+        with pytest.raises(TerminalRefused) as refused:
+            await term._exchange(AdviceBatchRequest(advices=[advice]), AdviceBatchResult)
+        assert refused.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    finally:
+        await term.close()
+
+
+async def test_frame_started_in_the_same_read_as_the_previous_one_meets_the_frame_deadline(
+        running: Running) -> None:
+    gateway = running.gateway
+    previous = gateway.limits
+    term = pos(running, 293)
+    await term.logon()
+    gateway.limits = Limits(idle_timeout_s=6.0, frame_deadline_s=0.5)
+    try:
+        assert term._session is not None and term._writer is not None and term._reader is not None
+        heartbeat = term._session.send(HeartbeatRequest())
+        # A whole heartbeat and the first byte of the next frame, then silence.
+        term._writer.write(heartbeat + b"\x00")
+        await term._writer.drain()
+        started = time.monotonic()
+        seen: list[object] = []
+        while True:
+            data = await asyncio.wait_for(term._reader.read(65536), 10)
+            if not data:
+                break
+            seen += [e.message for e in term._session.receive_data(data) if isinstance(e, MessageReceived)]
+        elapsed = time.monotonic() - started
+        errors = [m for m in seen if isinstance(m, ErrorReply)]
+        assert errors and errors[-1].detail == "frame deadline passed"
+        assert elapsed < 2.0, f"a frame whose first byte arrived was given {elapsed:.1f} s, deadline 0.5 s"
+    finally:
+        gateway.limits = previous
+        await term.close()
+
+
+async def sock_logon(running: Running, port: int, n: int) -> tuple[socket.socket, TerminalSession]:
+    """Log terminal n on over a bare socket that the test then never reads from."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    session = TerminalSession(terminal_id(n), running.key(n))
+    for message in (LogonRequest(terminal_nonce=secrets.token_bytes(16)), LogonProof(software_version="review")):
+        await loop.sock_sendall(sock, session.send(message))
+        done = False
+        while not done:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert data
+            done = any(isinstance(e, MessageReceived) for e in session.receive_data(data))
+    return sock, session
+
+
+async def fill_write_buffer(running: Running, gateway: Gateway, n: int, socks: list[socket.socket]) -> socket.socket:
+    """Log terminal n on, then send lookups in lock step (each once the gateway took the one
+    before) and never read a reply, until the replies fill the gateway's write buffer for it."""
+    loop = asyncio.get_running_loop()
+    assert gateway.pos_port is not None
+    sock, session = await sock_logon(running, gateway.pos_port, n)
+    socks.append(sock)
+    conn = next(c for c in gateway._connections if c.terminal_id == terminal_id(n))
+    # A slow link's small kernel buffer (so that ~70 kB of replies, not megabytes, fill it).
+    conn.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for _ in range(5000):
+        if conn.writer.transport.get_write_buffer_size() > 65_536:
+            return sock  # above the transport's high-water mark: a drain on it now waits
+        sent = conn.session.receive_sequence
+        await loop.sock_sendall(sock, session.send(LookupRequest(meter_number=meter_number(20))))
+        session._state = TerminalState.READY  # the terminal never reads its replies
+        session._pending = session._expected_reply = None
+        for _ in range(1000):
+            if conn.session.receive_sequence > sent and conn.session.state is ServerState.READY:
+                break
+            await asyncio.sleep(0.001)
+    raise AssertionError("the write buffer never filled")
+
+
+@pytest.mark.timeout(120)
+async def test_a_terminal_that_does_not_read_is_dropped_and_slows_no_one(running: Running) -> None:
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    gateway.limits = Limits(write_drain_timeout_s=0.5)
+    await gateway.start()
+    socks: list[socket.socket] = []
+    honest = PosTerminal(terminal_id(264), running.key(264), "127.0.0.1", gateway.pos_port or 0, last_sequence=500)
+    try:
+        await honest.logon()
+        await fill_write_buffer(running, gateway, 263, socks)
+        # Its next reply cannot be written: the gateway waits out write_drain_timeout_s, then drops it.
+        dropped_by = time.monotonic() + 5
+        while any(c.terminal_id == terminal_id(263) for c in gateway._connections):
+            started = time.monotonic()
+            await honest.lookup(meter_number(21))  # meanwhile everyone else is served at once
+            assert time.monotonic() - started < 0.4
+            assert time.monotonic() < dropped_by, "the terminal that does not read was never dropped"
+            await asyncio.sleep(0.05)
+        # Dropped with the replies the gateway held for it (over 64 KiB), not kept open to send
+        # them first: reading now, the terminal gets what the kernel had taken, then the end.
+        loop = asyncio.get_running_loop()
+        received = 0
+        while data := await asyncio.wait_for(loop.sock_recv(socks[0], 65536), 5):
+            received += len(data)
+        assert received < 65_536, received
+    finally:
+        await honest.close()
+        await gateway.stop()
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(300)
+async def test_shutdown_is_not_held_up_by_terminals_that_do_not_read(running: Running) -> None:
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    assert gateway.pos_port is not None
+    loop = asyncio.get_running_loop()
+    hostile = list(range(266, 266 + 20))
+    socks: list[socket.socket] = []
+    try:
+        # An honest terminal, idle, logged on: it should hear its goodbye promptly on shutdown.
+        honest_sock, honest = await sock_logon(running, gateway.pos_port, 265)
+        socks.append(honest_sock)
+
+
+        await asyncio.gather(*(fill_write_buffer(running, gateway, n, socks) for n in hostile))
+        started = time.monotonic()
+        stop = asyncio.create_task(gateway.stop())
+        data = await asyncio.wait_for(loop.sock_recv(honest_sock, 65536), 120)  # the honest goodbye
+        honest_waited = time.monotonic() - started
+        await stop
+        took = time.monotonic() - started
+        goodbye = [e.message for e in honest.receive_data(data) if isinstance(e, MessageReceived)]
+        assert goodbye and isinstance(goodbye[0], ErrorReply)
+        # Goodbyes go out together: the honest one at once, the unread ones dropped after their bound.
+        assert honest_waited < goodbye_drain_s, honest_waited
+        assert took < goodbye_drain_s + 3 < shutdown_grace_s + 10, f"stop() took {took:.1f} s"
+    finally:
+        if not gateway._stopping:
+            await gateway.stop()
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_kiosk_listener_stops_accepting_when_shutdown_begins(
+        running: Running, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import aiohttp
+
+    from gateway import registry
+    from gateway.ca import CertificateAuthority
+    from gateway.cli.commands.ca_cmds import issue_kiosk_certificate
+    from protocol.messages import HeartbeatReply
+    from terminal_sim.kiosk import Kiosk, client_ssl_context
+
+    base = tmp_path_factory.mktemp("review-kiosk")
+    authority = CertificateAuthority(base / "ca")
+    authority.init(now=datetime.now(UTC))
+    async with running.pool.acquire() as conn:
+        await registry.add_terminal(conn, running.keystore, terminal_id="K0000009", serial="KSN9", agent_id=1,
+                                    kind="kiosk")
+        cert, key, _ = await issue_kiosk_certificate(conn, authority, "K0000009", base / "issued")
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0",
+                                      "VENDGATE_KIOSK_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
+    await gateway.start()
+    assert gateway.pos_port is not None
+    term = PosTerminal(terminal_id(294), running.key(294), "127.0.0.1", gateway.pos_port, last_sequence=500)
+    locker = await running.pool.acquire()
+    stop: asyncio.Task[None] | None = None
+    try:
+        await term.logon()
+        # A POS lookup held up in the database keeps one session busy, so stop() waits for it.
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("LOCK TABLE meters IN ACCESS EXCLUSIVE MODE")
+        busy = asyncio.create_task(term.lookup(meter_number(21)))
+        await asyncio.sleep(0.3)
+        stop = asyncio.create_task(gateway.stop())
+        await asyncio.sleep(0.3)
+        assert gateway._stopping
+        # A new kiosk connection, after shutdown began.
+        kiosk = Kiosk("K0000009", f"https://127.0.0.1:{gateway.kiosk_port}",
+                      client_ssl_context(str(authority.ca_cert_path), str(cert), str(key)), datetime.now(UTC).date())
+        try:
+            status, reply = await kiosk.send(HeartbeatRequest())
+            accepted = status == 200 and isinstance(reply, HeartbeatReply)
+        except (aiohttp.ClientError, OSError):
+            accepted = False
+        await lock.rollback()
+        await busy
+        await stop
+        assert not accepted, "a new kiosk connection was accepted and served after shutdown began"
+    finally:
+        await running.pool.release(locker)
+        if stop is None:
+            await gateway.stop()
+        await term.close()
