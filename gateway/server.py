@@ -176,13 +176,13 @@ class Gateway:
                 await asyncio.wait_for(self._pos_server.wait_closed(), 5)
         log.info("gateway_stopped")
 
-    async def _goodbye(self, conn: _Connection) -> None:
+    async def _goodbye(self, conn: _Connection, detail: str = "server shutting down") -> None:
         if conn.closing:
             return
         conn.closing = True
         try:
             if conn.session.state not in (ServerState.CLOSED, ServerState.FAILED):
-                conn.writer.write(conn.session.reject(ResponseCode.SYSTEM_BUSY, "server shutting down"))
+                conn.writer.write(conn.session.reject(ResponseCode.SYSTEM_BUSY, detail))
                 async with asyncio.timeout(goodbye_drain_s):
                     await conn.writer.drain()
         except Exception:
@@ -279,7 +279,7 @@ class Gateway:
             previous = self._by_terminal.get(event.terminal_id)
             if previous is not None and previous is not conn:
                 # One live session per terminal: the newer logon wins.
-                task = asyncio.get_running_loop().create_task(self._goodbye(previous))
+                task = asyncio.get_running_loop().create_task(self._goodbye(previous, "replaced by a newer logon"))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
             conn.terminal_id = event.terminal_id

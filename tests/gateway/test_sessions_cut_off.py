@@ -268,3 +268,18 @@ async def test_kiosk_listener_stops_accepting_when_shutdown_begins(
         if stop is None:
             await gateway.stop()
         await term.close()
+
+
+async def test_a_session_replaced_by_a_newer_logon_is_told_so(running: Running) -> None:
+    old, new = pos(running, 262), pos(running, 262)
+    await old.logon()
+    await new.logon()
+    try:
+        assert old._reader is not None and old._session is not None
+        data = await asyncio.wait_for(old._reader.read(65536), 5)
+        [goodbye] = [e.message for e in old._session.receive_data(data) if isinstance(e, MessageReceived)]
+        assert isinstance(goodbye, ErrorReply) and goodbye.connection_closing
+        assert goodbye.response_code is ResponseCode.SYSTEM_BUSY and goodbye.detail == "replaced by a newer logon"
+    finally:
+        await old.close()
+        await new.logoff()
