@@ -38,6 +38,7 @@ from float_ledger.model import (
 
 operator_chars_max = 200
 pending_page_size_max = 1000
+deposit_reserved_keys = frozenset({"external_ref", "maker", "checker"})
 
 _metadata_decoder = msgspec.json.Decoder(Metadata)
 _metadata_encoder = msgspec.json.Encoder()
@@ -101,6 +102,10 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
         raise InvalidTransfer(f"external_ref must be 1..{operator_chars_max} chars")
     _check_operator("maker", maker)
     deposit_metadata: Metadata = dict(metadata or {})
+    if reserved := sorted(deposit_reserved_keys & deposit_metadata.keys()):
+        # They are the deposit's own record on its transfer: a maker's metadata cannot name them
+        # (a checker's name on a deposit nobody checked, say).
+        raise InvalidTransfer(f"metadata keys {', '.join(reserved)} are set by vendgate")
     # Refuse now what the posting would refuse later (currency, metadata size with a checker's name).
     batch_columns([Transfer(id=deposit_id, debit_account_id=source_account_id, credit_account_id=float_account_id,
                             amount_minor=amount_minor, currency=currency, kind=TransferKind.deposit,

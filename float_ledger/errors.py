@@ -6,6 +6,7 @@
      ├── AccountNotFound     no account with that id
      ├── UnknownTimeZone     not an IANA time zone name
      ├── RetriesExhausted    post_transfers met serialization failures/deadlocks retries_max + 1 times
+     ├── ReconciliationNeedsSnapshot  reconciling inside a READ COMMITTED transaction (no one snapshot)
      └── DepositError
           ├── DepositNotFound
           ├── DepositConflict  the deposit id or external reference was used with other content
@@ -38,6 +39,10 @@ class UnknownTimeZone(LedgerError, ValueError):
 
 
 class RetriesExhausted(LedgerError):
+    pass
+
+
+class ReconciliationNeedsSnapshot(LedgerError):
     pass
 
 

@@ -31,6 +31,7 @@ from float_ledger.errors import AccountNotFound, InvalidAccount, LedgerError, Re
 from float_ledger.model import (
     Account,
     AccountKind,
+    EventCursor,
     EventKind,
     LedgerEvent,
     Metadata,
@@ -296,13 +297,21 @@ async def statement(conn: Connection, account_id: int, *, after: StatementCursor
     return StatementPage(account_id=account_id, entries=entries, next_cursor=next_cursor)
 
 
-async def events_after(conn: Connection, after_id: int = 0, *, limit: int = 100) -> list[LedgerEvent]:
-    """Low-float events with id > after_id, oldest first: a reader keeps the last id it handled."""
+async def events_after(conn: Connection, after: EventCursor | None = None, *, limit: int = 100
+                       ) -> list[LedgerEvent]:
+    """Low-float events after `after` (from the first when None), in the order a reader takes
+    them: a reader keeps the `cursor` of the last event it handled and goes on from there.
+
+    An event shows once the transaction that wrote it, and every transaction older than that one,
+    has ended; so no event can turn up behind a cursor later (an event's id is taken before its
+    transaction commits, so ids alone would let one slip behind). A transaction left open holds
+    back the events of those that began after it until it ends."""
     if not 0 < limit <= events_page_size_max:
         raise ValueError(f"limit {limit} not in 1..{events_page_size_max}")
+    start = after or EventCursor(0, 0)
     return [
         LedgerEvent(id=r["id"], kind=EventKind(r["kind"]), account_id=r["account_id"], transfer_id=r["transfer_id"],
                     balance_minor=r["balance_minor"], threshold_minor=r["threshold_minor"],
-                    created_at=r["created_at"])
-        for r in await conn.fetch(sql.SQL_EVENTS_AFTER, after_id, limit)
+                    created_at=r["created_at"], txid=int(r["txid"]))
+        for r in await conn.fetch(sql.SQL_EVENTS_AFTER, str(start.txid), start.id, limit)
     ]

@@ -37,6 +37,8 @@ metadata_bytes_max = 2048
 metadata_key_chars_max = 64
 owner_ref_chars_max = 200
 reason_chars_max = 200
+# What a reversal keeps of its original's metadata when all of it would not fit beside its own keys.
+reversal_kept_keys = ("client_txn_id", "terminal_id", "agent_id", "meter_number", "external_ref")
 rate_ppm_max = 1_000_000
 statement_page_size_max = 1000
 events_page_size_max = 1000
@@ -335,8 +337,12 @@ def reversal_transfers(originals: Sequence[PostedTransfer], *, reversal_group_id
         raise InvalidTransfer(f"reason must be 1..{reason_chars_max} chars")
     compensations = []
     for original in sorted(originals, key=lambda t: t.seq, reverse=True):
-        metadata: Metadata = {**original.metadata, "reverses": str(original.id), "reversed_kind": original.kind,
-                              "reason": reason}
+        own: Metadata = {"reverses": str(original.id), "reversed_kind": original.kind, "reason": reason}
+        metadata: Metadata = {**original.metadata, **own}
+        if len(_metadata_encoder.encode(metadata)) > metadata_bytes_max:
+            # The original's metadata left no room for the reversal's own: it keeps what
+            # reconciliation and support read; the rest stays on the original, which `reverses` names.
+            metadata = {k: original.metadata[k] for k in reversal_kept_keys if k in original.metadata} | own
         compensations.append(Transfer(
             id=derived_id(original.id, "reversal"), debit_account_id=original.credit_account_id,
             credit_account_id=original.debit_account_id, amount_minor=original.amount_minor,
@@ -400,6 +406,12 @@ class StatementPage(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: StatementCursor | None  # None on the last page
 
 
+class EventCursor(msgspec.Struct, frozen=True):
+    """Where a reader of low-float events is: after the event of transaction `txid` with `id`."""
+    txid: int
+    id: int
+
+
 class LedgerEvent(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     kind: EventKind
@@ -408,6 +420,12 @@ class LedgerEvent(msgspec.Struct, frozen=True, kw_only=True):
     balance_minor: int
     threshold_minor: int
     created_at: datetime
+    txid: int  # the transaction that wrote it
+
+    @property
+    def cursor(self) -> EventCursor:
+        """What a reader keeps once it handled this event (events_after goes on from it)."""
+        return EventCursor(self.txid, self.id)
 
 
 class Deposit(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,7 +23,7 @@ from datetime import date
 from typing import Any
 
 from float_ledger import sql
-from float_ledger.errors import AccountNotFound
+from float_ledger.errors import AccountNotFound, ReconciliationNeedsSnapshot
 from float_ledger.model import AgentDay, TerminalDay, TransferKind, business_day_bounds
 
 
@@ -35,10 +35,16 @@ async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day:
     if account is None:
         raise AccountNotFound(f"no ledger account {float_account_id}")
     agent_ref = account["owner_ref"]
-    # One snapshot, so the day's totals and its opening and closing balances agree (inside a
-    # caller's transaction, its snapshot rules apply).
-    snapshot = (contextlib.nullcontext() if conn.is_in_transaction()
-                else conn.transaction(isolation="repeatable_read", readonly=True))
+    # One snapshot, so the day's totals and its opening and closing balances agree. A caller's
+    # transaction must hold one for all its statements: under READ COMMITTED each read would see
+    # what committed since the one before, and the day would not add up.
+    if conn.is_in_transaction():
+        if await conn.fetchval("SELECT current_setting('transaction_isolation')") == "read committed":
+            raise ReconciliationNeedsSnapshot(
+                "reconcile outside a transaction or in a REPEATABLE READ or SERIALIZABLE one")
+        snapshot: Any = contextlib.nullcontext()
+    else:
+        snapshot = conn.transaction(isolation="repeatable_read", readonly=True)
     async with snapshot:
         opening = int(await conn.fetchval(sql.SQL_BALANCE_BEFORE, float_account_id, starts_at))
         closing = int(await conn.fetchval(sql.SQL_BALANCE_BEFORE, float_account_id, ends_at))

@@ -102,12 +102,15 @@ SELECT legs.* FROM (
 
 # -- events -----------------------------------------------------------------------------------------
 
+# Events after the cursor (txid, id), of transactions that ended before any still running began:
+# every event written later has a higher txid, so none can appear behind the cursor.
 SQL_EVENTS_AFTER = """
-SELECT id, kind, account_id, transfer_id, balance_minor, threshold_minor, created_at
+SELECT id, kind, account_id, transfer_id, balance_minor, threshold_minor, created_at, txid::text AS txid
   FROM ledger_events
- WHERE id > $1
- ORDER BY id
- LIMIT $2"""
+ WHERE (txid, id) > ($1::text::xid8, $2)
+   AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY txid, id
+ LIMIT $3"""
 
 # -- deposits ---------------------------------------------------------------------------------------
 
@@ -126,8 +129,10 @@ SQL_GET_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1
 
 SQL_LOCK_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1 FOR UPDATE"
 
+# The deposit holding the reference: pending approval or posted (a rejected or refused one frees it).
 SQL_DEPOSIT_BY_EXTERNAL_REF = f"""
-SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE source_account_id = $1 AND external_ref = $2"""
+SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits
+ WHERE source_account_id = $1 AND external_ref = $2 AND status IN ('pending_approval', 'posted')"""
 
 SQL_DECIDE_DEPOSIT = f"""
 UPDATE ledger_deposits SET status = $2, checker = $3, reason = $4, decided_at = now()

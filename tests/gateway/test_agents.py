@@ -68,7 +68,7 @@ async def test_agents_created_before_0017_have_their_accounts_renamed(unmigrated
                 "INSERT INTO agents (kind, name, currency, float_account_id, commission_account_id)"
                 " VALUES ('shop', 'Duka Moja', 'KES', $1, $2) RETURNING agent_id", float_id, commission_id))
         applied = await migrate(conn)
-        assert [m.version for m in applied] == [17]
+        assert applied[0].version == 17  # and any later ones
         rows = await conn.fetch(
             "SELECT a.agent_id, f.owner_ref AS float_owner, c.owner_ref AS commission_owner FROM agents a"
             " JOIN ledger_accounts f ON f.id = a.float_account_id"

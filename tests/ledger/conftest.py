@@ -29,3 +29,21 @@ def transfer(debit: int, credit: int, amount: int, *, kind: str = "collection", 
 async def source(db_conn: Any) -> int:
     """An unbounded float_deposits account: money enters floats from here."""
     return await account(db_conn, AccountKind.float_deposits, "utility", lower_bound_minor=None)
+
+
+async def visible_events(conn: Any, after: Any = None, *, wanted: Any = None, at_least: int,
+                         wait_s: float = 10.0) -> list[Any]:
+    """The events after `after` that `wanted` accepts (all when None), polled until there are
+    at_least of them: an event shows once every transaction older than its own has ended, and an
+    unrelated one (autovacuum's ANALYZE, say) may hold it back for a moment."""
+    import asyncio
+    import time
+
+    from float_ledger.ledger import events_after
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        events = [e for e in await events_after(conn, after, limit=1000) if wanted is None or wanted(e)]
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.05)

@@ -278,17 +278,18 @@ async def test_balance_as_of_a_time(db_conn: Any, source: int) -> None:
 async def test_events_are_read_in_pages(db_conn: Any, source: int) -> None:
     float_id = await account(db_conn, AccountKind.agent_float, low_threshold_minor=10)
     customer = await account(db_conn, AccountKind.customer_credit)
-    start = max([e.id for e in await events_after(db_conn, 0, limit=1000)], default=0)
+    seen = await events_after(db_conn, limit=1000)
+    start = seen[-1].cursor if seen else None
     async with db_conn.transaction():
         for _ in range(3):
             await apply_transfers(db_conn, [transfer(source, float_id, 10, kind="deposit")])
             await apply_transfers(db_conn, [transfer(float_id, customer, 10)])
     events = await events_after(db_conn, start, limit=4)
     assert [e.kind for e in events] == [EventKind.float_restored, EventKind.float_below_threshold] * 2
-    rest = await events_after(db_conn, events[-1].id, limit=4)
+    rest = await events_after(db_conn, events[-1].cursor, limit=4)
     assert [e.kind for e in rest] == [EventKind.float_restored, EventKind.float_below_threshold]
     with pytest.raises(ValueError):
-        await events_after(db_conn, 0, limit=0)
+        await events_after(db_conn, limit=0)
 
 
 # -- reconciliation ---------------------------------------------------------------------------------
