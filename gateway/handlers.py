@@ -53,6 +53,9 @@ from protocol.messages import (
 
 log = get_logger("vendgate.txn")
 db_timeout_s = 10.0
+# A payment that found its terminal blocked since logon: the session ends (docs/protocol.md).
+_BLOCKED_MID_SESSION = ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
+                                  connection_closing=True)
 WH_PER_DECI_KWH = 100
 
 SQL_LOOKUP = """
@@ -149,8 +152,7 @@ class Handlers:
         if isinstance(message, TopUpRequest):
             result = await self._top_up(context, message)
             if result.response_code is ResponseCode.TERMINAL_BLOCKED:
-                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
-                                  connection_closing=True)
+                return _BLOCKED_MID_SESSION
             return result
         if isinstance(message, LookupRequest):
             return await self._lookup(context, message)
@@ -159,8 +161,7 @@ class Handlers:
         if isinstance(message, ReversalRequest):
             reversal = await self._reversal(context, message)
             if reversal.response_code is ResponseCode.TERMINAL_BLOCKED:
-                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
-                                  connection_closing=True)
+                return _BLOCKED_MID_SESSION
             return reversal
         if isinstance(message, ReprintRequest):
             return await self._reprint(context, message)
@@ -169,8 +170,7 @@ class Handlers:
             # Blocked before any of them was recorded: refused as a whole, and the session ends. An
             # advice recorded before the block is reported with the rest; the next request ends it.
             if advices.outcomes and all(o.response_code is ResponseCode.TERMINAL_BLOCKED for o in advices.outcomes):
-                return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
-                                  connection_closing=True)
+                return _BLOCKED_MID_SESSION
             return advices
         if isinstance(message, EndOfDayRequest):
             return await self._end_of_day(context, message)

@@ -5,7 +5,6 @@
 ALTER TABLE ledger_deposits DROP CONSTRAINT ledger_deposits_source_account_id_external_ref_key;
 CREATE UNIQUE INDEX ledger_deposits_live_external_ref ON ledger_deposits (source_account_id, external_ref)
     WHERE status IN ('pending_approval', 'posted');
-CREATE INDEX ledger_deposits_external_ref ON ledger_deposits (source_account_id, external_ref);
 
 -- 2. Each low-float event records the transaction that wrote it. An event's id is taken when its
 --    posting runs, not when it commits, so a reader that kept the last id it read could pass over
