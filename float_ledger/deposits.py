@@ -4,7 +4,8 @@ Rules:
 - A deposit names its external reference (bank or receipt reference); one reference of one source
   account credits a float once, and the deposit id is the idempotency key of the request.
 - A deposit of at most `approval_threshold_minor` posts at once. A larger one waits for a second
-  operator (maker/checker): the checker, never the maker, approves (posts it) or rejects it.
+  operator (maker/checker): the checker, never the maker, approves (posts it) or rejects it. Names
+  are compared as operator_identity() has them, so "ALICE" cannot check alice's deposit.
 - The posting transfer's id is the deposit id, kind `deposit`, from the source account (a
   float_deposits account, unbounded) to the float; its metadata carries external_ref, maker and
   checker. A refused posting (account blocked...) leaves the deposit `refused` with the reason.
@@ -13,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from typing import Any
 
@@ -56,6 +58,23 @@ def _deposit(record: Any) -> Deposit:
 def _check_operator(role: str, name: str) -> None:
     if not 0 < len(name) <= operator_chars_max:
         raise InvalidTransfer(f"{role} must be 1..{operator_chars_max} chars")
+    if not operator_identity(name):
+        raise InvalidTransfer(f"{role} must name an operator, not only spaces")
+
+
+def operator_identity(name: str) -> str:
+    """The operator a name stands for: "Alice", " alice ", "ALICE" and ALICE in full-width letters are one.
+
+    Compatibility-normalised (NFKC), case-folded, invisible format characters (zero-width space,
+    say) dropped and runs of white space made one space. Maker and checker are compared by this
+    form, so no spelling of the maker's own name lets them decide their own deposit.
+    """
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+
+
+def _is_maker(checker: str, deposit: Deposit) -> bool:
+    return operator_identity(checker) == operator_identity(deposit.maker)
 
 
 def deposit_transfer(deposit: Deposit) -> Transfer:
@@ -149,7 +168,7 @@ async def approve_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str) -> 
         deposit = _deposit(record)
         if deposit.status is not DepositStatus.pending_approval:
             return await _with_stored_post(conn, deposit)
-        if checker == deposit.maker:
+        if _is_maker(checker, deposit):
             raise CheckerIsMaker(f"deposit {deposit_id} was requested by {checker}: another operator approves it")
         return await _post(conn, deposit, checker)
 
@@ -166,7 +185,7 @@ async def reject_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str, reas
         deposit = _deposit(record)
         if deposit.status is not DepositStatus.pending_approval:
             return await _with_stored_post(conn, deposit)
-        if checker == deposit.maker:
+        if _is_maker(checker, deposit):
             raise CheckerIsMaker(f"deposit {deposit_id} was requested by {checker}: another operator decides it")
         record = await conn.fetchrow(sql.SQL_DECIDE_DEPOSIT, deposit_id, DepositStatus.rejected.value, checker,
                                      reason)

@@ -8,7 +8,7 @@ midnight), 23 or 25 hours across a DST change. For the agent's float account it 
 - deposits (kind deposit credited to the float), collections (kind collection debited from it),
   reversals (kind reversal of a collection, credited back), every other movement (signed);
 - commission: kind commission credited to the agent's commission_payable accounts (those with the
-  float's owner_ref), less reversals of it;
+  float's owner_ref and currency), less reversals of it;
 - per terminal (metadata terminal_id): collections, reversals and commission.
 
 closing = opening + deposits - collections + reversals + other_net holds by construction; an
@@ -49,7 +49,8 @@ async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day:
         opening = int(await conn.fetchval(sql.SQL_BALANCE_BEFORE, float_account_id, starts_at))
         closing = int(await conn.fetchval(sql.SQL_BALANCE_BEFORE, float_account_id, ends_at))
         movements = await conn.fetch(sql.SQL_RECONCILE_FLOAT, float_account_id, starts_at, ends_at)
-        commissions = await conn.fetch(sql.SQL_RECONCILE_COMMISSION, agent_ref, starts_at, ends_at)
+        commissions = await conn.fetch(sql.SQL_RECONCILE_COMMISSION, agent_ref, starts_at, ends_at,
+                                      account["currency"])
 
     totals: dict[str, int] = defaultdict(int)
     terminals: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))

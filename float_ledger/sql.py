@@ -157,7 +157,8 @@ SELECT kind, metadata ->> 'reversed_kind' AS reversed_kind, metadata ->> 'termin
  WHERE (debit_account_id = $1 OR credit_account_id = $1) AND created_at >= $2 AND created_at < $3
  GROUP BY 1, 2, 3, 4"""
 
-# Commission credited in [$2, $3) to the commission_payable accounts owned by $1 (the float's owner),
+# Commission credited in [$2, $3) to the commission_payable accounts in currency $4 owned by $1 (the
+# float's owner and currency: an agent paid in two currencies has a float and a payable in each),
 # less reversals of it, by terminal; amounts are signed.
 SQL_RECONCILE_COMMISSION = """
 SELECT legs.terminal_id, count(*) AS transfers, sum(legs.signed_minor) AS amount_minor
@@ -171,7 +172,7 @@ SELECT legs.terminal_id, count(*) AS transfers, sum(legs.signed_minor) AS amount
          FROM ledger_transfers t
         WHERE t.debit_account_id = p.id AND t.created_at >= $2 AND t.created_at < $3 AND t.kind = 'reversal'
           AND t.metadata ->> 'reversed_kind' = 'commission') legs
- WHERE p.owner_ref = $1 AND p.kind = 'commission_payable'
+ WHERE p.owner_ref = $1 AND p.kind = 'commission_payable' AND p.currency = $4
  GROUP BY legs.terminal_id"""
 
 # -- ledger check -----------------------------------------------------------------------------------

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from float_ledger.deposits import approve_deposit, get_deposit, pending_deposits, reject_deposit, request_deposit
-from float_ledger.errors import AccountNotFound, CheckerIsMaker, DepositConflict, DepositNotFound, InvalidAccount
+from float_ledger.errors import (
+    AccountNotFound,
+    CheckerIsMaker,
+    DepositConflict,
+    DepositNotFound,
+    InvalidAccount,
+    InvalidTransfer,
+)
 from float_ledger.ledger import (
     accrue_commission,
     apply_transfers,
@@ -109,6 +116,35 @@ async def test_a_large_deposit_waits_for_a_second_operator(db_conn: Any, source:
     assert late_reject.deposit.status is DepositStatus.posted
     assert request["deposit_id"] not in {d.id for d in await pending_deposits(db_conn)}
     assert await balance(db_conn, float_id) == THRESHOLD + 1
+
+
+@pytest.mark.parametrize("spelling", ["ALICE", " alice", "alice ", "Alice", "\uff41\uff4c\uff49\uff43\uff45",
+                                      "ali\u200bce"])
+async def test_the_maker_cannot_decide_under_another_spelling_of_their_name(db_conn: Any, source: int,
+                                                                           spelling: str) -> None:
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, THRESHOLD + 1)
+    assert request["maker"] == "alice"
+    await request_deposit(db_conn, **request)
+    with pytest.raises(CheckerIsMaker):
+        await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker=spelling)
+    with pytest.raises(CheckerIsMaker):
+        await reject_deposit(db_conn, deposit_id=request["deposit_id"], checker=spelling, reason="typo")
+    assert (await get_deposit(db_conn, request["deposit_id"])).status is DepositStatus.pending_approval
+    assert await balance(db_conn, float_id) == 0
+    approved = await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker="alicia")
+    assert approved.deposit.status is DepositStatus.posted and await balance(db_conn, float_id) == THRESHOLD + 1
+
+
+async def test_an_operator_name_of_spaces_alone_is_refused(db_conn: Any, source: int) -> None:
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, THRESHOLD + 1)
+    with pytest.raises(InvalidTransfer):
+        await request_deposit(db_conn, **{**request, "maker": "   "})
+    await request_deposit(db_conn, **request)
+    with pytest.raises(InvalidTransfer):
+        await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker="\u200b ")
+    assert (await get_deposit(db_conn, request["deposit_id"])).status is DepositStatus.pending_approval
 
 
 async def test_a_rejected_deposit_posts_nothing(db_conn: Any, source: int) -> None:
@@ -335,3 +371,37 @@ async def test_an_agent_day_reconciles_per_agent_and_terminal(db_conn: Any, sour
     assert after.collections_count == 0 and after.terminals == []
     with pytest.raises(AccountNotFound):
         await reconcile_agent_day(db_conn, float_account_id=10**9, business_day=day, time_zone=zone)
+
+
+async def test_an_agent_paid_in_two_currencies_reconciles_each_float_in_its_own(db_conn: Any) -> None:
+    agent, zone = f"A-{uuid.uuid4()}", "Africa/Nairobi"
+    floats: dict[str, tuple[int, date]] = {}
+    for currency, amount in ((CURRENCY, 3_000), ("UGX", 700_000)):
+        source = await account(db_conn, AccountKind.float_deposits, lower_bound_minor=None, currency=currency)
+
+        async def new(kind: AccountKind, owner: str | None = None, bound: int | None = 0,
+                      currency: str = currency) -> int:
+            return await account(db_conn, kind, owner, lower_bound_minor=bound, currency=currency)
+
+        accounts = TopUpAccounts(
+            float_account_id=await new(AccountKind.agent_float, agent),
+            customer_credit_account_id=await new(AccountKind.customer_credit),
+            customer_debt_account_id=await new(AccountKind.customer_debt, bound=None),
+            collections_account_id=await new(AccountKind.utility_collections, bound=None),
+            commission_expense_account_id=await new(AccountKind.commission_expense, bound=None),
+            commission_payable_account_id=await new(AccountKind.commission_payable, agent))
+        [deposit] = await post_transfers(db_conn, [transfer(source, accounts.float_account_id, amount * 10,
+                                                            kind="deposit", currency=currency)])
+        assert deposit.status is S.ok
+        results = await post_transfers(db_conn, top_up_transfers(
+            top_up_id=uuid.uuid4(), accounts=accounts, amount_minor=amount, debt_recovery_minor=0,
+            commission_rate_ppm=10_000, currency=currency, metadata={"agent_id": agent, "terminal_id": "T-1"}))
+        assert all(r.status is S.ok for r in results) and results[0].transfer is not None
+        floats[currency] = (accounts.float_account_id, results[0].transfer.created_at.astimezone(ZoneInfo(zone)).date())
+    first_day, second_day = [
+        await reconcile_agent_day(db_conn, float_account_id=float_id, business_day=day, time_zone=zone)
+        for float_id, day in (floats[CURRENCY], floats["UGX"])]
+    assert (first_day.currency, first_day.collections_minor, first_day.commission_minor) == (CURRENCY, 3_000, 30)
+    assert (second_day.currency, second_day.collections_minor, second_day.commission_minor) == ("UGX", 700_000, 7_000)
+    assert [t.commission_minor for t in first_day.terminals] == [30]
+    assert [t.commission_minor for t in second_day.terminals] == [7_000]
