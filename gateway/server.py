@@ -16,12 +16,16 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import registry
@@ -41,6 +45,8 @@ from protocol.session import LoggedOn, LogonRequested, MessageReceived, ServerSe
 log = get_logger("vendgate.server")
 
 connections_max = 10_000
+kiosk_connections_max = 256  # kiosks are few; a flood of them must not take the POS listener's descriptors
+kiosk_handshake_timeout_s = 10.0  # accept to a finished TLS handshake, client certificate included
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
@@ -63,6 +69,25 @@ class Limits:
     frame_deadline_s: float = frame_deadline_s
     logon_deadline_s: float = logon_deadline_s
     write_drain_timeout_s: float = write_drain_timeout_s
+    kiosk_connections_max: int = kiosk_connections_max
+    kiosk_handshake_timeout_s: float = kiosk_handshake_timeout_s
+
+
+class _KioskHandler(RequestHandler):
+    """aiohttp's request handler for one kiosk connection, resolving `closed` once it is lost."""
+
+    __slots__ = ("_closed",)
+
+    def __init__(self, manager: Server, *, closed: asyncio.Future[None], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._closed = closed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
 
 
 @dataclass(eq=False)
@@ -95,7 +120,9 @@ class Gateway:
         self._kiosk_ssl = kiosk_ssl
         self.pos_port: int | None = None
         self.kiosk_port: int | None = None
-        self._kiosk_site: web.TCPSite | None = None
+        self._kiosk_listener: socket.socket | None = None
+        self._kiosk_accept_task: asyncio.Task[None] | None = None
+        self._kiosk_connections: set[asyncio.Task[None]] = set()
         self.http_port: int | None = None
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
@@ -119,9 +146,7 @@ class Gateway:
         if self._kiosk_ssl is not None:
             from gateway.kiosk import kiosk_app
 
-            self._kiosk_site = await self._start_app(kiosk_app(self), self.settings.kiosk_host,
-                                                     self.settings.kiosk_port, ssl_context=self._kiosk_ssl)
-            self.kiosk_port = self._site_port(self._kiosk_site)
+            await self._start_kiosk_listener(kiosk_app(self))
         log.info("gateway_started", pos_port=self.pos_port, kiosk_port=self.kiosk_port, http_port=self.http_port)
 
     async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None
@@ -132,6 +157,70 @@ class Gateway:
         await site.start()
         self._runners.append(runner)
         return site
+
+    async def _start_kiosk_listener(self, app: web.Application) -> None:
+        """The kiosk listener accepts connections itself, so it can count them from the accept on.
+
+        aiohttp's own site would count a connection only once its TLS handshake was done (the
+        handler sees nothing before), so stalled handshakes would be uncounted; here each accepted
+        socket holds one of limits.kiosk_connections_max slots until it closes, and its handshake
+        must finish within limits.kiosk_handshake_timeout_s.
+        """
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = self.settings.kiosk_host, self.settings.kiosk_port
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        listener = socket.create_server((host, port), family=family, backlog=1024)
+        listener.setblocking(False)
+        self._kiosk_listener = listener
+        self.kiosk_port = int(listener.getsockname()[1])
+        self._kiosk_accept_task = asyncio.get_running_loop().create_task(self._accept_kiosks(runner, listener))
+
+    async def _accept_kiosks(self, runner: web.AppRunner, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, say: the listener stays, the next accept may work
+                if self._stopping or listener.fileno() < 0:
+                    return
+                log.warning("kiosk_accept_failed", error=type(exc).__name__, errno=exc.errno)
+                await asyncio.sleep(0.1)
+                continue
+            if self._stopping or len(self._kiosk_connections) >= self.limits.kiosk_connections_max:
+                self.metrics.connections_refused.labels("kiosk_capacity" if not self._stopping else "stopping").inc()
+                client.close()
+                continue
+            task = loop.create_task(self._serve_kiosk(runner, client))
+            self._kiosk_connections.add(task)
+            task.add_done_callback(self._kiosk_connections.discard)
+
+    async def _serve_kiosk(self, runner: web.AppRunner, client: socket.socket) -> None:
+        """One kiosk connection: TLS handshake within the bound, then aiohttp serves it until it closes."""
+        loop = asyncio.get_running_loop()
+        server = runner.server
+        assert server is not None, "the runner is set up"
+        closed = loop.create_future()
+
+        def handler() -> asyncio.BaseProtocol:
+            # As the runner's server would make it (AppRunner(access_log=None) above), told to
+            # resolve `closed` when its connection is gone.
+            return _KioskHandler(server, loop=loop, access_log=None, closed=closed)
+
+        try:
+            await loop.connect_accepted_socket(handler, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
+                                               ssl_handshake_timeout=self.limits.kiosk_handshake_timeout_s)
+        except Exception as exc:  # no certificate, another CA's, a stalled or broken handshake
+            self.metrics.connections_refused.labels("kiosk_handshake").inc()
+            log.info("kiosk_handshake_failed", error=type(exc).__name__)
+            client.close()
+            return
+        self.metrics.sessions_open.labels("kiosk").inc()
+        try:
+            await closed
+        finally:
+            self.metrics.sessions_open.labels("kiosk").dec()
 
     @staticmethod
     def _site_port(site: web.TCPSite) -> int:
@@ -146,10 +235,14 @@ class Gateway:
         self._stopping = True
         if self._pos_server is not None:
             self._pos_server.close()
-        if self._kiosk_site is not None:
+        if self._kiosk_accept_task is not None:
             # No new kiosk connections; requests on those open are still answered until the
             # committer stops, and the runner's cleanup below closes them.
-            await self._kiosk_site.stop()
+            self._kiosk_accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._kiosk_accept_task
+        if self._kiosk_listener is not None:
+            self._kiosk_listener.close()
         deadline = time.monotonic() + shutdown_grace_s
         # Requests already read are answered; then every session is told goodbye.
         while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
@@ -165,6 +258,10 @@ class Gateway:
             await asyncio.wait(goodbyes, timeout=goodbye_drain_s + 1)
         for runner in self._runners:
             await runner.cleanup()
+        for task in list(self._kiosk_connections):  # a handshake still running when the runner closed
+            task.cancel()
+        if self._kiosk_connections:
+            await asyncio.wait(list(self._kiosk_connections), timeout=1)
         if self.relay is not None:
             await self.relay.stop()
         if self._watch_task is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -13,12 +15,13 @@ from aiohttp import web
 from gateway import registry
 from gateway.ca import CertificateAuthority
 from gateway.cli.commands.ca_cmds import issue_kiosk_certificate
-from gateway.seeding import meter_number
-from gateway.server import Gateway
+from gateway.seeding import meter_number, terminal_id
+from gateway.server import Gateway, Limits
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_request, encode_kiosk_message
 from protocol.messages import TopUpRequest, TopUpResult
+from terminal_sim.client import PosTerminal
 from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
 
@@ -133,3 +136,71 @@ async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
     assert summary.approved >= 2
     assert summary.inconsistencies == summary.approved // 2 and not summary.ok
     assert "answered differently" in summary.notes[0]
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def _refused(gateway: Gateway, reason: str) -> float:
+    return gateway.metrics.registry.get_sample_value("vendgate_connections_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_kiosk_connections_beyond_the_cap_are_closed_and_pos_terminals_carry_on(
+        kiosk_setup: dict[str, object], running: Running) -> None:
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway) and gateway.pos_port is not None
+    cert, key, _ = kiosk_setup["good"]  # type: ignore[misc]
+    good = client_ssl_context(str(kiosk_setup["ca"]), str(cert), str(key))
+    previous = gateway.limits
+    cap = len(gateway._kiosk_connections) + 3
+    gateway.limits = Limits(kiosk_connections_max=cap)
+    refused_before = _refused(gateway, "kiosk_capacity")
+    held = []
+    try:
+        # Sockets that never start their TLS handshake: each holds a slot from its accept on.
+        for _ in range(3):
+            held.append(await asyncio.open_connection("127.0.0.1", gateway.kiosk_port))
+        await _until(lambda: len(gateway._kiosk_connections) == cap)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.kiosk_port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once, before any TLS
+        writer.close()
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await kiosk(kiosk_setup, good).top_up(meter_number(9), 1_000, "EUR")
+        assert _refused(gateway, "kiosk_capacity") >= refused_before + 2
+        # The POS listener does not share the kiosks' slots.
+        terminal = PosTerminal(terminal_id(270), running.key(270), "127.0.0.1", gateway.pos_port)
+        await terminal.logon()
+        paid = await terminal.top_up(meter_number(25), 700, "EUR")
+        assert paid.response_code is ResponseCode.APPROVED
+        await terminal.logoff()
+    finally:
+        for _, w in held:
+            w.close()
+    # A socket that goes away frees its slot: kiosks pay again.
+    await _until(lambda: len(gateway._kiosk_connections) < cap)
+    again = Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", good, datetime.now(UTC).date(),
+                  last_sequence=900_000)
+    status, reply = await again.top_up(meter_number(9), 1_000, "EUR")
+    gateway.limits = previous
+    assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
+
+
+async def test_a_stalled_kiosk_handshake_is_cut_off(kiosk_setup: dict[str, object]) -> None:
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    previous = gateway.limits
+    gateway.limits = Limits(kiosk_handshake_timeout_s=0.5)
+    failed_before = _refused(gateway, "kiosk_handshake")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.kiosk_port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # no ClientHello: dropped at the bound
+        assert 0.3 < time.monotonic() - started < 3
+        writer.close()
+        await _until(lambda: _refused(gateway, "kiosk_handshake") == failed_before + 1)
+    finally:
+        gateway.limits = previous
