@@ -53,6 +53,10 @@ from protocol.messages import (
 
 log = get_logger("vendgate.txn")
 db_timeout_s = 10.0
+# Key lookups for logons not yet proven, at once. Anyone who can connect can ask for one, so a flood
+# of them must not take the pool's connections from payments: the rest wait (within the logon
+# deadline) without holding a connection. A lookup is one indexed read, so 4 serve thousands a second.
+logon_lookups_max = 4
 # A payment that found its terminal blocked since logon: the session ends (docs/protocol.md).
 _BLOCKED_MID_SESSION = ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, detail="terminal blocked",
                                   connection_closing=True)
@@ -113,9 +117,11 @@ class Handlers:
         self.keystore = keystore
         self.committer = committer
         self.metrics = metrics
+        self.logon_lookups = asyncio.Semaphore(logon_lookups_max)
 
     async def terminal_key(self, terminal_id: str, key_version: int) -> tuple[bytes, str] | None:
-        async with self.pool.acquire(timeout=db_timeout_s) as conn:
+        """The key of a terminal asking to log on: at most logon_lookups_max such reads at once."""
+        async with self.logon_lookups, self.pool.acquire(timeout=db_timeout_s) as conn:
             return await registry.terminal_key(conn, self.keystore, terminal_id)
 
     async def terminal_context(self, terminal_id: str) -> registry.TerminalContext | None:

@@ -98,6 +98,7 @@ class _Connection:
     context: registry.TerminalContext | None = None
     busy: bool = False
     closing: bool = False
+    logon_by: float = 0.0  # time.monotonic() by which the terminal must have proven its logon
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -314,7 +315,7 @@ class Gateway:
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
-        logon_by = time.monotonic() + self.limits.logon_deadline_s
+        logon_by = conn.logon_by = time.monotonic() + self.limits.logon_deadline_s
         while not conn.closing:
             now = time.monotonic()
             if frame_started is None:
@@ -362,7 +363,15 @@ class Gateway:
         """Answer one event; False ends the connection."""
         session = conn.session
         if isinstance(event, LogonRequested):
-            found = await self.handlers.terminal_key(event.terminal_id, event.key_version)
+            # The lookup waits its turn among unproven logons (Handlers.logon_lookups), within the
+            # logon deadline: a flood of them delays logons, never payments.
+            try:
+                async with asyncio.timeout(max(conn.logon_by - time.monotonic(), 0.001)):
+                    found = await self.handlers.terminal_key(event.terminal_id, event.key_version)
+            except TimeoutError:
+                self.metrics.connections_refused.labels("logon_busy").inc()
+                await self._send_final(conn, ResponseCode.SYSTEM_BUSY, "logon deadline passed; try again")
+                return False
             if found is None:
                 await self._send_final(conn, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
                 return False

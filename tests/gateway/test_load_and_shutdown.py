@@ -12,6 +12,7 @@ import time
 import asyncpg
 import pytest
 
+from gateway.handlers import logon_lookups_max
 from gateway.records_check import check_all
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Limits
@@ -196,3 +197,55 @@ async def test_unauthenticated_connection_must_log_on_quickly(running: Running) 
         writer.close()
     finally:
         gateway.limits = previous
+
+
+async def test_a_flood_of_unproven_logons_waits_its_turn_and_payments_go_on(running: Running) -> None:
+    gateway = running.gateway
+    assert gateway.pos_port is not None
+    payer = PosTerminal(terminal_id(271), running.key(271), "127.0.0.1", gateway.pos_port)
+    await payer.logon()
+    lookups = gateway.handlers.logon_lookups
+    for _ in range(logon_lookups_max):  # every key lookup slot taken, as by a flood already running
+        await lookups.acquire()
+    released = False
+    try:
+        strangers = [PosTerminal(terminal_id(9_000_000 + i), bytes(32), "127.0.0.1", gateway.pos_port)
+                     for i in range(50)]
+        pending = [asyncio.create_task(s.logon()) for s in strangers]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in pending)  # waiting for a lookup slot, not answered
+        paid = await asyncio.wait_for(payer.top_up(meter_number(26), 600, "EUR"), 5)
+        assert paid.response_code is ResponseCode.APPROVED
+        for _ in range(logon_lookups_max):
+            lookups.release()
+        released = True
+        results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
+        assert all(isinstance(r, TerminalRefused) and r.response_code is ResponseCode.UNKNOWN_TERMINAL
+                   for r in results), results
+    finally:
+        if not released:
+            for _ in range(logon_lookups_max):
+                lookups.release()
+        await payer.logoff()
+
+
+async def test_a_logon_still_waiting_for_its_lookup_at_the_deadline_is_told_to_come_back(running: Running) -> None:
+    gateway = running.gateway
+    assert gateway.pos_port is not None
+    previous = gateway.limits
+    gateway.limits = Limits(logon_deadline_s=0.5)
+    lookups = gateway.handlers.logon_lookups
+    for _ in range(logon_lookups_max):
+        await lookups.acquire()
+    try:
+        waiting = PosTerminal(terminal_id(272), running.key(272), "127.0.0.1", gateway.pos_port)
+        with pytest.raises(TerminalRefused) as refused:
+            await asyncio.wait_for(waiting.logon(), 5)
+        assert refused.value.response_code is ResponseCode.SYSTEM_BUSY
+    finally:
+        gateway.limits = previous
+        for _ in range(logon_lookups_max):
+            lookups.release()
+    accepted = await waiting.logon()  # its turn now
+    assert accepted.idle_timeout_s > 0
+    await waiting.logoff()
