@@ -55,9 +55,38 @@ def _deposit(record: Any) -> Deposit:
         decided_at=record["decided_at"])
 
 
+# Code points that render as nothing, beyond the format characters (category Cf): Unicode's
+# Other_Default_Ignorable_Code_Point and the variation selectors, from the Unicode Character
+# Database, DerivedCoreProperties.txt (Default_Ignorable_Code_Point) and PropList.txt.
+_invisible_ranges = (
+    (0x034F, 0x034F),  # COMBINING GRAPHEME JOINER
+    (0x115F, 0x1160),  # HANGUL CHOSEONG FILLER..HANGUL JUNGSEONG FILLER
+    (0x17B4, 0x17B5),  # KHMER VOWEL INHERENT AQ..AA
+    (0x180B, 0x180F),  # MONGOLIAN FREE VARIATION SELECTORS, VOWEL SEPARATOR
+    (0x2065, 0x2065),
+    (0x3164, 0x3164),  # HANGUL FILLER
+    (0xFE00, 0xFE0F),  # VARIATION SELECTOR-1..16
+    (0xFFA0, 0xFFA0),  # HALFWIDTH HANGUL FILLER
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),  # SHORTHAND FORMAT CONTROLS
+    (0x1D173, 0x1D17A),  # MUSICAL SYMBOL BEGIN BEAM..END PHRASE
+    (0xE0000, 0xE0FFF),  # TAGS, VARIATION SELECTOR-17..256
+)
+
+
+def _is_invisible(c: str) -> bool:
+    """Control, format, unassigned, private-use or surrogate, or a default-ignorable code point."""
+    if unicodedata.category(c)[0] == "C":
+        return True
+    code = ord(c)
+    return any(low <= code <= high for low, high in _invisible_ranges)
+
+
 def _check_operator(role: str, name: str) -> None:
     if not 0 < len(name) <= operator_chars_max:
         raise InvalidTransfer(f"{role} must be 1..{operator_chars_max} chars")
+    if any(_is_invisible(c) for c in name):
+        raise InvalidTransfer(f"{role} may not hold control or invisible characters")
     if not operator_identity(name):
         raise InvalidTransfer(f"{role} must name an operator, not only spaces")
 
@@ -65,12 +94,14 @@ def _check_operator(role: str, name: str) -> None:
 def operator_identity(name: str) -> str:
     """The operator a name stands for: "Alice", " alice ", "ALICE" and ALICE in full-width letters are one.
 
-    Compatibility-normalised (NFKC), case-folded, invisible format characters (zero-width space,
-    say) dropped and runs of white space made one space. Maker and checker are compared by this
+    Invisible code points dropped (names holding one are refused, but stored ones may predate that
+    rule), then compatibility-normalised (NFKC), case-folded, normalised again (case folding can
+    undo NFKC) and runs of white space made one space. Maker and checker are compared by this
     form, so no spelling of the maker's own name lets them decide their own deposit.
     """
-    folded = unicodedata.normalize("NFKC", name).casefold()
-    return " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+    visible = "".join(c for c in name if not _is_invisible(c))
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
+    return " ".join(folded.split())
 
 
 def _is_maker(checker: str, deposit: Deposit) -> bool:

@@ -40,14 +40,22 @@ WHERE c.fingerprint = $1 AND c.revoked_at IS NULL AND c.not_after > now()"""
 
 
 def _refuse(code: ResponseCode, detail: str, status: int) -> web.Response:
+    """A refused kiosk's answer; its connection closes after it, so it holds no slot on the listener."""
     body = encode_kiosk_message(ErrorReply(response_code=code, detail=detail, connection_closing=False))
-    return web.Response(status=status, body=body, content_type=CONTENT_TYPE)
+    response = web.Response(status=status, body=body, content_type=CONTENT_TYPE)
+    response.force_close()
+    return response
 
 
 def kiosk_app(gateway: Gateway) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        with gateway.kiosk_request(request):
+            return await _authenticated(request, handler)
+
+    async def _authenticated(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
         if not der:

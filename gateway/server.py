@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,10 @@ log = get_logger("vendgate.server")
 connections_max = 10_000
 kiosk_connections_max = 256  # kiosks are few; a flood of them must not take the POS listener's descriptors
 kiosk_handshake_timeout_s = 10.0  # accept to a finished TLS handshake, client certificate included
+kiosk_idle_timeout_s = 15.0  # no request for this long (the first one included): the connection is closed
+kiosk_connection_lifetime_s = 300.0  # then closed after the request in hand: a slow sender cannot keep a slot
+kiosk_close_grace_s = 35.0  # for that request to be answered (a payment may take 30 s), then dropped
+kiosk_tls_shutdown_timeout_s = 5.0  # for the peer's TLS close, so a closed connection frees its slot
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
@@ -60,6 +65,7 @@ SQL_FLOATS_BELOW = """
 SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
 WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
 assert frame_deadline_s < idle_timeout_s and logon_deadline_s < idle_timeout_s
+assert kiosk_handshake_timeout_s < kiosk_connection_lifetime_s and kiosk_idle_timeout_s < kiosk_connection_lifetime_s
 
 
 @dataclass
@@ -71,16 +77,19 @@ class Limits:
     write_drain_timeout_s: float = write_drain_timeout_s
     kiosk_connections_max: int = kiosk_connections_max
     kiosk_handshake_timeout_s: float = kiosk_handshake_timeout_s
+    kiosk_idle_timeout_s: float = kiosk_idle_timeout_s
+    kiosk_connection_lifetime_s: float = kiosk_connection_lifetime_s
 
 
 class _KioskHandler(RequestHandler):
     """aiohttp's request handler for one kiosk connection, resolving `closed` once it is lost."""
 
-    __slots__ = ("_closed",)
+    __slots__ = ("_closed", "requests_in_hand")
 
     def __init__(self, manager: Server, *, closed: asyncio.Future[None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._closed = closed
+        self.requests_in_hand = 0  # read and not yet answered (Gateway.kiosk_request)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
@@ -124,6 +133,7 @@ class Gateway:
         self._kiosk_listener: socket.socket | None = None
         self._kiosk_accept_task: asyncio.Task[None] | None = None
         self._kiosk_connections: set[asyncio.Task[None]] = set()
+        self.kiosk_requests_in_flight = 0  # see kiosk_request(); shutdown waits for them as for POS requests
         self.http_port: int | None = None
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
@@ -171,7 +181,9 @@ class Gateway:
         await runner.setup()
         self._runners.append(runner)
         host, port = self.settings.kiosk_host, self.settings.kiosk_port
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        # An empty host is every IPv4 interface; otherwise the first address the host resolves to.
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0] \
+            if host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, backlog=1024)
         listener.setblocking(False)
         self._kiosk_listener = listener
@@ -205,21 +217,44 @@ class Gateway:
         closed = loop.create_future()
 
         def handler() -> asyncio.BaseProtocol:
-            # As the runner's server would make it (AppRunner(access_log=None) above), told to
-            # resolve `closed` when its connection is gone.
-            return _KioskHandler(server, loop=loop, access_log=None, closed=closed)
+            # As the runner's server would make it (AppRunner(access_log=None) above), with the
+            # kiosk idle timeout as its keep-alive (it runs from the handshake to the first request
+            # too), told to resolve `closed` when its connection is gone.
+            return _KioskHandler(server, loop=loop, access_log=None, keepalive_timeout=self.limits.kiosk_idle_timeout_s,
+                                 closed=closed)
 
         try:
-            await loop.connect_accepted_socket(handler, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
-                                               ssl_handshake_timeout=self.limits.kiosk_handshake_timeout_s)
+            transport, protocol = await loop.connect_accepted_socket(
+                handler, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self.limits.kiosk_handshake_timeout_s,
+                ssl_shutdown_timeout=kiosk_tls_shutdown_timeout_s)
         except Exception as exc:  # no certificate, another CA's, a stalled or broken handshake
             self.metrics.connections_refused.labels("kiosk_handshake").inc()
             log.info("kiosk_handshake_failed", error=type(exc).__name__)
             client.close()
             return
+        if self._stopping:  # the handshake ended after shutdown began: nothing will serve it
+            transport.abort()
+            return
+        assert isinstance(protocol, _KioskHandler)
         self.metrics.sessions_open.labels("kiosk").inc()
         try:
-            await closed
+            try:
+                await asyncio.wait_for(asyncio.shield(closed), self.limits.kiosk_connection_lifetime_s)
+            except TimeoutError:
+                # The kiosk connects again. A request in hand is answered first; bytes of one not
+                # yet whole (a slow sender) are not waited for.
+                if protocol.requests_in_hand:
+                    protocol.close()
+                else:
+                    protocol.force_close()
+                try:
+                    await asyncio.wait_for(asyncio.shield(closed), kiosk_close_grace_s)
+                except TimeoutError:
+                    transport.abort()
+        except asyncio.CancelledError:
+            transport.abort()  # shutdown: aiohttp's cleanup is over, so this connection would outlive it
+            raise
         finally:
             self.metrics.sessions_open.labels("kiosk").dec()
 
@@ -246,11 +281,11 @@ class Gateway:
             self._kiosk_listener.close()
         deadline = time.monotonic() + shutdown_grace_s
         # Requests already read are answered; then every session is told goodbye.
-        while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+        while self._requests_in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
         await self.committer.stop()
         # Handlers whose payment was in the last batches now write their replies.
-        while any(c.busy for c in self._connections) and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+        while self._requests_in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
         # Every session at once, each within goodbye_drain_s: a peer that does not read delays
         # neither the others nor the end of shutdown.
@@ -273,6 +308,23 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pos_server.wait_closed(), 5)
         log.info("gateway_stopped")
+
+    @contextlib.contextmanager
+    def kiosk_request(self, request: web.BaseRequest) -> Iterator[None]:
+        """Around a kiosk request from its read to its answer: shutdown and the lifetime bound wait for it."""
+        protocol = request.protocol
+        self.kiosk_requests_in_flight += 1
+        if isinstance(protocol, _KioskHandler):
+            protocol.requests_in_hand += 1
+        try:
+            yield
+        finally:
+            self.kiosk_requests_in_flight -= 1
+            if isinstance(protocol, _KioskHandler):
+                protocol.requests_in_hand -= 1
+
+    def _requests_in_flight(self) -> bool:
+        return self.kiosk_requests_in_flight > 0 or any(c.busy for c in self._connections)
 
     async def _goodbye(self, conn: _Connection, detail: str = "server shutting down") -> None:
         if conn.closing:
@@ -368,9 +420,11 @@ class Gateway:
             try:
                 async with asyncio.timeout(max(conn.logon_by - time.monotonic(), 0.001)):
                     found = await self.handlers.terminal_key(event.terminal_id, event.key_version)
-            except TimeoutError:
+            except TimeoutError:  # the deadline, or no database connection in time
                 self.metrics.connections_refused.labels("logon_busy").inc()
-                await self._send_final(conn, ResponseCode.SYSTEM_BUSY, "logon deadline passed; try again")
+                await self._send_final(conn, ResponseCode.SYSTEM_BUSY, "server busy; log on again")
+                return False
+            if conn.closing:  # told goodbye (shutdown) while the lookup waited its turn
                 return False
             if found is None:
                 await self._send_final(conn, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")

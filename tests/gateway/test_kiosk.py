@@ -20,7 +20,7 @@ from gateway.server import Gateway, Limits
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_request, encode_kiosk_message
-from protocol.messages import TopUpRequest, TopUpResult
+from protocol.messages import TenderType, TopUpRequest, TopUpResult
 from terminal_sim.client import PosTerminal
 from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
@@ -49,7 +49,8 @@ async def kiosk_setup(running: Running, tmp_path_factory: pytest.TempPathFactory
     gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
     await gateway.start()
     try:
-        yield {"gateway": gateway, "ca": str(authority.ca_cert_path), "good": good, "revoked": revoked,
+        yield {"gateway": gateway, "authority": authority, "ca": str(authority.ca_cert_path), "good": good,
+               "revoked": revoked,
                "stranger": (stranger_path, stranger_key), "base": base}
     finally:
         await gateway.stop()
@@ -204,3 +205,106 @@ async def test_a_stalled_kiosk_handshake_is_cut_off(kiosk_setup: dict[str, objec
         await _until(lambda: _refused(gateway, "kiosk_handshake") == failed_before + 1)
     finally:
         gateway.limits = previous
+
+
+def _context(setup: dict[str, object], which: str) -> ssl.SSLContext:
+    cert, key, _ = setup[which]  # type: ignore[misc]
+    return client_ssl_context(str(setup["ca"]), str(cert), str(key))
+
+
+async def _tls_connection(setup: dict[str, object], which: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare TLS connection to the kiosk listener with certificate `which`, for HTTP written by hand."""
+    gateway = setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    return await asyncio.open_connection("127.0.0.1", gateway.kiosk_port, ssl=_context(setup, which),
+                                         server_hostname="127.0.0.1")
+
+
+async def test_an_idle_kiosk_connection_is_closed_even_before_its_first_request(
+        kiosk_setup: dict[str, object]) -> None:
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    previous = gateway.limits
+    gateway.limits = Limits(kiosk_idle_timeout_s=0.5)
+    try:
+        reader, writer = await _tls_connection(kiosk_setup, "good")
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # TLS done, no request: closed at the bound
+        assert 0.3 < time.monotonic() - started < 5
+        writer.close()
+    finally:
+        gateway.limits = previous
+    await _until(lambda: not gateway._kiosk_connections)
+
+
+async def test_a_refused_certificate_gets_its_answer_and_the_connection_closes(kiosk_setup: dict[str, object]) -> None:
+    reader, writer = await _tls_connection(kiosk_setup, "revoked")
+    body = encode_kiosk_message(TopUpRequest(
+        client_transaction_id=Kiosk("K0000002", "", None, datetime.now(UTC).date()).next_transaction_id(),
+        meter_number=meter_number(9), amount_minor=1_000, currency="EUR", tender_type=TenderType.CASH))
+    writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nConnection: keep-alive\r\n"
+                 b"Content-Type: " + CONTENT_TYPE.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    answer = await asyncio.wait_for(reader.read(), 10)  # the whole answer, then EOF: no keep-alive
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 403") and b"connection: close" in head
+    writer.close()
+
+
+async def test_a_kiosk_connection_has_a_lifetime_however_slowly_it_sends(kiosk_setup: dict[str, object]) -> None:
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    previous = gateway.limits
+    gateway.limits = Limits(kiosk_connection_lifetime_s=1.0)
+    try:
+        reader, writer = await _tls_connection(kiosk_setup, "good")
+        started = time.monotonic()
+        request_head = b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nX-Slow: "
+        closed_after = None
+        for index in range(100):  # a byte every 0.1 s: never idle, never a whole request
+            try:
+                writer.write(request_head[index:index + 1] if index < len(request_head) else b"a")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                closed_after = time.monotonic() - started
+                break
+        writer.close()
+        assert closed_after is not None and 0.8 < closed_after < 5, closed_after
+    finally:
+        gateway.limits = previous
+
+
+async def test_a_kiosk_payment_in_flight_at_shutdown_is_answered(kiosk_setup: dict[str, object],
+                                                                 running: Running) -> None:
+    authority = kiosk_setup["authority"]
+    assert isinstance(authority, CertificateAuthority)
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0",
+                                      "VENDGATE_KIOSK_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
+    await gateway.start()
+    client = Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", _context(kiosk_setup, "good"),
+                   datetime.now(UTC).date(), last_sequence=800_000)
+    stopping = None
+    async with running.pool.acquire() as holder:
+        # The certificate table is locked, so the kiosk's request waits in its authentication:
+        # read, and not yet handed to the committer when shutdown begins.
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute("LOCK TABLE kiosk_certificates IN ACCESS EXCLUSIVE MODE")
+            paying = asyncio.create_task(client.top_up(meter_number(9), 1_500, "EUR"))
+            await _until(lambda: gateway.kiosk_requests_in_flight == 1)
+            stopping = asyncio.create_task(gateway.stop())
+            await asyncio.sleep(0.3)
+            assert not paying.done() and not stopping.done()  # shutdown waits for the payment
+        finally:
+            await lock.rollback()
+    status, reply = await asyncio.wait_for(paying, 15)
+    await asyncio.wait_for(stopping, 25)
+    assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
+    assert gateway.kiosk_requests_in_flight == 0 and not gateway._kiosk_connections

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -15,7 +16,8 @@ import pytest
 from gateway.handlers import logon_lookups_max
 from gateway.records_check import check_all
 from gateway.seeding import meter_number, terminal_id
-from gateway.server import Limits
+from gateway.server import Gateway, Limits
+from gateway.settings import load_settings
 from gateway.vending import group_id_for
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
@@ -249,3 +251,27 @@ async def test_a_logon_still_waiting_for_its_lookup_at_the_deadline_is_told_to_c
     accepted = await waiting.logon()  # its turn now
     assert accepted.idle_timeout_s > 0
     await waiting.logoff()
+
+
+async def test_a_logon_waiting_for_its_lookup_at_shutdown_ends_quietly(running: Running,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    assert gateway.pos_port is not None
+    lookups = gateway.handlers.logon_lookups
+    for _ in range(logon_lookups_max):
+        await lookups.acquire()
+    waiting = PosTerminal(terminal_id(273), running.key(273), "127.0.0.1", gateway.pos_port)
+    logging_on = asyncio.create_task(waiting.logon())
+    await asyncio.sleep(0.2)
+    with caplog.at_level(logging.INFO, logger="vendgate"):
+        stopping = asyncio.create_task(gateway.stop())
+        with pytest.raises(TerminalRefused) as refused:
+            await asyncio.wait_for(logging_on, 10)  # told goodbye, not challenged
+        for _ in range(logon_lookups_max):
+            lookups.release()
+        await asyncio.wait_for(stopping, 25)
+        await asyncio.sleep(0.1)
+    assert refused.value.response_code is ResponseCode.SYSTEM_BUSY
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

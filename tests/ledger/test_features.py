@@ -9,7 +9,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from float_ledger.deposits import approve_deposit, get_deposit, pending_deposits, reject_deposit, request_deposit
+from float_ledger.deposits import (
+    approve_deposit,
+    get_deposit,
+    operator_identity,
+    pending_deposits,
+    reject_deposit,
+    request_deposit,
+)
 from float_ledger.errors import (
     AccountNotFound,
     CheckerIsMaker,
@@ -119,7 +126,7 @@ async def test_a_large_deposit_waits_for_a_second_operator(db_conn: Any, source:
 
 
 @pytest.mark.parametrize("spelling", ["ALICE", " alice", "alice ", "Alice", "\uff41\uff4c\uff49\uff43\uff45",
-                                      "ali\u200bce"])
+                                      "ALICE\u3000"])
 async def test_the_maker_cannot_decide_under_another_spelling_of_their_name(db_conn: Any, source: int,
                                                                            spelling: str) -> None:
     float_id = await account(db_conn, AccountKind.agent_float)
@@ -136,6 +143,26 @@ async def test_the_maker_cannot_decide_under_another_spelling_of_their_name(db_c
     assert approved.deposit.status is DepositStatus.posted and await balance(db_conn, float_id) == THRESHOLD + 1
 
 
+@pytest.mark.parametrize(("maker", "checker"), [("alice", "alice\u034f"), ("alice", "alice\ufe0f"),
+                                               ("alice", "alice\u3164"), ("jos\u00e9", "jose\u200b\u0301"),
+                                               ("jos\u00e9", "JOSE\u0301"), ("alice", "ali\u200bce")])
+def test_an_operator_is_known_through_invisible_characters_and_decomposed_letters(maker: str, checker: str) -> None:
+    assert operator_identity(maker) == operator_identity(checker)
+
+
+@pytest.mark.parametrize("name", ["ali\u200bce", "alice\u034f", "alice\ufe0f", "\u3164", "alice\x00", "al\tice",
+                                  "alice\U000e0041"])
+async def test_an_operator_name_with_invisible_characters_is_refused(db_conn: Any, source: int, name: str) -> None:
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, THRESHOLD + 1)
+    with pytest.raises(InvalidTransfer, match="invisible"):
+        await request_deposit(db_conn, **{**request, "maker": name})
+    await request_deposit(db_conn, **request)
+    with pytest.raises(InvalidTransfer, match="invisible"):
+        await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker=name)
+    assert (await get_deposit(db_conn, request["deposit_id"])).status is DepositStatus.pending_approval
+
+
 async def test_an_operator_name_of_spaces_alone_is_refused(db_conn: Any, source: int) -> None:
     float_id = await account(db_conn, AccountKind.agent_float)
     request = deposit_request(float_id, source, THRESHOLD + 1)
@@ -143,7 +170,7 @@ async def test_an_operator_name_of_spaces_alone_is_refused(db_conn: Any, source:
         await request_deposit(db_conn, **{**request, "maker": "   "})
     await request_deposit(db_conn, **request)
     with pytest.raises(InvalidTransfer):
-        await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker="\u200b ")
+        await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker="\u3000 ")
     assert (await get_deposit(db_conn, request["deposit_id"])).status is DepositStatus.pending_approval
 
 
