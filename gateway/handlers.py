@@ -265,7 +265,10 @@ class Handlers:
             else:
                 assert message.receipt_number is not None
                 terminal, _, number = message.receipt_number.rpartition("-")
-                if terminal != context.terminal_id or not number.isdigit() or len(number) > 18:
+                # Only the form vendgate prints (receipt_text): "T0000001-1" or "T0000001-0000001"
+                # is not a receipt number, so no two spellings name one receipt.
+                if (terminal != context.terminal_id or not number.isascii() or not number.isdigit()
+                        or len(number) > 18 or receipt_text(terminal, int(number)) != message.receipt_number):
                     return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
                 row = await conn.fetchrow(sql.TXN_GET_BY_RECEIPT, terminal, int(number))
             if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:

@@ -11,7 +11,7 @@ from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_VENDING_KEY, meter_number, s
 from gateway.vending import group_id_for
 from protocol import sts
 from protocol.codes import ResponseCode
-from protocol.messages import EndOfDayRequest
+from protocol.messages import EndOfDayRequest, ReprintRequest, ReprintResult
 from terminal_sim.client import PosTerminal, TerminalRefused
 from terminal_sim.meter import Meter
 from tests.gateway.conftest import Running
@@ -188,6 +188,23 @@ async def test_reprint_returns_the_stored_receipt(running: Running) -> None:
     assert reprint.response_code is ResponseCode.APPROVED
     assert reprint.receipt_number == paid.receipt_number
     assert reprint.receipt_lines[1:] == paid.receipt_lines and reprint.tokens == paid.tokens
+    await pos.logoff()
+
+
+async def test_reprint_by_receipt_number_takes_only_the_printed_form(running: Running) -> None:
+    pos = terminal(running, 5)
+    await pos.logon()
+    paid = await pos.top_up(meter_number(6), 4_100, "EUR")
+    assert paid.receipt_number is not None
+    printed = paid.receipt_number
+    terminal_part, _, number = printed.rpartition("-")
+    assert len(number) == 6
+    by_number = await pos._request(ReprintRequest(receipt_number=printed), ReprintResult)
+    assert by_number.response_code is ResponseCode.APPROVED and by_number.receipt_number == printed
+    for other in (f"{terminal_part}-{int(number)}", f"{terminal_part}-0{number}", f"{terminal_part}-00{number}",
+                  f"{terminal_part}-{number}0", f"T0000003-{number}", f"{terminal_part}-"):
+        refused = await pos._request(ReprintRequest(receipt_number=other), ReprintResult)
+        assert refused.response_code is ResponseCode.ORIGINAL_NOT_FOUND, other
     await pos.logoff()
 
 
