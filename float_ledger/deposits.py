@@ -99,7 +99,8 @@ def operator_identity(name: str) -> str:
     undo NFKC) and runs of white space made one space. Maker and checker are compared by this
     form, so no spelling of the maker's own name lets them decide their own deposit.
     """
-    visible = "".join(c for c in name if not _is_invisible(c))
+    # White space first (a tab or a line break is a space between words), then the invisible.
+    visible = "".join(" " if c.isspace() else c for c in name if c.isspace() or not _is_invisible(c))
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
     return " ".join(folded.split())
 

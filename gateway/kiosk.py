@@ -51,8 +51,7 @@ def kiosk_app(gateway: Gateway) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        with gateway.kiosk_request(request):
-            return await _authenticated(request, handler)
+        return await gateway.kiosk_request(request, lambda: _authenticated(request, handler))
 
     async def _authenticated(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:

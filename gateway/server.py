@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -48,10 +48,13 @@ log = get_logger("vendgate.server")
 connections_max = 10_000
 kiosk_connections_max = 256  # kiosks are few; a flood of them must not take the POS listener's descriptors
 kiosk_handshake_timeout_s = 10.0  # accept to a finished TLS handshake, client certificate included
-kiosk_idle_timeout_s = 15.0  # no request for this long (the first one included): the connection is closed
+# No request for this long (the first one included): the connection is closed. Longer than HTTP
+# clients keep idle connections (aiohttp's 15 s), so a kiosk reusing one does not meet the close.
+kiosk_idle_timeout_s = 30.0
 kiosk_connection_lifetime_s = 300.0  # then closed after the request in hand: a slow sender cannot keep a slot
 kiosk_close_grace_s = 35.0  # for that request to be answered (a payment may take 30 s), then dropped
 kiosk_tls_shutdown_timeout_s = 5.0  # for the peer's TLS close, so a closed connection frees its slot
+kiosk_runner_shutdown_timeout_s = 5.0  # at shutdown, after kiosk requests in flight were waited for
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
@@ -84,12 +87,13 @@ class Limits:
 class _KioskHandler(RequestHandler):
     """aiohttp's request handler for one kiosk connection, resolving `closed` once it is lost."""
 
-    __slots__ = ("_closed", "requests_in_hand")
+    __slots__ = ("_closed", "close_after_reply", "requests_in_hand")
 
     def __init__(self, manager: Server, *, closed: asyncio.Future[None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._closed = closed
-        self.requests_in_hand = 0  # read and not yet answered (Gateway.kiosk_request)
+        self.requests_in_hand = 0  # read whole and not yet answered (Gateway.kiosk_request)
+        self.close_after_reply = False  # the connection's lifetime is over: its next reply is its last
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
@@ -177,7 +181,8 @@ class Gateway:
         socket holds one of limits.kiosk_connections_max slots until it closes, and its handshake
         must finish within limits.kiosk_handshake_timeout_s.
         """
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=kiosk_runner_shutdown_timeout_s)
         await runner.setup()
         self._runners.append(runner)
         host, port = self.settings.kiosk_host, self.settings.kiosk_port
@@ -215,16 +220,19 @@ class Gateway:
         server = runner.server
         assert server is not None, "the runner is set up"
         closed = loop.create_future()
+        made: list[_KioskHandler] = []
 
         def handler() -> asyncio.BaseProtocol:
             # As the runner's server would make it (AppRunner(access_log=None) above), with the
             # kiosk idle timeout as its keep-alive (it runs from the handshake to the first request
             # too), told to resolve `closed` when its connection is gone.
-            return _KioskHandler(server, loop=loop, access_log=None, keepalive_timeout=self.limits.kiosk_idle_timeout_s,
-                                 closed=closed)
+            made.append(_KioskHandler(server, loop=loop, access_log=None,
+                                      keepalive_timeout=self.limits.kiosk_idle_timeout_s, closed=closed))
+            return made[0]
 
         try:
-            transport, protocol = await loop.connect_accepted_socket(
+            # Not the protocol it returns: with TLS, uvloop returns its own TLS protocol.
+            transport, _ = await loop.connect_accepted_socket(
                 handler, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
                 ssl_handshake_timeout=self.limits.kiosk_handshake_timeout_s,
                 ssl_shutdown_timeout=kiosk_tls_shutdown_timeout_s)
@@ -236,17 +244,17 @@ class Gateway:
         if self._stopping:  # the handshake ended after shutdown began: nothing will serve it
             transport.abort()
             return
-        assert isinstance(protocol, _KioskHandler)
+        [protocol] = made
         self.metrics.sessions_open.labels("kiosk").inc()
         try:
             try:
                 await asyncio.wait_for(asyncio.shield(closed), self.limits.kiosk_connection_lifetime_s)
             except TimeoutError:
-                # The kiosk connects again. A request in hand is answered first; bytes of one not
-                # yet whole (a slow sender) are not waited for.
-                if protocol.requests_in_hand:
-                    protocol.close()
-                else:
+                # The kiosk connects again. A request in hand is answered first, with
+                # `Connection: close` (Gateway.kiosk_request); one not yet whole (a slow sender) is
+                # not waited for.
+                protocol.close_after_reply = True
+                if not protocol.requests_in_hand:
                     protocol.force_close()
                 try:
                     await asyncio.wait_for(asyncio.shield(closed), kiosk_close_grace_s)
@@ -309,19 +317,28 @@ class Gateway:
                 await asyncio.wait_for(self._pos_server.wait_closed(), 5)
         log.info("gateway_stopped")
 
-    @contextlib.contextmanager
-    def kiosk_request(self, request: web.BaseRequest) -> Iterator[None]:
-        """Around a kiosk request from its read to its answer: shutdown and the lifetime bound wait for it."""
+    async def kiosk_request(self, request: web.Request,
+                            respond: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A kiosk request, once its body is in, until its answer: shutdown and the lifetime bound wait for it.
+
+        The body is read first (at most kiosk_body_bytes_max), so a kiosk that never finishes
+        sending one holds up neither; the connection's lifetime bound cuts it off.
+        """
+        await request.read()
         protocol = request.protocol
+        kiosk = protocol if isinstance(protocol, _KioskHandler) else None
         self.kiosk_requests_in_flight += 1
-        if isinstance(protocol, _KioskHandler):
-            protocol.requests_in_hand += 1
+        if kiosk is not None:
+            kiosk.requests_in_hand += 1
         try:
-            yield
+            response = await respond()
         finally:
             self.kiosk_requests_in_flight -= 1
-            if isinstance(protocol, _KioskHandler):
-                protocol.requests_in_hand -= 1
+            if kiosk is not None:
+                kiosk.requests_in_hand -= 1
+        if kiosk is not None and kiosk.close_after_reply:
+            response.force_close()  # `Connection: close`, and closed once it is written
+        return response
 
     def _requests_in_flight(self) -> bool:
         return self.kiosk_requests_in_flight > 0 or any(c.busy for c in self._connections)

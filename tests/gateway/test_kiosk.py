@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import aiohttp
+import asyncpg
 import pytest
+import uvloop
 from aiohttp import web
 
 from gateway import registry
@@ -19,7 +21,7 @@ from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway, Limits
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
-from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_request, encode_kiosk_message
+from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, decode_kiosk_request, encode_kiosk_message
 from protocol.messages import TenderType, TopUpRequest, TopUpResult
 from terminal_sim.client import PosTerminal
 from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
@@ -308,3 +310,71 @@ async def test_a_kiosk_payment_in_flight_at_shutdown_is_answered(kiosk_setup: di
     await asyncio.wait_for(stopping, 25)
     assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
     assert gateway.kiosk_requests_in_flight == 0 and not gateway._kiosk_connections
+
+
+async def test_a_reply_given_when_the_lifetime_is_over_closes_the_connection(kiosk_setup: dict[str, object],
+                                                                            running: Running) -> None:
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    previous = gateway.limits
+    gateway.limits = Limits(kiosk_connection_lifetime_s=1.0)
+    body = encode_kiosk_message(TopUpRequest(
+        client_transaction_id=Kiosk(KIOSK_ID, "", None, datetime.now(UTC).date(),
+                                    last_sequence=700_000).next_transaction_id(),
+        meter_number=meter_number(9), amount_minor=1_200, currency="EUR", tender_type=TenderType.CASH))
+    try:
+        reader, writer = await _tls_connection(kiosk_setup, "good")
+        async with running.pool.acquire() as holder:
+            # The request, whole, waits in its authentication past the connection's lifetime.
+            lock = holder.transaction()
+            await lock.start()
+            try:
+                await holder.execute("LOCK TABLE kiosk_certificates IN ACCESS EXCLUSIVE MODE")
+                writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                             + CONTENT_TYPE.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                             + b"\r\n\r\n" + body)
+                await _until(lambda: gateway.kiosk_requests_in_flight == 1)
+                await asyncio.sleep(1.5)
+            finally:
+                await lock.rollback()
+        answer = await asyncio.wait_for(reader.read(), 10)  # the reply, then EOF
+        head, _, reply = answer.partition(b"\r\n\r\n")
+        assert head.lower().startswith(b"http/1.1 200") and b"connection: close" in head.lower()
+        result = decode_kiosk_reply(reply)
+        assert isinstance(result, TopUpResult) and result.response_code is ResponseCode.APPROVED
+        writer.close()
+    finally:
+        gateway.limits = previous
+
+
+def test_the_kiosk_listener_counts_and_bounds_connections_on_uvloop(kiosk_setup: dict[str, object],
+                                                                    running: Running) -> None:
+    """Production runs on uvloop, whose TLS connections differ from asyncio's in what they hand back."""
+    authority = kiosk_setup["authority"]
+    assert isinstance(authority, CertificateAuthority)
+
+    async def scenario() -> None:
+        settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0",
+                                          "VENDGATE_KIOSK_PORT": "0"})
+        pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=4)
+        gateway = Gateway(settings, pool, running.keystore, kiosk_ssl=authority.server_ssl_context(),
+                          limits=Limits(kiosk_connection_lifetime_s=1.5))
+        await gateway.start()
+        try:
+            reader, writer = await _tls_connection({**kiosk_setup, "gateway": gateway}, "good")
+            await _until(lambda: len(gateway._kiosk_connections) == 1 and gateway.metrics.registry.get_sample_value(
+                "vendgate_sessions_open", {"channel": "kiosk"}) == 1)
+            client = Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", _context(kiosk_setup, "good"),
+                           datetime.now(UTC).date(), last_sequence=600_000)
+            status, reply = await client.top_up(meter_number(9), 1_300, "EUR")
+            assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # the held connection's lifetime ends it
+            assert time.monotonic() - started < 5
+            writer.close()
+            await _until(lambda: not gateway._kiosk_connections)
+        finally:
+            await gateway.stop()
+            await pool.close()
+
+    uvloop.run(scenario())

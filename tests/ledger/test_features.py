@@ -145,7 +145,9 @@ async def test_the_maker_cannot_decide_under_another_spelling_of_their_name(db_c
 
 @pytest.mark.parametrize(("maker", "checker"), [("alice", "alice\u034f"), ("alice", "alice\ufe0f"),
                                                ("alice", "alice\u3164"), ("jos\u00e9", "jose\u200b\u0301"),
-                                               ("jos\u00e9", "JOSE\u0301"), ("alice", "ali\u200bce")])
+                                               ("jos\u00e9", "JOSE\u0301"), ("alice", "ali\u200bce"),
+                                               ("alice\tsmith", "alice smith"), ("alice\nsmith", "Alice Smith"),
+                                               ("alice\x85smith", "alice  smith")])
 def test_an_operator_is_known_through_invisible_characters_and_decomposed_letters(maker: str, checker: str) -> None:
     assert operator_identity(maker) == operator_identity(checker)
 
