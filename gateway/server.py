@@ -220,20 +220,15 @@ class Gateway:
         server = runner.server
         assert server is not None, "the runner is set up"
         closed = loop.create_future()
-        made: list[_KioskHandler] = []
-
-        def handler() -> asyncio.BaseProtocol:
-            # As the runner's server would make it (AppRunner(access_log=None) above), with the
-            # kiosk idle timeout as its keep-alive (it runs from the handshake to the first request
-            # too), told to resolve `closed` when its connection is gone.
-            made.append(_KioskHandler(server, loop=loop, access_log=None,
-                                      keepalive_timeout=self.limits.kiosk_idle_timeout_s, closed=closed))
-            return made[0]
-
+        # As the runner's server would make it (AppRunner(access_log=None) above), with the kiosk
+        # idle timeout as its keep-alive (it runs from the handshake to the first request too),
+        # told to resolve `closed` when its connection is gone.
+        protocol = _KioskHandler(server, loop=loop, access_log=None,
+                                 keepalive_timeout=self.limits.kiosk_idle_timeout_s, closed=closed)
         try:
-            # Not the protocol it returns: with TLS, uvloop returns its own TLS protocol.
+            # This protocol, not the one returned: with TLS, uvloop returns its own TLS protocol.
             transport, _ = await loop.connect_accepted_socket(
-                handler, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
+                lambda: protocol, client, ssl=self._kiosk_ssl,  # type: ignore[arg-type]
                 ssl_handshake_timeout=self.limits.kiosk_handshake_timeout_s,
                 ssl_shutdown_timeout=kiosk_tls_shutdown_timeout_s)
         except Exception as exc:  # no certificate, another CA's, a stalled or broken handshake
@@ -244,7 +239,6 @@ class Gateway:
         if self._stopping:  # the handshake ended after shutdown began: nothing will serve it
             transport.abort()
             return
-        [protocol] = made
         self.metrics.sessions_open.labels("kiosk").inc()
         try:
             try:
@@ -325,18 +319,16 @@ class Gateway:
         sending one holds up neither; the connection's lifetime bound cuts it off.
         """
         await request.read()
-        protocol = request.protocol
-        kiosk = protocol if isinstance(protocol, _KioskHandler) else None
+        kiosk = request.protocol
+        assert isinstance(kiosk, _KioskHandler), "kiosk requests come through the kiosk listener alone"
         self.kiosk_requests_in_flight += 1
-        if kiosk is not None:
-            kiosk.requests_in_hand += 1
+        kiosk.requests_in_hand += 1
         try:
             response = await respond()
         finally:
             self.kiosk_requests_in_flight -= 1
-            if kiosk is not None:
-                kiosk.requests_in_hand -= 1
-        if kiosk is not None and kiosk.close_after_reply:
+            kiosk.requests_in_hand -= 1
+        if kiosk.close_after_reply:
             response.force_close()  # `Connection: close`, and closed once it is written
         return response
 
@@ -384,7 +376,7 @@ class Gateway:
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
-        logon_by = conn.logon_by = time.monotonic() + self.limits.logon_deadline_s
+        conn.logon_by = time.monotonic() + self.limits.logon_deadline_s
         while not conn.closing:
             now = time.monotonic()
             if frame_started is None:
@@ -392,7 +384,7 @@ class Gateway:
             else:
                 timeout = frame_started + self.limits.frame_deadline_s - now
             if conn.terminal_id is None:
-                timeout = min(timeout, logon_by - now)
+                timeout = min(timeout, conn.logon_by - now)
             try:
                 # asyncio.timeout, not wait_for: no task per read (Python 3.11's wait_for makes one).
                 async with asyncio.timeout(max(timeout, 0.001)):
