@@ -31,11 +31,24 @@ start_timeout_s = 60
 stop_timeout_s = 60
 
 # Settings tuned for a throw-away cluster (tests). A durable cluster keeps PostgreSQL's defaults
-# but for COMMON_OPTIONS.
+# but for DURABLE_OPTIONS and COMMON_OPTIONS.
 EPHEMERAL_OPTIONS = {
     "fsync": "off",
     "synchronous_commit": "off",
     "full_page_writes": "off",
+}
+DURABLE_OPTIONS = {
+    # A top-up writes about 8 kB of WAL, so at 3,500 top-ups/s the default 1 GB max_wal_size set
+    # off a checkpoint every 12-30 s; the fsyncs at a checkpoint's end stalled commits for
+    # 200-500 ms. With 4 GB, a checkpoint comes every two minutes or so at full load (crash
+    # recovery replays at most that much WAL). The WAL buffers (default 1/32 of shared_buffers,
+    # 8 MB) filled under 256-payment batches, and each time a backend wrote WAL out itself.
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "wal_buffers": "64MB",
+    # Pages a backend evicts are pushed to the disk as it goes, not left in the page cache for
+    # the kernel to write back in one burst that held up the WAL fsync of every commit behind it.
+    "backend_flush_after": "256kB",
 }
 COMMON_OPTIONS = {
     "max_connections": "200",
@@ -128,8 +141,7 @@ class LocalCluster:
         if not self.initialised:
             self.init()
         options = dict(COMMON_OPTIONS)
-        if self.ephemeral:
-            options.update(EPHEMERAL_OPTIONS)
+        options.update(EPHEMERAL_OPTIONS if self.ephemeral else DURABLE_OPTIONS)
         options["port"] = str(port or free_port())
         server_options = " ".join(f"-c {name}={value!s}" if value else f"-c {name}=''"
                                   for name, value in options.items())
