@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import secrets
 import signal
 import socket
@@ -69,6 +70,33 @@ SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_i
 WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
 assert frame_deadline_s < idle_timeout_s and logon_deadline_s < idle_timeout_s
 assert kiosk_handshake_timeout_s < kiosk_connection_lifetime_s and kiosk_idle_timeout_s < kiosk_connection_lifetime_s
+
+
+def listening_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address `host` resolves to, as asyncio binds its
+    servers: an empty host is every interface, IPv4 and IPv6; an address family the machine has
+    not enabled is passed over. With port 0 all take the port the first one was given."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            if sockets and port == 0:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            try:
+                listener = socket.create_server(address, family=family, backlog=backlog)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue  # IPv6 disabled, say
+                raise
+            listener.setblocking(False)
+            sockets.append(listener)
+    except BaseException:
+        for listener in sockets:
+            listener.close()
+        raise
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, f"no address of {host!r} can be bound")
+    return sockets
 
 
 @dataclass
@@ -134,8 +162,8 @@ class Gateway:
         self._kiosk_ssl = kiosk_ssl
         self.pos_port: int | None = None
         self.kiosk_port: int | None = None
-        self._kiosk_listener: socket.socket | None = None
-        self._kiosk_accept_task: asyncio.Task[None] | None = None
+        self._kiosk_listeners: list[socket.socket] = []
+        self._kiosk_accept_tasks: list[asyncio.Task[None]] = []
         self._kiosk_connections: set[asyncio.Task[None]] = set()
         self.kiosk_requests_in_flight = 0  # see kiosk_request(); shutdown waits for them as for POS requests
         self.http_port: int | None = None
@@ -185,15 +213,11 @@ class Gateway:
                                shutdown_timeout=kiosk_runner_shutdown_timeout_s)
         await runner.setup()
         self._runners.append(runner)
-        host, port = self.settings.kiosk_host, self.settings.kiosk_port
-        # An empty host is every IPv4 interface; otherwise the first address the host resolves to.
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0] \
-            if host else socket.AF_INET
-        listener = socket.create_server((host, port), family=family, backlog=1024)
-        listener.setblocking(False)
-        self._kiosk_listener = listener
-        self.kiosk_port = int(listener.getsockname()[1])
-        self._kiosk_accept_task = asyncio.get_running_loop().create_task(self._accept_kiosks(runner, listener))
+        self._kiosk_listeners = listening_sockets(self.settings.kiosk_host, self.settings.kiosk_port)
+        self.kiosk_port = int(self._kiosk_listeners[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        self._kiosk_accept_tasks = [loop.create_task(self._accept_kiosks(runner, listener))
+                                    for listener in self._kiosk_listeners]
 
     async def _accept_kiosks(self, runner: web.AppRunner, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -273,14 +297,15 @@ class Gateway:
         self._stopping = True
         if self._pos_server is not None:
             self._pos_server.close()
-        if self._kiosk_accept_task is not None:
-            # No new kiosk connections; requests on those open are still answered until the
-            # committer stops, and the runner's cleanup below closes them.
-            self._kiosk_accept_task.cancel()
+        # No new kiosk connections; requests on those open are still answered until the
+        # committer stops, and the runner's cleanup below closes them.
+        for task in self._kiosk_accept_tasks:
+            task.cancel()
+        for task in self._kiosk_accept_tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._kiosk_accept_task
-        if self._kiosk_listener is not None:
-            self._kiosk_listener.close()
+                await task
+        for listener in self._kiosk_listeners:
+            listener.close()
         deadline = time.monotonic() + shutdown_grace_s
         # Requests already read are answered; then every session is told goodbye.
         while self._requests_in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll

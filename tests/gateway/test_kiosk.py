@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 import uvloop
 from aiohttp import web
@@ -18,7 +21,7 @@ from gateway import registry
 from gateway.ca import CertificateAuthority
 from gateway.cli.commands.ca_cmds import issue_kiosk_certificate
 from gateway.seeding import meter_number, terminal_id
-from gateway.server import Gateway, Limits
+from gateway.server import Gateway, Limits, listening_sockets
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, decode_kiosk_request, encode_kiosk_message
@@ -378,3 +381,62 @@ def test_the_kiosk_listener_counts_and_bounds_connections_on_uvloop(kiosk_setup:
             await pool.close()
 
     uvloop.run(scenario())
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_listening_sockets_cover_every_address_of_the_host_on_one_port() -> None:
+    # An empty host is every interface: IPv4 and, where the machine has it, IPv6, as asyncio's
+    # servers bind (the POS listener). Taking only the first address left IPv6 kiosks unserved.
+    sockets = listening_sockets("", 0)
+    try:
+        families = {s.family for s in sockets}
+        assert families == ({socket.AF_INET, socket.AF_INET6} if _ipv6_loopback() else {socket.AF_INET})
+        assert len({s.getsockname()[1] for s in sockets}) == 1  # port 0: one port for all
+        for listener in sockets:
+            assert not listener.getblocking()
+            loopback = "127.0.0.1" if listener.family == socket.AF_INET else "::1"
+            with socket.create_connection((loopback, listener.getsockname()[1]), timeout=5):
+                listener.settimeout(5)
+                accepted, _ = listener.accept()
+                accepted.close()
+    finally:
+        for listener in sockets:
+            listener.close()
+    with pytest.raises(OSError):  # a host that resolves to nothing is an error, not a silent no-listener
+        listening_sockets("vendgate-no-such-host.invalid", 0)
+
+
+async def test_a_kiosk_reaches_a_listener_on_every_interface_over_ipv4_and_ipv6(
+        running: Running, tmp_path: Path) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    authority = CertificateAuthority(tmp_path / "ca")
+    authority.init(server_names=("127.0.0.1", "::1"), now=datetime.now(UTC))
+    async with running.pool.acquire() as conn:
+        await registry.add_terminal(conn, running.keystore, terminal_id="K0000006", serial="KSN6", agent_id=1,
+                                    kind="kiosk")
+        cert, key, _ = await issue_kiosk_certificate(conn, authority, "K0000006", tmp_path / "issued")
+    context = client_ssl_context(str(authority.ca_cert_path), str(cert), str(key))
+    settings = msgspec.structs.replace(
+        load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0", "VENDGATE_KIOSK_PORT": "0"}),
+        kiosk_host="")
+    gateway = Gateway(settings, running.pool, running.keystore, kiosk_ssl=authority.server_ssl_context())
+    await gateway.start()
+    try:
+        for sequence, host in enumerate(["127.0.0.1", "[::1]"]):
+            client = Kiosk("K0000006", f"https://{host}:{gateway.kiosk_port}", context, datetime.now(UTC).date(),
+                           last_sequence=sequence * 10)
+            status, reply = await client.top_up(meter_number(9), 1_100, "EUR")
+            assert status == 200 and isinstance(reply, TopUpResult), (host, status, reply)
+            assert reply.response_code is ResponseCode.APPROVED, host
+    finally:
+        await gateway.stop()
+    assert len(gateway._kiosk_listeners) == 2
+    assert all(listener.fileno() == -1 for listener in gateway._kiosk_listeners)  # each closed at stop
