@@ -43,6 +43,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The prepayment engine's event endpoint; unset: events wait in the outbox.
     engine_url: str | None = None
     engine_timeout_s: PositiveFloat = 5.0
+    # A float deposit above this many minor units waits for a second operator (`vendgate float
+    # approve`); 0: every deposit does.
+    deposit_approval_threshold_minor: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Hex of a 32-byte key that encrypts terminal and vending keys at rest.
     master_key: str | None = None
     master_key_file: str | None = None

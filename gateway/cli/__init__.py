@@ -3,8 +3,9 @@
     def register(subparsers) -> None
 
 and sets `handler=` (a callable taking (args, settings) and returning an exit status) on the
-parser it adds. Adding a command is adding one file. A VendgateError anywhere becomes one
-line on stderr and exit status 2.
+parser it adds. Adding a command is adding one file. A VendgateError or a float ledger's
+LedgerError (a deposit its maker tries to approve, say) anywhere becomes one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+from float_ledger.errors import LedgerError
 from gateway.cli import commands
 from gateway.errors import VendgateError
 from gateway.jsonlog import configure_logging
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
         status: int = args.handler(args, settings)
         return status
-    except VendgateError as exc:
+    except (VendgateError, LedgerError) as exc:
         print(f"vendgate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

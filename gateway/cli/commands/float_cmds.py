@@ -1,0 +1,267 @@
+"""`vendgate float`: an agent's float from the back office — deposits (maker/checker), balance,
+statement and the daily reconciliation.
+
+    vendgate float deposit --agent 7 --amount-minor 500000 --ref BANK-2026-0042
+    vendgate float pending
+    vendgate float approve|reject DEPOSIT_ID [--reason TEXT]
+    vendgate float balance --agent 7 [--at 2026-12-01T00:00:00+03:00]
+    vendgate float statement --agent 7 [--limit 50] [--after CURSOR]
+    vendgate float reconcile --agent 7 --day 2026-12-01
+
+A deposit above VENDGATE_DEPOSIT_APPROVAL_THRESHOLD_MINOR waits for a second operator. The
+operator is the login running the command unless --operator names another; whoever can run these
+commands holds the database's credentials, so the names are what the operators assert (see
+docs/THREAT_MODEL.md). A deposit's id follows from its source account and external reference, so
+running the same deposit again (after a lost connection, say) returns the deposit as it stands and
+never credits the float twice; the same reference with another amount or agent is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from float_ledger.deposits import approve_deposit, pending_deposits, reject_deposit, request_deposit
+from float_ledger.ledger import balance, balance_as_of, statement
+from float_ledger.model import (
+    AccountKind,
+    Deposit,
+    DepositResult,
+    StatementCursor,
+    amount_minor_max,
+    statement_page_size_max,
+)
+from float_ledger.reconciliation import reconcile_agent_day
+from gateway import database, registry
+from gateway.cli.runner import run
+from gateway.registry import RegistryError
+from gateway.settings import Settings
+
+# uuid5 namespace of deposit ids made from (source account, external reference).
+DEPOSIT_ID_NAMESPACE = uuid.UUID("5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10")
+
+
+def deposit_id_for(source_account_id: int, external_ref: str) -> uuid.UUID:
+    return uuid.uuid5(DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{external_ref}")
+
+
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+    return parse
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs its UTC offset (Z or +03:00, say)")
+    return value
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _cursor(text: str) -> StatementCursor:
+    """`<created_at>,<seq>` as a statement page prints it."""
+    at, _, seq = text.rpartition(",")
+    try:
+        return StatementCursor(created_at=_aware_time(at), seq=int(seq))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cursor a statement page printed") from None
+
+
+def _deposit_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a deposit id") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    floats = subparsers.add_parser("float", help="agents' floats: deposits, balance, statement, reconciliation")
+    actions = floats.add_subparsers(dest="float_action", metavar="ACTION", required=True)
+    operator_help = "the operator acting (default: this login)"
+
+    deposit = actions.add_parser("deposit", help="credit money an agent paid in; above the threshold it waits "
+                                                 "for a second operator")
+    deposit.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    deposit.add_argument("--amount-minor", required=True, type=_bounded_int(1, amount_minor_max))
+    deposit.add_argument("--ref", required=True, dest="external_ref", help="bank or cash-office reference")
+    deposit.add_argument("--operator", help=operator_help)
+    deposit.set_defaults(handler=handle_deposit)
+
+    pending = actions.add_parser("pending", help="deposits waiting for a second operator, oldest first")
+    pending.add_argument("--limit", type=_bounded_int(1, 1000), default=100)
+    pending.set_defaults(handler=handle_pending)
+
+    for name, text in (("approve", "post a pending deposit"), ("reject", "refuse a pending deposit")):
+        decide = actions.add_parser(name, help=f"{text} (not its maker)")
+        decide.add_argument("deposit_id", type=_deposit_id)
+        decide.add_argument("--operator", help=operator_help)
+        if name == "reject":
+            decide.add_argument("--reason", required=True)
+        decide.set_defaults(handler=handle_decide, decision=name)
+
+    shown = actions.add_parser("balance", help="an agent's float now, or as of a time")
+    shown.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    shown.add_argument("--at", type=_aware_time, help="ISO 8601 time with its UTC offset")
+    shown.set_defaults(handler=handle_balance)
+
+    page = actions.add_parser("statement", help="an agent's float movements in posting order, a page at a time")
+    page.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    page.add_argument("--limit", type=_bounded_int(1, statement_page_size_max), default=50)
+    page.add_argument("--after", type=_cursor, help="the cursor the previous page printed")
+    page.set_defaults(handler=handle_statement)
+
+    day = actions.add_parser("reconcile", help="an agent's business day in its time zone, from transfers alone")
+    day.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    day.add_argument("--day", required=True, type=_day, help="YYYY-MM-DD in the agent's time zone")
+    day.set_defaults(handler=handle_reconcile)
+
+
+def _operator(args: argparse.Namespace) -> str:
+    if args.operator is not None:
+        return str(args.operator)
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container's numeric user, say)
+        raise RegistryError("this login has no name: say who acts with --operator") from None
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    url = await database.resolve_url(settings)
+    return await database.connect(url, timeout_s=settings.database_connect_timeout_s)
+
+
+def _with_conn(settings: Settings, body: Any) -> Any:
+    async def go() -> Any:
+        conn = await _connect(settings)
+        try:
+            return await body(conn)
+        finally:
+            await conn.close()
+    return run(go())
+
+
+def _deposit_line(deposit: Deposit) -> str:
+    decided = f" by {deposit.checker}" if deposit.checker else ""
+    reason = f" ({deposit.reason})" if deposit.reason else ""
+    return (f"deposit {deposit.id}: {deposit.status.value}{decided}{reason}; {deposit.amount_minor} "
+            f"{deposit.currency} minor units to float account {deposit.float_account_id}, ref "
+            f"{deposit.external_ref!r}, requested by {deposit.maker} at {deposit.requested_at.isoformat()}")
+
+
+def _result_lines(result: DepositResult) -> list[str]:
+    lines = [_deposit_line(result.deposit)]
+    if result.post is not None and result.post.transfer is not None:
+        lines.append(f"float after: {result.post.transfer.credit_balance_after_minor}")
+    return lines
+
+
+def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> DepositResult:
+        agent = await registry.get_agent(conn, args.agent)
+        source = await registry.system_account(conn, AccountKind.float_deposits, agent.currency)
+        return await request_deposit(
+            conn, deposit_id=deposit_id_for(source, args.external_ref), float_account_id=agent.float_account_id,
+            source_account_id=source, amount_minor=args.amount_minor, currency=agent.currency,
+            external_ref=args.external_ref, maker=_operator(args),
+            approval_threshold_minor=settings.deposit_approval_threshold_minor,
+            metadata={"agent_id": str(agent.agent_id)})
+
+    for line in _result_lines(_with_conn(settings, body)):
+        print(line)
+    return 0
+
+
+def handle_pending(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> list[Deposit]:
+        return await pending_deposits(conn, limit=args.limit)
+
+    deposits = _with_conn(settings, body)
+    for deposit in deposits:
+        print(_deposit_line(deposit))
+    print(f"{len(deposits)} pending")
+    return 0
+
+
+def handle_decide(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> DepositResult:
+        if args.decision == "approve":
+            return await approve_deposit(conn, deposit_id=args.deposit_id, checker=_operator(args))
+        return await reject_deposit(conn, deposit_id=args.deposit_id, checker=_operator(args), reason=args.reason)
+
+    for line in _result_lines(_with_conn(settings, body)):
+        print(line)
+    return 0
+
+
+def handle_balance(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> tuple[registry.Agent, int]:
+        agent = await registry.get_agent(conn, args.agent)
+        if args.at is None:
+            return agent, await balance(conn, agent.float_account_id)
+        return agent, await balance_as_of(conn, agent.float_account_id, args.at)
+
+    agent, minor = _with_conn(settings, body)
+    when = f" as of {args.at.isoformat()}" if args.at is not None else ""
+    print(f"agent {agent.agent_id} float{when}: {minor} {agent.currency} minor units")
+    return 0
+
+
+def handle_statement(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> Any:
+        agent = await registry.get_agent(conn, args.agent)
+        return agent, await statement(conn, agent.float_account_id, after=args.after, limit=args.limit)
+
+    agent, page = _with_conn(settings, body)
+    print(f"agent {agent.agent_id} float account {page.account_id} ({agent.currency} minor units)")
+    for entry in page.entries:
+        terminal = entry.metadata.get("terminal_id")
+        where = f" terminal {terminal}" if terminal else ""
+        print(f"{entry.created_at.isoformat()} #{entry.seq} {entry.kind} {entry.amount_minor:+d} -> "
+              f"{entry.balance_after_minor} (account {entry.counterparty_account_id}{where})")
+    if page.next_cursor is not None:
+        print(f"more: --after {page.next_cursor.created_at.isoformat()},{page.next_cursor.seq}")
+    return 0
+
+
+def handle_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    async def body(conn: asyncpg.Connection) -> Any:
+        agent = await registry.get_agent(conn, args.agent)
+        return await reconcile_agent_day(conn, float_account_id=agent.float_account_id, business_day=args.day,
+                                         time_zone=agent.time_zone)
+
+    day = _with_conn(settings, body)
+    print(f"agent {args.agent} business day {day.business_day.isoformat()} ({day.time_zone}, "
+          f"{day.starts_at.isoformat()} to {day.ends_at.isoformat()}), {day.currency} minor units")
+    print(f"opening float {day.opening_float_minor}")
+    print(f"deposits      {day.deposits_count} for {day.deposits_minor}")
+    print(f"collections   {day.collections_count} for {day.collections_minor}")
+    print(f"reversals     {day.reversals_count} for {day.reversals_minor}")
+    print(f"other         {day.other_count} net {day.other_net_minor}")
+    print(f"commission    {day.commission_minor}")
+    print(f"closing float {day.closing_float_minor}")
+    for terminal in day.terminals:
+        print(f"terminal {terminal.terminal_id or '(none)'}: collections {terminal.collections_count} for "
+              f"{terminal.collections_minor}, reversals {terminal.reversals_count} for {terminal.reversals_minor}, "
+              f"commission {terminal.commission_minor}")
+    return 0

@@ -1,0 +1,125 @@
+"""`vendgate float` as a back-office operator runs it: deposits under maker/checker, balance,
+statement and the day's reconciliation, against an external (test) PostgreSQL."""
+
+from __future__ import annotations
+
+import getpass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.gateway.test_registry_cli import vendgate
+
+THRESHOLD = 100_000
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> dict[str, str]:
+    return {"VENDGATE_DATABASE_URL": db_url, "VENDGATE_DATA_DIR": str(tmp_path),
+            "VENDGATE_DEPOSIT_APPROVAL_THRESHOLD_MINOR": str(THRESHOLD)}
+
+
+def new_agent(env: dict[str, str], name: str) -> str:
+    added = vendgate(env, "agent", "add", "--name", name, "--kind", "shop", "--currency", "KES",
+                     "--time-zone", "Africa/Nairobi")
+    assert added.returncode == 0, added.stderr
+    return added.stdout.split()[1]
+
+
+def float_minor(env: dict[str, str], agent: str, *at: str) -> int:
+    shown = vendgate(env, "float", "balance", "--agent", agent, *(("--at", *at) if at else ()))
+    assert shown.returncode == 0, shown.stderr
+    return int(shown.stdout.split(": ")[1].split()[0])
+
+
+def test_a_deposit_within_the_threshold_posts_once_however_often_it_is_run(env: dict[str, str]) -> None:
+    agent = new_agent(env, "Threshold Shop")
+    first = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "50000", "--ref", "BANK-1")
+    assert first.returncode == 0, first.stderr
+    assert ": posted;" in first.stdout and "float after: 50000" in first.stdout
+    assert f"requested by {getpass.getuser()}" in first.stdout  # the login, when no --operator is named
+    # Run again (the first answer lost, say): the same deposit, as it stands; the float credited once.
+    again = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "50000", "--ref", "BANK-1")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0].split(":")[0] == first.stdout.splitlines()[0].split(":")[0]
+    assert float_minor(env, agent) == 50_000
+    # The reference names one payment: with another amount it is refused, and nothing moves.
+    other = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "60000", "--ref", "BANK-1")
+    assert other.returncode == 2 and "other content" in other.stderr and "Traceback" not in other.stderr
+    assert float_minor(env, agent) == 50_000
+
+
+def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> None:
+    agent = new_agent(env, "Checked Shop")
+    asked = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "500000", "--ref", "BANK-2",
+                     "--operator", "alice")
+    assert asked.returncode == 0, asked.stderr
+    assert ": pending_approval;" in asked.stdout and "float after" not in asked.stdout
+    deposit_id = asked.stdout.split()[1].rstrip(":")
+    assert float_minor(env, agent) == 0
+    pending = vendgate(env, "float", "pending")
+    assert pending.returncode == 0 and deposit_id in pending.stdout and pending.stdout.endswith("1 pending\n")
+
+    own = vendgate(env, "float", "approve", deposit_id, "--operator", "ALICE")  # the maker, spelt otherwise
+    assert own.returncode == 2 and "another operator" in own.stderr
+    assert float_minor(env, agent) == 0
+    approved = vendgate(env, "float", "approve", deposit_id, "--operator", "bob")
+    assert approved.returncode == 0, approved.stderr
+    assert ": posted by bob;" in approved.stdout and "float after: 500000" in approved.stdout
+    twice = vendgate(env, "float", "approve", deposit_id, "--operator", "carol")
+    assert twice.returncode == 0 and ": posted by bob;" in twice.stdout  # decided already: as it stands
+    assert float_minor(env, agent) == 500_000
+
+    refused = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "600000", "--ref", "BANK-3",
+                       "--operator", "alice")
+    refused_id = refused.stdout.split()[1].rstrip(":")
+    rejected = vendgate(env, "float", "reject", refused_id, "--operator", "bob", "--reason", "no such credit")
+    assert rejected.returncode == 0, rejected.stderr
+    assert ": rejected by bob (no such credit);" in rejected.stdout
+    assert float_minor(env, agent) == 500_000
+    none = vendgate(env, "float", "pending")
+    assert none.stdout.endswith("0 pending\n")
+
+
+def test_statement_balance_as_of_and_the_days_reconciliation(env: dict[str, str]) -> None:
+    agent = new_agent(env, "Statement Shop")
+    before = datetime.now(UTC)
+    for ref, amount in (("CASH-1", "30000"), ("CASH-2", "20000")):
+        paid = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", amount, "--ref", ref)
+        assert paid.returncode == 0, paid.stderr
+    assert float_minor(env, agent, before.isoformat()) == 0
+    assert float_minor(env, agent, datetime.now(UTC).isoformat()) == 50_000
+
+    first = vendgate(env, "float", "statement", "--agent", agent, "--limit", "1")
+    assert first.returncode == 0, first.stderr
+    entries = [line for line in first.stdout.splitlines() if " deposit " in line]
+    assert len(entries) == 1 and entries[0].endswith(")") and " +30000 -> 30000 " in entries[0]
+    more = first.stdout.splitlines()[-1]
+    assert more.startswith("more: --after ")
+    rest = vendgate(env, "float", "statement", "--agent", agent, "--after", more.split()[-1])
+    assert rest.returncode == 0, rest.stderr
+    assert " +20000 -> 50000 " in rest.stdout and "more:" not in rest.stdout
+
+    today = datetime.now(ZoneInfo("Africa/Nairobi")).date()
+    day = vendgate(env, "float", "reconcile", "--agent", agent, "--day", today.isoformat())
+    assert day.returncode == 0, day.stderr
+    lines = day.stdout.splitlines()
+    assert "opening float 0" in lines and "deposits      2 for 50000" in lines and "closing float 50000" in lines
+    yesterday = vendgate(env, "float", "reconcile", "--agent", agent, "--day",
+                         (today - timedelta(days=1)).isoformat())
+    assert "deposits      0 for 0" in yesterday.stdout.splitlines()
+
+
+def test_bad_float_input_gets_one_line(env: dict[str, str]) -> None:
+    unknown = vendgate(env, "float", "balance", "--agent", "999999")
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "vendgate: error: no agent 999999"
+    naive = vendgate(env, "float", "balance", "--agent", "1", "--at", "2026-12-01T00:00:00")
+    assert naive.returncode == 2 and "needs its UTC offset" in naive.stderr
+    nothing = vendgate(env, "float", "deposit", "--agent", "1", "--amount-minor", "0", "--ref", "R")
+    assert nothing.returncode == 2 and "not in 1.." in nothing.stderr
+    not_an_id = vendgate(env, "float", "approve", "not-a-uuid", "--operator", "bob")
+    assert not_an_id.returncode == 2 and "not a deposit id" in not_an_id.stderr
+    missing = vendgate(env, "float", "approve", "5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10", "--operator", "bob")
+    assert missing.returncode == 2 and "no deposit" in missing.stderr and "Traceback" not in missing.stderr
