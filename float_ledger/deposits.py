@@ -137,6 +137,19 @@ async def _with_stored_post(conn: Any, deposit: Deposit) -> DepositResult:
     return DepositResult(deposit=deposit, post=post)
 
 
+# uuid5 namespace of the deposit ids deposit_id_for_ref() makes.
+_DEPOSIT_ID_NAMESPACE = uuid.UUID("5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10")
+
+
+async def deposit_id_for_ref(conn: Any, *, source_account_id: int, external_ref: str) -> uuid.UUID:
+    """The id a request for this reference takes, for a caller with no id of its own (an operator
+    typing a bank reference). While a deposit of the reference is pending or posted it is that
+    deposit's id, so asking again is a repeat, never a second credit; once every one was rejected
+    or refused (credited nothing), a new one."""
+    dead = int(await conn.fetchval(sql.SQL_DEAD_DEPOSITS_OF_REF, source_account_id, external_ref))
+    return uuid.uuid5(_DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{dead}:{external_ref}")
+
+
 async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id: int, source_account_id: int,
                           amount_minor: int, currency: str, external_ref: str, maker: str,
                           approval_threshold_minor: int, metadata: Metadata | None = None) -> DepositResult:

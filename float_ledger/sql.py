@@ -134,6 +134,11 @@ SQL_DEPOSIT_BY_EXTERNAL_REF = f"""
 SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits
  WHERE source_account_id = $1 AND external_ref = $2 AND status IN ('pending_approval', 'posted')"""
 
+# Deposits of one reference that credited nothing (rejected or refused): each frees the reference.
+SQL_DEAD_DEPOSITS_OF_REF = """
+SELECT count(*) FROM ledger_deposits
+ WHERE source_account_id = $1 AND external_ref = $2 AND status IN ('rejected', 'refused')"""
+
 SQL_DECIDE_DEPOSIT = f"""
 UPDATE ledger_deposits SET status = $2, checker = $3, reason = $4, decided_at = now()
  WHERE id = $1

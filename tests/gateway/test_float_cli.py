@@ -79,6 +79,12 @@ def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> Non
     assert rejected.returncode == 0, rejected.stderr
     assert ": rejected by bob (no such credit);" in rejected.stdout
     assert float_minor(env, agent) == 500_000
+    # A rejected deposit credited nothing: its reference may be asked for again, keyed right.
+    rekeyed = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "60000", "--ref", "BANK-3",
+                       "--operator", "alice")
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert ": posted;" in rekeyed.stdout and refused_id not in rekeyed.stdout
+    assert float_minor(env, agent) == 560_000
     none = vendgate(env, "float", "pending")
     assert none.stdout.endswith("0 pending\n")
 

@@ -11,9 +11,10 @@ statement and the daily reconciliation.
 A deposit above VENDGATE_DEPOSIT_APPROVAL_THRESHOLD_MINOR waits for a second operator. The
 operator is the login running the command unless --operator names another; whoever can run these
 commands holds the database's credentials, so the names are what the operators assert (see
-docs/THREAT_MODEL.md). A deposit's id follows from its source account and external reference, so
-running the same deposit again (after a lost connection, say) returns the deposit as it stands and
-never credits the float twice; the same reference with another amount or agent is refused.
+docs/THREAT_MODEL.md). A deposit's id follows from its reference (deposit_id_for_ref), so running
+the same deposit again (after a lost connection, say) returns the deposit as it stands and never
+credits the float twice, and the same reference with another amount or agent is refused, until
+the deposit is rejected or refused: then the reference may be asked for again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from typing import Any
 
 import asyncpg
 
-from float_ledger.deposits import approve_deposit, pending_deposits, reject_deposit, request_deposit
+from float_ledger.deposits import (
+    approve_deposit,
+    deposit_id_for_ref,
+    pending_deposits,
+    reject_deposit,
+    request_deposit,
+)
 from float_ledger.ledger import balance, balance_as_of, statement
 from float_ledger.model import (
     AccountKind,
@@ -41,13 +48,6 @@ from gateway import database, registry
 from gateway.cli.runner import run
 from gateway.registry import RegistryError
 from gateway.settings import Settings
-
-# uuid5 namespace of deposit ids made from (source account, external reference).
-DEPOSIT_ID_NAMESPACE = uuid.UUID("5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10")
-
-
-def deposit_id_for(source_account_id: int, external_ref: str) -> uuid.UUID:
-    return uuid.uuid5(DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{external_ref}")
 
 
 def _bounded_int(low: int, high: int) -> Any:
@@ -181,7 +181,8 @@ def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
         agent = await registry.get_agent(conn, args.agent)
         source = await registry.system_account(conn, AccountKind.float_deposits, agent.currency)
         return await request_deposit(
-            conn, deposit_id=deposit_id_for(source, args.external_ref), float_account_id=agent.float_account_id,
+            conn, deposit_id=await deposit_id_for_ref(conn, source_account_id=source, external_ref=args.external_ref),
+            float_account_id=agent.float_account_id,
             source_account_id=source, amount_minor=args.amount_minor, currency=agent.currency,
             external_ref=args.external_ref, maker=_operator(args),
             approval_threshold_minor=settings.deposit_approval_threshold_minor,
