@@ -91,6 +91,13 @@ def _check_operator(role: str, name: str) -> None:
         raise InvalidTransfer(f"{role} must name an operator, not only spaces")
 
 
+def _check_external_ref(external_ref: str) -> None:
+    if not 0 < len(external_ref) <= operator_chars_max:
+        raise InvalidTransfer(f"external_ref must be 1..{operator_chars_max} chars")
+    if any(_is_invisible(c) for c in external_ref):
+        raise InvalidTransfer("external_ref may not hold control or invisible characters")
+
+
 def operator_identity(name: str) -> str:
     """The operator a name stands for: "Alice", " alice ", "ALICE" and ALICE in full-width letters are one.
 
@@ -146,6 +153,7 @@ async def deposit_id_for_ref(conn: Any, *, source_account_id: int, external_ref:
     typing a bank reference). While a deposit of the reference is pending or posted it is that
     deposit's id, so asking again is a repeat, never a second credit; once every one was rejected
     or refused (credited nothing), a new one."""
+    _check_external_ref(external_ref)
     dead = int(await conn.fetchval(sql.SQL_DEAD_DEPOSITS_OF_REF, source_account_id, external_ref))
     return uuid.uuid5(_DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{dead}:{external_ref}")
 
@@ -162,8 +170,7 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
         raise InvalidTransfer(f"amount_minor {amount_minor} not in 1..{amount_minor_max}")
     if approval_threshold_minor < 0:
         raise InvalidTransfer("approval_threshold_minor is an amount, never negative")
-    if not 0 < len(external_ref) <= operator_chars_max:
-        raise InvalidTransfer(f"external_ref must be 1..{operator_chars_max} chars")
+    _check_external_ref(external_ref)
     _check_operator("maker", maker)
     deposit_metadata: Metadata = dict(metadata or {})
     if reserved := sorted(deposit_reserved_keys & deposit_metadata.keys()):
@@ -190,10 +197,11 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
                                                      external_ref))
                 raise DepositConflict(f"external reference {external_ref!r} already belongs to deposit {taken.id}")
             deposit = _deposit(existing)
-            asked = (float_account_id, source_account_id, amount_minor, currency, external_ref, maker,
-                     deposit_metadata)
+            # The maker as the operator they are: "Alice" asking again is alice's repeat.
+            asked = (float_account_id, source_account_id, amount_minor, currency, external_ref,
+                     operator_identity(maker), deposit_metadata)
             stored = (deposit.float_account_id, deposit.source_account_id, deposit.amount_minor, deposit.currency,
-                      deposit.external_ref, deposit.maker, deposit.metadata)
+                      deposit.external_ref, operator_identity(deposit.maker), deposit.metadata)
             if asked != stored:
                 raise DepositConflict(f"deposit {deposit_id} exists with other content")
             return await _with_stored_post(conn, deposit)
@@ -223,6 +231,8 @@ async def reject_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str, reas
     _check_operator("checker", checker)
     if not 0 < len(reason) <= reason_chars_max:
         raise InvalidTransfer(f"reason must be 1..{reason_chars_max} chars")
+    if any(_is_invisible(c) for c in reason):
+        raise InvalidTransfer("reason may not hold control or invisible characters")
     async with conn.transaction():
         record = await conn.fetchrow(sql.SQL_LOCK_DEPOSIT, deposit_id)
         if record is None:

@@ -65,6 +65,7 @@ heartbeat_interval_s = 60
 shutdown_grace_s = 20.0
 goodbye_drain_s = 2.0  # a session's goodbye frame must leave within this, or the connection is dropped
 float_watch_interval_s = 5.0
+listen_port_attempts = 5  # listening_sockets() with port 0 on several address families
 SQL_FLOATS_BELOW = """
 SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
 WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
@@ -75,28 +76,39 @@ assert kiosk_handshake_timeout_s < kiosk_connection_lifetime_s and kiosk_idle_ti
 def listening_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
     """Non-blocking listening sockets on every address `host` resolves to, as asyncio binds its
     servers: an empty host is every interface, IPv4 and IPv6; an address family the machine has
-    not enabled is passed over. With port 0 all take the port the first one was given."""
+    not enabled is passed over (and logged). With port 0 all take the port the first one was
+    given, tried again with a new port while another socket holds it on the other family."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
-            if sockets and port == 0:
-                address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            try:
-                listener = socket.create_server(address, family=family, backlog=backlog)
-            except OSError as exc:
-                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    continue  # IPv6 disabled, say
-                raise
-            listener.setblocking(False)
-            sockets.append(listener)
-    except BaseException:
-        for listener in sockets:
-            listener.close()
-        raise
-    if not sockets:
-        raise OSError(errno.EADDRNOTAVAIL, f"no address of {host!r} can be bound")
-    return sockets
+    addresses = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    for attempt in range(listen_port_attempts):
+        sockets: list[socket.socket] = []
+        try:
+            for family, address in addresses:
+                if sockets and port == 0:
+                    address = (address[0], sockets[0].getsockname()[1], *address[2:])
+                try:
+                    listener = socket.create_server(address, family=family, backlog=backlog)
+                except OSError as exc:
+                    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        log.warning("listen_address_skipped", address=str(address[0]), errno=exc.errno)
+                        continue  # IPv6 disabled, say
+                    raise
+                listener.setblocking(False)
+                sockets.append(listener)
+        except OSError as exc:
+            for listener in sockets:
+                listener.close()
+            if port == 0 and sockets and exc.errno == errno.EADDRINUSE and attempt + 1 < listen_port_attempts:
+                continue  # the port the first family was given is taken on another: a new one
+            raise
+        except BaseException:
+            for listener in sockets:
+                listener.close()
+            raise
+        if not sockets:
+            raise OSError(errno.EADDRNOTAVAIL, f"no address of {host!r} can be bound")
+        return sockets
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @dataclass

@@ -16,6 +16,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
 from float_ledger.errors import LedgerError
 from gateway.cli import commands
 from gateway.errors import VendgateError
@@ -43,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except (VendgateError, LedgerError) as exc:
         print(f"vendgate: error: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.DataError as exc:  # a value the database cannot hold, past the checks above it
+        print(f"vendgate: error: the database refused a value: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

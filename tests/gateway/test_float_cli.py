@@ -38,7 +38,7 @@ def test_a_deposit_within_the_threshold_posts_once_however_often_it_is_run(env: 
     agent = new_agent(env, "Threshold Shop")
     first = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "50000", "--ref", "BANK-1")
     assert first.returncode == 0, first.stderr
-    assert ": posted;" in first.stdout and "float after: 50000" in first.stdout
+    assert ": posted;" in first.stdout and "float after posting: 50000" in first.stdout
     assert f"requested by {getpass.getuser()}" in first.stdout  # the login, when no --operator is named
     # Run again (the first answer lost, say): the same deposit, as it stands; the float credited once.
     again = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "50000", "--ref", "BANK-1")
@@ -67,9 +67,15 @@ def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> Non
     assert float_minor(env, agent) == 0
     approved = vendgate(env, "float", "approve", deposit_id, "--operator", "bob")
     assert approved.returncode == 0, approved.stderr
-    assert ": posted by bob;" in approved.stdout and "float after: 500000" in approved.stdout
+    assert ": posted by bob;" in approved.stdout and "float after posting: 500000" in approved.stdout
     twice = vendgate(env, "float", "approve", deposit_id, "--operator", "carol")
     assert twice.returncode == 0 and ": posted by bob;" in twice.stdout  # decided already: as it stands
+    late_no = vendgate(env, "float", "reject", deposit_id, "--operator", "carol", "--reason", "too late")
+    assert late_no.returncode == 1 and ": posted by bob;" in late_no.stdout  # not what was asked: exit 1
+    # The maker asking again, spelt otherwise: the same deposit, not a conflict and not a second one.
+    repeat = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "500000", "--ref", "BANK-2",
+                      "--operator", "Alice")
+    assert repeat.returncode == 0 and repeat.stdout.startswith(f"deposit {deposit_id}: posted by bob;")
     assert float_minor(env, agent) == 500_000
 
     refused = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "600000", "--ref", "BANK-3",
@@ -77,7 +83,15 @@ def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> Non
     refused_id = refused.stdout.split()[1].rstrip(":")
     rejected = vendgate(env, "float", "reject", refused_id, "--operator", "bob", "--reason", "no such credit")
     assert rejected.returncode == 0, rejected.stderr
-    assert ": rejected by bob (no such credit);" in rejected.stdout
+    assert ": rejected by bob ('no such credit');" in rejected.stdout
+    late_yes = vendgate(env, "float", "approve", refused_id, "--operator", "carol")
+    assert late_yes.returncode == 1 and ": rejected by bob" in late_yes.stdout
+    own_no = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "700000", "--ref", "BANK-4",
+                      "--operator", "alice")
+    own_no_id = own_no.stdout.split()[1].rstrip(":")
+    by_maker = vendgate(env, "float", "reject", own_no_id, "--operator", "alice", "--reason", "mine")
+    assert by_maker.returncode == 2 and "another operator" in by_maker.stderr
+    assert vendgate(env, "float", "reject", own_no_id, "--operator", "bob", "--reason", "dup").returncode == 0
     assert float_minor(env, agent) == 500_000
     # A rejected deposit credited nothing: its reference may be asked for again, keyed right.
     rekeyed = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "60000", "--ref", "BANK-3",
@@ -129,3 +143,16 @@ def test_bad_float_input_gets_one_line(env: dict[str, str]) -> None:
     assert not_an_id.returncode == 2 and "not a deposit id" in not_an_id.stderr
     missing = vendgate(env, "float", "approve", "5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10", "--operator", "bob")
     assert missing.returncode == 2 and "no deposit" in missing.stderr and "Traceback" not in missing.stderr
+    agent = new_agent(env, "Input Shop")
+    for args, said in (
+            (("balance", "--agent", agent, "--at", "9999-12-31T23:59:59-12:00"), "not in the years"),
+            (("reconcile", "--agent", agent, "--day", "0001-01-01"), "not in the years"),
+            (("statement", "--agent", agent, "--after", "2026-12-01T00:00:00+00:00,99999999999999999999"),
+             "not a cursor"),
+            # Bytes that are no text (argv as the OS passes it), and a line break in a reference.
+            (("deposit", "--agent", agent, "--amount-minor", "5", "--ref", "REF-\udcff"), "invisible"),
+            (("deposit", "--agent", agent, "--amount-minor", "5", "--ref", "REF\n2"), "invisible")):
+        refused = vendgate(env, "float", *args)
+        assert refused.returncode == 2 and said in refused.stderr, (args, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    assert float_minor(env, agent) == 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -440,3 +443,51 @@ async def test_a_kiosk_reaches_a_listener_on_every_interface_over_ipv4_and_ipv6(
         await gateway.stop()
     assert len(gateway._kiosk_listeners) == 2
     assert all(listener.fileno() == -1 for listener in gateway._kiosk_listeners)  # each closed at stop
+
+
+def _failing_bind(monkeypatch: pytest.MonkeyPatch, family: int, error: int, times: int) -> list[int]:
+    """socket.create_server failing `times` times with `error` for `family`: the OS's answer faked."""
+    real, calls, failing = socket.create_server, [], family
+
+    def create_server(address: Any, *, family: int = socket.AF_INET, backlog: int | None = None) -> socket.socket:
+        calls.append(family)
+        if family == failing and calls.count(family) <= times:
+            raise OSError(error, os.strerror(error))
+        return real(address, family=family, backlog=backlog)
+
+    monkeypatch.setattr(socket, "create_server", create_server)
+    return calls
+
+
+def test_listening_sockets_take_a_new_port_0_when_the_other_family_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    calls = _failing_bind(monkeypatch, socket.AF_INET6, errno.EADDRINUSE, times=1)
+    sockets = listening_sockets("", 0)
+    try:
+        assert calls == [socket.AF_INET, socket.AF_INET6, socket.AF_INET, socket.AF_INET6]
+        assert {s.family for s in sockets} == {socket.AF_INET, socket.AF_INET6}
+        assert len({s.getsockname()[1] for s in sockets}) == 1
+    finally:
+        for listener in sockets:
+            listener.close()
+
+
+def test_listening_sockets_pass_over_a_family_the_machine_lacks_but_not_every_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    _failing_bind(monkeypatch, socket.AF_INET6, errno.EADDRNOTAVAIL, times=99)
+    sockets = listening_sockets("", 0)
+    try:
+        assert [s.family for s in sockets] == [socket.AF_INET]
+    finally:
+        for listener in sockets:
+            listener.close()
+    _failing_bind(monkeypatch, socket.AF_INET, errno.EADDRNOTAVAIL, times=99)
+    with pytest.raises(OSError, match="can be bound"):
+        listening_sockets("127.0.0.1", 0)
+    _failing_bind(monkeypatch, socket.AF_INET, errno.EADDRINUSE, times=99)
+    with pytest.raises(OSError) as taken:  # a port in use is the operator's to know, at once
+        listening_sockets("127.0.0.1", 7443)
+    assert taken.value.errno == errno.EADDRINUSE

@@ -162,6 +162,11 @@ async def test_an_operator_name_with_invisible_characters_is_refused(db_conn: An
     await request_deposit(db_conn, **request)
     with pytest.raises(InvalidTransfer, match="invisible"):
         await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker=name)
+    # A reference or a reason is text an operator reads back: it may not hide characters either.
+    with pytest.raises(InvalidTransfer, match="invisible"):
+        await request_deposit(db_conn, **{**request, "deposit_id": uuid.uuid4(), "external_ref": f"REF-{name}"})
+    with pytest.raises(InvalidTransfer, match="invisible"):
+        await reject_deposit(db_conn, deposit_id=request["deposit_id"], checker="bob", reason=f"see {name}")
     assert (await get_deposit(db_conn, request["deposit_id"])).status is DepositStatus.pending_approval
 
 
@@ -182,6 +187,9 @@ async def test_a_rejected_deposit_posts_nothing(db_conn: Any, source: int) -> No
     await request_deposit(db_conn, **request)
     with pytest.raises(CheckerIsMaker):
         await reject_deposit(db_conn, deposit_id=request["deposit_id"], checker="alice", reason="typo")
+    # The maker asking again, spelt otherwise, is a repeat of their request, not another one.
+    again = await request_deposit(db_conn, **{**request, "maker": " ALICE "})
+    assert again.deposit.id == request["deposit_id"] and again.deposit.maker == request["maker"]
     rejected = await reject_deposit(db_conn, deposit_id=request["deposit_id"], checker="bob", reason="no such payment")
     assert rejected.deposit.status is DepositStatus.rejected and rejected.deposit.reason == "no such payment"
     after = await approve_deposit(db_conn, deposit_id=request["deposit_id"], checker="carol")

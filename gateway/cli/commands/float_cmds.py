@@ -39,15 +39,19 @@ from float_ledger.model import (
     AccountKind,
     Deposit,
     DepositResult,
+    DepositStatus,
     StatementCursor,
     amount_minor_max,
     statement_page_size_max,
 )
 from float_ledger.reconciliation import reconcile_agent_day
-from gateway import database, registry
-from gateway.cli.runner import run
+from gateway import registry
+from gateway.cli.runner import run_on_connection
 from gateway.registry import RegistryError
 from gateway.settings import Settings
+
+EXIT_NOT_DONE = 1  # the deposit is not what was asked for: refused, or decided otherwise before
+years = (1970, 9998)  # a time or day asked about: far from the calendar's ends, where offsets overflow
 
 
 def _bounded_int(low: int, high: int) -> Any:
@@ -69,23 +73,31 @@ def _aware_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} needs its UTC offset (Z or +03:00, say)")
+    if not years[0] <= value.year <= years[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
     return value
 
 
 def _day(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        value = date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+    if not years[0] <= value.year <= years[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
+    return value
 
 
 def _cursor(text: str) -> StatementCursor:
     """`<created_at>,<seq>` as a statement page prints it."""
     at, _, seq = text.rpartition(",")
     try:
-        return StatementCursor(created_at=_aware_time(at), seq=int(seq))
+        cursor = StatementCursor(created_at=_aware_time(at), seq=int(seq))
     except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a cursor a statement page printed") from None
+        cursor = None
+    if cursor is None or not 0 <= cursor.seq < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cursor a statement page printed")
+    return cursor
 
 
 def _deposit_id(text: str) -> uuid.UUID:
@@ -146,24 +158,9 @@ def _operator(args: argparse.Namespace) -> str:
         raise RegistryError("this login has no name: say who acts with --operator") from None
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    url = await database.resolve_url(settings)
-    return await database.connect(url, timeout_s=settings.database_connect_timeout_s)
-
-
-def _with_conn(settings: Settings, body: Any) -> Any:
-    async def go() -> Any:
-        conn = await _connect(settings)
-        try:
-            return await body(conn)
-        finally:
-            await conn.close()
-    return run(go())
-
-
 def _deposit_line(deposit: Deposit) -> str:
     decided = f" by {deposit.checker}" if deposit.checker else ""
-    reason = f" ({deposit.reason})" if deposit.reason else ""
+    reason = f" ({deposit.reason!r})" if deposit.reason else ""
     return (f"deposit {deposit.id}: {deposit.status.value}{decided}{reason}; {deposit.amount_minor} "
             f"{deposit.currency} minor units to float account {deposit.float_account_id}, ref "
             f"{deposit.external_ref!r}, requested by {deposit.maker} at {deposit.requested_at.isoformat()}")
@@ -172,7 +169,7 @@ def _deposit_line(deposit: Deposit) -> str:
 def _result_lines(result: DepositResult) -> list[str]:
     lines = [_deposit_line(result.deposit)]
     if result.post is not None and result.post.transfer is not None:
-        lines.append(f"float after: {result.post.transfer.credit_balance_after_minor}")
+        lines.append(f"float after posting: {result.post.transfer.credit_balance_after_minor}")
     return lines
 
 
@@ -188,16 +185,20 @@ def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
             approval_threshold_minor=settings.deposit_approval_threshold_minor,
             metadata={"agent_id": str(agent.agent_id)})
 
-    for line in _result_lines(_with_conn(settings, body)):
+    result = run_on_connection(settings, body)
+    for line in _result_lines(result):
         print(line)
-    return 0
+    if result.deposit.status is DepositStatus.pending_approval:
+        print(f"above {settings.deposit_approval_threshold_minor} minor units: another operator approves or rejects it")
+    # A script reads the status: 0 when the deposit is posted or awaits its checker.
+    return 0 if result.deposit.status in (DepositStatus.posted, DepositStatus.pending_approval) else EXIT_NOT_DONE
 
 
 def handle_pending(args: argparse.Namespace, settings: Settings) -> int:
     async def body(conn: asyncpg.Connection) -> list[Deposit]:
         return await pending_deposits(conn, limit=args.limit)
 
-    deposits = _with_conn(settings, body)
+    deposits = run_on_connection(settings, body)
     for deposit in deposits:
         print(_deposit_line(deposit))
     print(f"{len(deposits)} pending")
@@ -210,9 +211,12 @@ def handle_decide(args: argparse.Namespace, settings: Settings) -> int:
             return await approve_deposit(conn, deposit_id=args.deposit_id, checker=_operator(args))
         return await reject_deposit(conn, deposit_id=args.deposit_id, checker=_operator(args), reason=args.reason)
 
-    for line in _result_lines(_with_conn(settings, body)):
+    result = run_on_connection(settings, body)
+    for line in _result_lines(result):
         print(line)
-    return 0
+    # Decided before (approving a rejected deposit, say): it stands as it was, and the exit says so.
+    wanted = DepositStatus.posted if args.decision == "approve" else DepositStatus.rejected
+    return 0 if result.deposit.status is wanted else EXIT_NOT_DONE
 
 
 def handle_balance(args: argparse.Namespace, settings: Settings) -> int:
@@ -222,7 +226,7 @@ def handle_balance(args: argparse.Namespace, settings: Settings) -> int:
             return agent, await balance(conn, agent.float_account_id)
         return agent, await balance_as_of(conn, agent.float_account_id, args.at)
 
-    agent, minor = _with_conn(settings, body)
+    agent, minor = run_on_connection(settings, body)
     when = f" as of {args.at.isoformat()}" if args.at is not None else ""
     print(f"agent {agent.agent_id} float{when}: {minor} {agent.currency} minor units")
     return 0
@@ -233,7 +237,7 @@ def handle_statement(args: argparse.Namespace, settings: Settings) -> int:
         agent = await registry.get_agent(conn, args.agent)
         return agent, await statement(conn, agent.float_account_id, after=args.after, limit=args.limit)
 
-    agent, page = _with_conn(settings, body)
+    agent, page = run_on_connection(settings, body)
     print(f"agent {agent.agent_id} float account {page.account_id} ({agent.currency} minor units)")
     for entry in page.entries:
         terminal = entry.metadata.get("terminal_id")
@@ -251,7 +255,7 @@ def handle_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         return await reconcile_agent_day(conn, float_account_id=agent.float_account_id, business_day=args.day,
                                          time_zone=agent.time_zone)
 
-    day = _with_conn(settings, body)
+    day = run_on_connection(settings, body)
     print(f"agent {args.agent} business day {day.business_day.isoformat()} ({day.time_zone}, "
           f"{day.starts_at.isoformat()} to {day.ends_at.isoformat()}), {day.currency} minor units")
     print(f"opening float {day.opening_float_minor}")

@@ -6,8 +6,10 @@ import argparse
 import secrets
 from pathlib import Path
 
-from gateway import database, registry, seeding
-from gateway.cli.runner import run
+import asyncpg
+
+from gateway import registry, seeding
+from gateway.cli.runner import run_on_connection
 from gateway.keystore import load_keystore
 from gateway.settings import Settings
 
@@ -62,23 +64,13 @@ def load_seed_secret(settings: Settings) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-async def _with_conn(settings: Settings):  # type: ignore[no-untyped-def]
-    url = await database.resolve_url(settings)
-    return await database.connect(url, timeout_s=settings.database_connect_timeout_s)
-
-
 def handle_agent_add(args: argparse.Namespace, settings: Settings) -> int:
-    async def go() -> registry.Agent:
-        conn = await _with_conn(settings)
-        try:
-            return await registry.add_agent(conn, kind=args.kind, name=args.name, currency=args.currency,
-                                            contact=args.contact, commission_rate_bp=args.commission_bp,
-                                            low_float_threshold_minor=args.low_float_minor,
-                                            time_zone=args.time_zone)
-        finally:
-            await conn.close()
+    async def go(conn: asyncpg.Connection) -> registry.Agent:
+        return await registry.add_agent(conn, kind=args.kind, name=args.name, currency=args.currency,
+                                        contact=args.contact, commission_rate_bp=args.commission_bp,
+                                        low_float_threshold_minor=args.low_float_minor, time_zone=args.time_zone)
 
-    agent = run(go())
+    agent = run_on_connection(settings, go)
     print(f"agent {agent.agent_id} {agent.name!r}: float account {agent.float_account_id} ({agent.currency})")
     return 0
 
@@ -86,16 +78,12 @@ def handle_agent_add(args: argparse.Namespace, settings: Settings) -> int:
 def handle_terminal_add(args: argparse.Namespace, settings: Settings) -> int:
     keystore = load_keystore(settings)
 
-    async def go() -> bytes:
-        conn = await _with_conn(settings)
-        try:
-            return await registry.add_terminal(conn, keystore, terminal_id=args.terminal_id, serial=args.serial,
-                                               agent_id=args.agent, kind=args.kind, model=args.model,
-                                               location=args.location)
-        finally:
-            await conn.close()
+    async def go(conn: asyncpg.Connection) -> bytes:
+        return await registry.add_terminal(conn, keystore, terminal_id=args.terminal_id, serial=args.serial,
+                                           agent_id=args.agent, kind=args.kind, model=args.model,
+                                           location=args.location)
 
-    key = run(go())
+    key = run_on_connection(settings, go)
     print(f"terminal {args.terminal_id} registered; its key (shown once, load it into the terminal):")
     print(key.hex())
     return 0
@@ -104,14 +92,10 @@ def handle_terminal_add(args: argparse.Namespace, settings: Settings) -> int:
 def handle_terminal_status(args: argparse.Namespace, settings: Settings) -> int:
     status = {"block": "blocked", "unblock": "active", "retire": "retired"}[args.status_action]
 
-    async def go() -> None:
-        conn = await _with_conn(settings)
-        try:
-            await registry.set_terminal_status(conn, args.terminal_id, status)  # type: ignore[arg-type]
-        finally:
-            await conn.close()
+    async def go(conn: asyncpg.Connection) -> None:
+        await registry.set_terminal_status(conn, args.terminal_id, status)  # type: ignore[arg-type]
 
-    run(go())
+    run_on_connection(settings, go)
     print(f"terminal {args.terminal_id}: {status}")
     return 0
 
@@ -120,15 +104,11 @@ def handle_seed(args: argparse.Namespace, settings: Settings) -> int:
     keystore = load_keystore(settings, create_for_demo=settings.uses_embedded_database)
     secret = load_seed_secret(settings)
 
-    async def go() -> seeding.SeedSummary:
-        conn = await _with_conn(settings)
-        try:
-            return await seeding.seed(conn, keystore, agents=args.agents, terminals=args.terminals,
-                                      meters=args.meters, seed_secret=secret, float_each_minor=args.float_minor)
-        finally:
-            await conn.close()
+    async def go(conn: asyncpg.Connection) -> seeding.SeedSummary:
+        return await seeding.seed(conn, keystore, agents=args.agents, terminals=args.terminals,
+                                  meters=args.meters, seed_secret=secret, float_each_minor=args.float_minor)
 
-    summary = run(go())
+    summary = run_on_connection(settings, go)
     print(f"seeded {summary.agents} agents, {summary.terminals} terminals, {summary.meters} meters; "
           f"float {summary.float_each_minor} {summary.currency} minor units each")
     return 0
