@@ -189,7 +189,8 @@ def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
     for line in _result_lines(result):
         print(line)
     if result.deposit.status is DepositStatus.pending_approval:
-        print(f"above {settings.deposit_approval_threshold_minor} minor units: another operator approves or rejects it")
+        print(f"awaiting another operator's approve or reject (this command's approval threshold: "
+              f"{settings.deposit_approval_threshold_minor} minor units)")
     # A script reads the status: 0 when the deposit is posted or awaits its checker.
     return 0 if result.deposit.status in (DepositStatus.posted, DepositStatus.pending_approval) else EXIT_NOT_DONE
 
