@@ -4,7 +4,8 @@
      ├── SettingsError        bad VENDGATE_* variable or TOML value
      ├── DatabaseUnavailable  the configured database cannot be reached
      ├── ClusterError         the embedded PostgreSQL cluster failed to init/start/stop
-     └── MigrationError       a migration file is missing, changed or failed
+     ├── MigrationError       a migration file is missing, changed or failed
+     └── ListenError          a listener cannot bind its address (in use, not this machine's)
 
 The CLI turns any VendgateError into one line on stderr and exit status 2.
 """
@@ -27,4 +28,8 @@ class ClusterError(VendgateError):
 
 
 class MigrationError(VendgateError):
+    pass
+
+
+class ListenError(VendgateError):
     pass

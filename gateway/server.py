@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import registry
 from gateway.committer import Committer
+from gateway.errors import ListenError
 from gateway.handlers import Handlers
 from gateway.jsonlog import get_logger
 from gateway.keystore import KeyStore
@@ -586,7 +587,11 @@ async def serve_until_signalled(gateway: Gateway) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except OSError as exc:  # a port in use, say: what did start is stopped, and the operator told why
+        await gateway.stop()
+        raise ListenError(f"cannot listen: {exc}") from None
     await stop.wait()
     log.info("shutdown_requested")
     await asyncio.wait_for(gateway.stop(), shutdown_grace_s + 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,12 @@ def test_missing_master_key_is_a_clear_error(db_url: str, tmp_path: Path) -> Non
     assert "no master key" in result.stderr and "Traceback" not in result.stderr
     bad = vendgate({**env, "VENDGATE_MASTER_KEY": "zz"}, "serve")
     assert bad.returncode == 2 and "VENDGATE_MASTER_KEY is not hex" in bad.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_exits(env: dict[str, str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = vendgate({**env, "VENDGATE_POS_PORT": str(port), "VENDGATE_HTTP_PORT": "0"}, "serve")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("vendgate: error: cannot listen: ")
+    assert str(port) in result.stderr and "Traceback" not in result.stderr
