@@ -91,11 +91,12 @@ def _check_operator(role: str, name: str) -> None:
         raise InvalidTransfer(f"{role} must name an operator, not only spaces")
 
 
-def _check_external_ref(external_ref: str) -> None:
-    if not 0 < len(external_ref) <= operator_chars_max:
-        raise InvalidTransfer(f"external_ref must be 1..{operator_chars_max} chars")
-    if any(_is_invisible(c) for c in external_ref):
-        raise InvalidTransfer("external_ref may not hold control or invisible characters")
+def _check_text(field: str, text: str, chars_max: int) -> None:
+    """A reference or a reason: text an operator reads back, so nothing in it may hide."""
+    if not 0 < len(text) <= chars_max:
+        raise InvalidTransfer(f"{field} must be 1..{chars_max} chars")
+    if any(_is_invisible(c) for c in text):
+        raise InvalidTransfer(f"{field} may not hold control or invisible characters")
 
 
 def operator_identity(name: str) -> str:
@@ -153,7 +154,7 @@ async def deposit_id_for_ref(conn: Any, *, source_account_id: int, external_ref:
     typing a bank reference). While a deposit of the reference is pending or posted it is that
     deposit's id, so asking again is a repeat, never a second credit; once every one was rejected
     or refused (credited nothing), a new one."""
-    _check_external_ref(external_ref)
+    _check_text("external_ref", external_ref, operator_chars_max)
     dead = int(await conn.fetchval(sql.SQL_DEAD_DEPOSITS_OF_REF, source_account_id, external_ref))
     return uuid.uuid5(_DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{dead}:{external_ref}")
 
@@ -170,7 +171,7 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
         raise InvalidTransfer(f"amount_minor {amount_minor} not in 1..{amount_minor_max}")
     if approval_threshold_minor < 0:
         raise InvalidTransfer("approval_threshold_minor is an amount, never negative")
-    _check_external_ref(external_ref)
+    _check_text("external_ref", external_ref, operator_chars_max)
     _check_operator("maker", maker)
     deposit_metadata: Metadata = dict(metadata or {})
     if reserved := sorted(deposit_reserved_keys & deposit_metadata.keys()):
@@ -229,10 +230,7 @@ async def approve_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str) -> 
 async def reject_deposit(conn: Any, *, deposit_id: uuid.UUID, checker: str, reason: str) -> DepositResult:
     """Refuse a pending deposit; nothing is posted. Rejecting one already decided returns it as it stands."""
     _check_operator("checker", checker)
-    if not 0 < len(reason) <= reason_chars_max:
-        raise InvalidTransfer(f"reason must be 1..{reason_chars_max} chars")
-    if any(_is_invisible(c) for c in reason):
-        raise InvalidTransfer("reason may not hold control or invisible characters")
+    _check_text("reason", reason, reason_chars_max)
     async with conn.transaction():
         record = await conn.fetchrow(sql.SQL_LOCK_DEPOSIT, deposit_id)
         if record is None:

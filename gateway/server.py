@@ -96,15 +96,12 @@ def listening_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.
                     raise
                 listener.setblocking(False)
                 sockets.append(listener)
-        except OSError as exc:
+        except BaseException as exc:
             for listener in sockets:
                 listener.close()
-            if port == 0 and sockets and exc.errno == errno.EADDRINUSE and attempt + 1 < listen_port_attempts:
+            if (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE and port == 0 and sockets
+                    and attempt + 1 < listen_port_attempts):
                 continue  # the port the first family was given is taken on another: a new one
-            raise
-        except BaseException:
-            for listener in sockets:
-                listener.close()
             raise
         if not sockets:
             raise OSError(errno.EADDRNOTAVAIL, f"no address of {host!r} can be bound")

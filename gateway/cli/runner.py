@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    import asyncpg
+import asyncpg
 
-    from gateway.settings import Settings
+from gateway import database
+from gateway.settings import Settings
 
 T = TypeVar("T")
 
@@ -24,8 +24,6 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def run_on_connection(settings: Settings, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """`body` on one connection to the configured database, closed after."""
-    from gateway import database
-
     async def go() -> T:
         url = await database.resolve_url(settings)
         conn = await database.connect(url, timeout_s=settings.database_connect_timeout_s)

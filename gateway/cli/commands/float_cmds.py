@@ -23,7 +23,7 @@ import argparse
 import getpass
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -52,6 +52,7 @@ from gateway.settings import Settings
 
 EXIT_NOT_DONE = 1  # the deposit is not what was asked for: refused, or decided otherwise before
 years = (1970, 9998)  # a time or day asked about: far from the calendar's ends, where offsets overflow
+_Dated = TypeVar("_Dated", date, datetime)
 
 
 def _bounded_int(low: int, high: int) -> Any:
@@ -66,6 +67,15 @@ def _bounded_int(low: int, high: int) -> Any:
     return parse
 
 
+def _within_years(text: str, value: _Dated) -> _Dated:
+    if not years[0] <= value.year <= years[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
+    return value
+
+
+_agent_id = _bounded_int(1, 2**63 - 1)
+
+
 def _aware_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -73,9 +83,7 @@ def _aware_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} needs its UTC offset (Z or +03:00, say)")
-    if not years[0] <= value.year <= years[1]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
-    return value
+    return _within_years(text, value)
 
 
 def _day(text: str) -> date:
@@ -83,9 +91,7 @@ def _day(text: str) -> date:
         value = date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
-    if not years[0] <= value.year <= years[1]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
-    return value
+    return _within_years(text, value)
 
 
 def _cursor(text: str) -> StatementCursor:
@@ -114,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     deposit = actions.add_parser("deposit", help="credit money an agent paid in; above the threshold it waits "
                                                  "for a second operator")
-    deposit.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    deposit.add_argument("--agent", required=True, type=_agent_id)
     deposit.add_argument("--amount-minor", required=True, type=_bounded_int(1, amount_minor_max))
     deposit.add_argument("--ref", required=True, dest="external_ref", help="bank or cash-office reference")
     deposit.add_argument("--operator", help=operator_help)
@@ -133,18 +139,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         decide.set_defaults(handler=handle_decide, decision=name)
 
     shown = actions.add_parser("balance", help="an agent's float now, or as of a time")
-    shown.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    shown.add_argument("--agent", required=True, type=_agent_id)
     shown.add_argument("--at", type=_aware_time, help="ISO 8601 time with its UTC offset")
     shown.set_defaults(handler=handle_balance)
 
     page = actions.add_parser("statement", help="an agent's float movements in posting order, a page at a time")
-    page.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    page.add_argument("--agent", required=True, type=_agent_id)
     page.add_argument("--limit", type=_bounded_int(1, statement_page_size_max), default=50)
     page.add_argument("--after", type=_cursor, help="the cursor the previous page printed")
     page.set_defaults(handler=handle_statement)
 
     day = actions.add_parser("reconcile", help="an agent's business day in its time zone, from transfers alone")
-    day.add_argument("--agent", required=True, type=_bounded_int(1, 2**63 - 1))
+    day.add_argument("--agent", required=True, type=_agent_id)
     day.add_argument("--day", required=True, type=_day, help="YYYY-MM-DD in the agent's time zone")
     day.set_defaults(handler=handle_reconcile)
 
