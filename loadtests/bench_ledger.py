@@ -23,7 +23,14 @@ account run one after the other (their locks are held to commit), so large batch
 from many connections, while pgbench's single-row transactions do.
 
 groups/s counts groups posted ok per second of wall time. Targets: batched groups/s >= 1.5 x the
-tpcb-like TPS for spread agents, >= 3 x the hot-row TPS for one hot agent. After the runs
+tpcb-like TPS for spread agents, >= 3 x the hot-row TPS for one hot agent.
+
+A last case measures the floor of any ledger that stores each transfer as a row: the hot agent's
+groups written with no ledger at all, one statement per batch that INSERTs the transfer rows into
+a copy of ledger_transfers (same columns, checks and indexes: primary key, the two account
+indexes and the group index that statement, reconciliation and reversal read) and UPDATEs the
+touched balances: no checks, hashes, locks held across statements, or results. Its ratio to the
+hot-row TPS bounds what the hot target can reach on this machine. After the runs
 `ledger check` verifies every invariant over what was posted. The last line printed is one JSON
 object with every figure.
 """
@@ -44,7 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +81,7 @@ rounds_default = 2
 float_funding_minor = 10**15
 commission_rate_ppm = 15_000
 pgbench_timeout_s_extra = 120
+bare_templates = 64
 
 HOT_ROW_SCRIPT = "UPDATE bench_hot_row SET balance_minor = balance_minor + 1 WHERE id = 1;\n"
 
@@ -180,7 +188,7 @@ def build_batch(agents: list[Agent], batch_groups: int) -> list[Transfer]:
 async def run_case(pool: Any, name: str, agents: list[Agent], batch_groups: int, connections: int,
                    duration_s: float) -> CaseResult:
     latencies_s: list[float] = []
-    counts = {"calls": 0, "ok": 0, "refused": 0}
+    counts = {"ok": 0, "refused": 0}
 
     async def worker(conn: Any, deadline: float, record: bool) -> None:
         while time.perf_counter() < deadline:
@@ -190,12 +198,84 @@ async def run_case(pool: Any, name: str, agents: list[Agent], batch_groups: int,
             if not record:
                 continue
             latencies_s.append(time.perf_counter() - started)
-            counts["calls"] += 1
             ok = sum(1 for r in results if r.status.posted)
             assert ok % 4 == 0 and len(results) == 4 * batch_groups
             counts["ok"] += ok // 4
             counts["refused"] += batch_groups - ok // 4
 
+    elapsed_s, cpu_s = await drive(pool, worker, connections, duration_s)
+    return case_result(name, batch_groups, connections, counts["ok"], counts["refused"], latencies_s, elapsed_s, cpu_s)
+
+
+# A data-modifying WITH runs to completion whether or not the UPDATE reads it.
+BARE_WRITES_SQL = """
+WITH written AS (
+    INSERT INTO bench_bare_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency, kind,
+                                      group_id, metadata, debit_balance_after_minor, credit_balance_after_minor,
+                                      created_at, hash)
+    SELECT u.id, nextval('bench_bare_seq'), u.debit, u.credit, u.amount, u.currency, u.kind, u.group_id, u.metadata,
+           0, 0, clock_timestamp(), '\\x00'::bytea
+      FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::uuid[],
+                  $8::jsonb[]) AS u(id, debit, credit, amount, currency, kind, group_id, metadata)
+)
+UPDATE bench_bare_balances b SET balance_minor = b.balance_minor + d.delta
+  FROM unnest($9::bigint[], $10::bigint[]) AS d(id, delta)
+ WHERE b.id = d.id
+"""
+
+
+async def prepare_bare_writes(conn: Any) -> None:
+    await conn.execute("CREATE TABLE bench_bare_transfers"
+                       " (LIKE ledger_transfers INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)")
+    await conn.execute("CREATE SEQUENCE bench_bare_seq AS bigint")
+    await conn.execute("CREATE TABLE bench_bare_balances (id bigint PRIMARY KEY, balance_minor bigint NOT NULL)")
+    await conn.execute("INSERT INTO bench_bare_balances SELECT id, balance_minor FROM ledger_accounts")
+
+
+def bare_write_args(transfers: list[Transfer]) -> list[Any]:
+    deltas: dict[int, int] = {}
+    for t in transfers:
+        deltas[t.debit_account_id] = deltas.get(t.debit_account_id, 0) - t.amount_minor
+        deltas[t.credit_account_id] = deltas.get(t.credit_account_id, 0) + t.amount_minor
+    accounts = sorted(deltas)  # id order, as the ledger locks them
+    return [[t.id for t in transfers], [t.debit_account_id for t in transfers],
+            [t.credit_account_id for t in transfers], [t.amount_minor for t in transfers],
+            [t.currency for t in transfers], [str(t.kind) for t in transfers], [t.group_id for t in transfers],
+            [json.dumps(t.metadata) for t in transfers], accounts, [deltas[a] for a in accounts]]
+
+
+async def run_bare_case(pool: Any, agents: list[Agent], batch_groups: int, connections: int,
+                        duration_s: float) -> CaseResult:
+    """The floor case (see the module doc): batches shaped as run_case's, written with no ledger.
+
+    The most generous floor: the batches' contents are made before the clock starts, and each call
+    draws only fresh transfer and group ids.
+    """
+    latencies_s: list[float] = []
+    groups = 0
+    templates = [bare_write_args(build_batch(agents, batch_groups)) for _ in range(bare_templates)]
+
+    async def worker(conn: Any, deadline: float, record: bool) -> None:
+        nonlocal groups
+        statement = await conn.prepare(BARE_WRITES_SQL)
+        while time.perf_counter() < deadline:
+            args = list(random.choice(templates))
+            args[0] = [_random_id() for _ in range(4 * batch_groups)]
+            args[6] = [group for group in (_random_id() for _ in range(batch_groups)) for _ in range(4)]
+            started = time.perf_counter()
+            async with conn.transaction():
+                await statement.fetch(*args)
+            if record:
+                latencies_s.append(time.perf_counter() - started)
+                groups += batch_groups
+
+    elapsed_s, cpu_s = await drive(pool, worker, connections, duration_s)
+    return case_result("bare_writes_hot_agent", batch_groups, connections, groups, 0, latencies_s, elapsed_s, cpu_s)
+
+
+async def drive(pool: Any, worker: Callable[[Any, float, bool], Awaitable[None]], connections: int,
+                duration_s: float) -> tuple[float, float]:
+    """Run `worker` on `connections` connections: a warm-up, then `duration_s` measured; wall and CPU seconds."""
     connections_held = [await pool.acquire() for _ in range(connections)]
     try:
         deadline = time.perf_counter() + warmup_s
@@ -203,16 +283,19 @@ async def run_case(pool: Any, name: str, agents: list[Agent], batch_groups: int,
         cpu_started, started = time.process_time(), time.perf_counter()
         deadline = started + duration_s
         await asyncio.gather(*(worker(conn, deadline, True) for conn in connections_held))
-        elapsed_s = time.perf_counter() - started
-        cpu_s = time.process_time() - cpu_started
+        return time.perf_counter() - started, time.process_time() - cpu_started
     finally:
         for conn in connections_held:
             await pool.release(conn)
+
+
+def case_result(name: str, batch_groups: int, connections: int, ok: int, refused: int, latencies_s: list[float],
+                elapsed_s: float, cpu_s: float) -> CaseResult:
     latencies_ms = sorted(x * 1000 for x in latencies_s)
     return CaseResult(
-        case=name, batch_groups=batch_groups, connections=connections, groups_per_s=round(counts["ok"] / elapsed_s, 1),
-        transfers_per_s=round(4 * counts["ok"] / elapsed_s, 1), calls=counts["calls"], groups_ok=counts["ok"],
-        groups_refused=counts["refused"], elapsed_s=round(elapsed_s, 2),
+        case=name, batch_groups=batch_groups, connections=connections, groups_per_s=round(ok / elapsed_s, 1),
+        transfers_per_s=round(4 * ok / elapsed_s, 1), calls=len(latencies_ms), groups_ok=ok,
+        groups_refused=refused, elapsed_s=round(elapsed_s, 2),
         call_p50_ms=round(statistics.median(latencies_ms), 2),
         call_p99_ms=round(latencies_ms[min(len(latencies_ms) - 1, int(len(latencies_ms) * 0.99))], 2),
         client_cpu_share=round(cpu_s / elapsed_s, 2))
@@ -276,6 +359,7 @@ async def bench(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) 
         spread = await make_agents(pool, source, args.agents, customers_per_agent, "A")
         [hot] = await make_agents(pool, source, 1, hot_customers, "HOT")
         async with pool.acquire() as conn:
+            await prepare_bare_writes(conn)
             await conn.execute("VACUUM ANALYZE")
             await conn.execute("CHECKPOINT")
 
@@ -299,6 +383,12 @@ async def bench(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) 
                         log(f"round {round_number}: ledger {name} batch {batch} on {connections} connections: "
                             f"{result.groups_per_s:.0f} groups/s (call p50 {result.call_p50_ms} ms, "
                             f"p99 {result.call_p99_ms} ms, client CPU {result.client_cpu_share})")
+            for connections in args.connections:
+                result = await run_bare_case(pool, [hot], max(args.batch_sizes), connections, args.duration_s)
+                result.round = round_number
+                cases.append(result)
+                log(f"round {round_number}: bare writes, hot agent, batch {result.batch_groups} on {connections} "
+                    f"connections: {result.groups_per_s:.0f} groups/s")
         references = {f"{name}_tps": max(run["tps"] for run in pgbench_runs if run["script"] == name)
                       for name in ("tpcb_like", "hot_row")}
 
@@ -319,6 +409,11 @@ async def bench(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) 
         }
         for target in targets.values():
             target["met"] = target["ratio"] >= target["target"]
+        best_bare = max(r.groups_per_s for r in cases if r.case == "bare_writes_hot_agent")
+        floor = {"bare_writes_hot_agent_groups_per_s": best_bare,
+                 "ratio_to_hot_row": round(best_bare / references["hot_row_tps"], 2),
+                 "hot_target_groups_per_s": round(hot_target_ratio * references["hot_row_tps"]),
+                 "ledger_hot_share_of_floor": round(best_hot / best_bare, 2)}
 
         check: dict[str, Any] = {"ran": False}
         if args.check:
@@ -337,6 +432,7 @@ async def bench(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) 
         "pgbench_runs": pgbench_runs,
         "ratios": ratios,
         "targets": targets,
+        "floor": floor,
         "cases": [asdict(r) for r in cases],
         "ledger_check": check,
         "settings": {"connections": args.connections, "duration_s": args.duration_s, "rounds": args.rounds,
