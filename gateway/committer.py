@@ -87,12 +87,15 @@ _CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutd
 reconnects_max = 1
 
 
+_STALE_READ_STATES = frozenset({sql.STATE_REVERSAL_ARRIVED, sql.STATE_DEBT_PAID_DOWN})
+
+
 def retryable(exc: BaseException) -> bool:
     """Redo the batch from the start: the conflict was with a transaction that has since ended."""
     if isinstance(exc, _RETRYABLE):
         return True
-    if getattr(exc, "sqlstate", None) == sql.STATE_REVERSAL_ARRIVED:
-        return True  # a reversal committed since the batch's reads: decide again from fresh reads
+    if getattr(exc, "sqlstate", None) in _STALE_READ_STATES:
+        return True  # a reversal, or a debt paid down, committed since the batch's reads: decide again
     return isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name in _RACED_CONSTRAINTS
 
 

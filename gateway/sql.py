@@ -179,12 +179,15 @@ SELECT ARRAY(SELECT ROW(q.*) FROM ({TXNS_AND_REVERSALS_GET_MANY}) AS q) AS known
        ARRAY(SELECT ROW(q.*) FROM ({_renumber(TERMINALS_FOR_VEND_WITH_TOTALS, {1: 2, 2: 4})}) AS q) AS terminals,
        ARRAY(SELECT ROW(q.*) FROM ({_renumber(METERS_FOR_VEND, {1: 3, 2: 4})}) AS q) AS meters"""
 
-# A batch of top-ups, committed in one statement (gateway/migrations/0015_vend_commit_lean.sql): the
-# batch's locks, the reversal check, the ledger groups and every row the batch records. Outside a
-# transaction block it is a transaction of its own. Raises V0001 (ledger refusal; DETAIL: each
-# transfer not posted, position:status) or V0002 (a reversal arrived since the batch's reads), writing nothing.
+# A batch of top-ups, committed in one statement (gateway/migrations/0015_vend_commit_lean.sql,
+# 0019_debt_recovery_bounded.sql): the batch's locks, the reversal check, the ledger groups and
+# every row the batch records. Outside a transaction block it is a transaction of its own. Raises,
+# writing nothing, V0001 (ledger refusal; DETAIL: each transfer not posted, position:status),
+# V0002 (a reversal arrived since the batch's reads) or V0003 (a debt it recovers was paid down
+# since the batch's reads).
 VEND_COMMIT_TOPUPS = (
     "SELECT o_statuses, o_debit_afters FROM vend_commit_topups("
     + ", ".join(f"${n}" for n in range(1, 52)) + ")")
 STATE_LEDGER_REFUSED = "V0001"
 STATE_REVERSAL_ARRIVED = "V0002"
+STATE_DEBT_PAID_DOWN = "V0003"

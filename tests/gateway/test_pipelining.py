@@ -20,9 +20,10 @@ import pytest
 from float_ledger.ledger import post_transfers
 from float_ledger.model import Transfer
 from gateway import committer as committer_module
+from gateway import registry
 from gateway.committer import Committer
 from gateway.records_check import check_all
-from gateway.seeding import DEMO_CURRENCY, seed, terminal_id
+from gateway.seeding import DEMO_CURRENCY, DEMO_TARIFF, seed, terminal_id
 from gateway.vending import BatchEffects, VendingService, VendOutcome, VendRequest
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
@@ -372,3 +373,42 @@ async def test_requests_sent_just_after_a_commit_starts_join_the_batch_decided_a
     assert [o.receipt_number for o in (first, second_outcome, third)] == [
         shop.receipt_seq + 1, shop.receipt_seq + 2, shop.receipt_seq + 3]
     assert service.posts == 3
+
+
+async def test_a_debt_paid_down_by_another_gateway_after_the_read_is_not_recovered_again(running: Running) -> None:
+    # The customer owes 300 and half of each payment recovers it. Our batch reads the debt, then,
+    # before its commit, another gateway commits a payment (another agent's terminal, same meter)
+    # that recovers all 300. Our commit would recover 300 more (the debt account would end at
+    # +300); it is decided again instead.
+    shop = await new_shop(running, debt_minor=300)
+    other_shop = await new_shop(running)
+    meter = "77700000001"  # a smart meter of the indebted customer: no token, no TID to race on
+    async with running.pool.acquire() as conn:
+        customer = await conn.fetchval("SELECT customer_id FROM meters WHERE meter_number = $1", shop.sts_meter)
+        await registry.add_meter(conn, meter_number=meter, customer_id=customer, supply_mode="smart",
+                                 tariff_code=DEMO_TARIFF)
+    rival = topup(other_shop, 2, meter, 2_000)
+    rival_outcomes: list[VendOutcome] = []
+
+    class _RivalCommitsFirst(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            if self.posts == 0:
+                async with running.pool.acquire() as other:
+                    rival_outcomes.extend(await VendingService(running.keystore).process_batch(
+                        other, [rival], datetime.now(UTC)))
+            return await super()._post(conn, pending, arguments)
+
+    service = _RivalCommitsFirst(running.keystore, first_read_s=0.0)
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        ours = await committer.submit(topup(shop, 1, meter, 2_000))
+    finally:
+        await committer.stop()
+    assert [o.response_code for o in (*rival_outcomes, ours)] == [ResponseCode.APPROVED] * 2
+    assert (rival_outcomes[0].debt_recovery_minor, ours.debt_recovery_minor) == (300, 0)
+    assert service.reads == 2 and service.posts == 2, "our batch was read and decided again after the rival's commit"
+    async with running.pool.acquire() as conn:
+        debt = await conn.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", shop.debt_account_id)
+        assert debt == 0
+        assert (await check_all(conn)).holds
