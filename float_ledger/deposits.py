@@ -178,11 +178,12 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
         # They are the deposit's own record on its transfer: a maker's metadata cannot name them
         # (a checker's name on a deposit nobody checked, say).
         raise InvalidTransfer(f"metadata keys {', '.join(reserved)} are set by vendgate")
-    # Refuse now what the posting would refuse later (currency, metadata size with a checker's name).
+    # Refuse now what the posting would refuse later (currency, metadata size with a checker's name:
+    # the longest a checker may give, operator_chars_max characters of 4 UTF-8 bytes each).
     batch_columns([Transfer(id=deposit_id, debit_account_id=source_account_id, credit_account_id=float_account_id,
                             amount_minor=amount_minor, currency=currency, kind=TransferKind.deposit,
                             metadata={**deposit_metadata, "external_ref": external_ref, "maker": maker,
-                                      "checker": "c" * operator_chars_max})])
+                                      "checker": "\U00010000" * operator_chars_max})])
     async with conn.transaction():
         try:
             record = await conn.fetchrow(

@@ -130,14 +130,18 @@ SQL_GET_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1
 SQL_LOCK_DEPOSIT = f"SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits WHERE id = $1 FOR UPDATE"
 
 # The deposit holding the reference: pending approval or posted (a rejected or refused one frees it).
+# A reference is compared by its key, ledger_deposit_ref_key (0020_deposit_ref_spellings.sql): one
+# reference however it is spelled (case, full-width letters, spaces).
 SQL_DEPOSIT_BY_EXTERNAL_REF = f"""
 SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits
- WHERE source_account_id = $1 AND external_ref = $2 AND status IN ('pending_approval', 'posted')"""
+ WHERE source_account_id = $1 AND ledger_deposit_ref_key(external_ref) = ledger_deposit_ref_key($2)
+   AND status IN ('pending_approval', 'posted')"""
 
 # Deposits of one reference that credited nothing (rejected or refused): each frees the reference.
 SQL_DEAD_DEPOSITS_OF_REF = """
 SELECT count(*) FROM ledger_deposits
- WHERE source_account_id = $1 AND external_ref = $2 AND status IN ('rejected', 'refused')"""
+ WHERE source_account_id = $1 AND ledger_deposit_ref_key(external_ref) = ledger_deposit_ref_key($2)
+   AND status IN ('rejected', 'refused')"""
 
 SQL_DECIDE_DEPOSIT = f"""
 UPDATE ledger_deposits SET status = $2, checker = $3, reason = $4, decided_at = now()

@@ -11,6 +11,7 @@ import pytest
 
 from float_ledger.deposits import (
     approve_deposit,
+    deposit_id_for_ref,
     get_deposit,
     operator_identity,
     pending_deposits,
@@ -101,6 +102,51 @@ async def test_an_external_reference_credits_a_float_once(db_conn: Any, source: 
     with pytest.raises(DepositConflict, match="other content"):
         await request_deposit(db_conn, **(request | {"amount_minor": 501}))
     assert await balance(db_conn, float_id) == 500
+
+
+@pytest.mark.parametrize("spelling", ["bank-2026-0042", "BANK-2026-0042 ", " BANK-2026-0042", "BANK-2026-0042\u00a0",
+                                      "\uff22ANK-2026-0042", "Bank-2026-\uff10\uff10\uff14\uff12"])
+async def test_one_reference_spelled_another_way_does_not_credit_again(db_conn: Any, source: int,
+                                                                        spelling: str) -> None:
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, 500, external_ref="BANK-2026-0042")
+    first = await request_deposit(db_conn, **request)
+    assert first.deposit.status is DepositStatus.posted
+    respelled = request | {"external_ref": spelling}
+    for asked in (respelled | {"deposit_id": uuid.uuid4()},
+                  respelled | {"deposit_id": await deposit_id_for_ref(db_conn, source_account_id=source,
+                                                                      external_ref=spelling)}):
+        with pytest.raises(DepositConflict, match=str(first.deposit.id)):
+            await request_deposit(db_conn, **asked)
+    assert await balance(db_conn, float_id) == 500
+
+
+async def test_a_reference_freed_by_a_rejection_is_freed_in_every_spelling(db_conn: Any, source: int) -> None:
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, THRESHOLD + 1, external_ref="CASH-77")
+    await request_deposit(db_conn, **request)
+    await reject_deposit(db_conn, deposit_id=request["deposit_id"], checker="bob", reason="keyed wrong")
+    again = deposit_request(float_id, source, 700, external_ref="cash-77",
+                            deposit_id=await deposit_id_for_ref(db_conn, source_account_id=source,
+                                                                external_ref="cash-77"))
+    assert again["deposit_id"] != request["deposit_id"]
+    assert (await request_deposit(db_conn, **again)).deposit.status is DepositStatus.posted
+    assert await balance(db_conn, float_id) == 700
+
+
+async def test_a_deposit_that_a_checker_could_not_post_is_refused_when_requested(db_conn: Any, source: int) -> None:
+    # Reference and maker at their 200-character bound in 4-byte characters: the longest checker's
+    # name would take the transfer's metadata past its bound, so the request is refused now
+    # rather than left pending for an approval that would fail.
+    float_id = await account(db_conn, AccountKind.agent_float)
+    wide = "\U0001f600" * 200
+    with pytest.raises(InvalidTransfer, match="metadata"):
+        await request_deposit(db_conn, **deposit_request(float_id, source, THRESHOLD + 1, external_ref=wide,
+                                                         maker=wide))
+    pending = await request_deposit(db_conn, **deposit_request(float_id, source, THRESHOLD + 1,
+                                                               external_ref="R" * 200, maker="m" * 200))
+    approved = await approve_deposit(db_conn, deposit_id=pending.deposit.id, checker=wide)
+    assert approved.deposit.status is DepositStatus.posted
 
 
 async def test_a_large_deposit_waits_for_a_second_operator(db_conn: Any, source: int) -> None:

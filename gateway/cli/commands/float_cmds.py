@@ -14,7 +14,8 @@ commands holds the database's credentials, so the names are what the operators a
 docs/THREAT_MODEL.md). A deposit's id follows from its reference (deposit_id_for_ref), so running
 the same deposit again (after a lost connection, say) returns the deposit as it stands and never
 credits the float twice, and the same reference with another amount or agent is refused, until
-the deposit is rejected or refused: then the reference may be asked for again.
+the deposit is rejected or refused: then the reference may be asked for again. A reference is one
+however it is typed: BANK-7, bank-7 and " BANK-7" (or in full-width letters) are the same one.
 """
 
 from __future__ import annotations
