@@ -483,7 +483,8 @@ class VendingService:
         sold_energy = 0
         if meter["supply_mode"] == "sts":
             # Sell what the token carries (units were rounded down to a representable amount);
-            # the money for the part-unit stays on the customer's credit for the next purchase.
+            # the money for the part-unit stays on the customer's credit account (see Known gaps
+            # in docs/THREAT_MODEL.md: no later purchase spends it yet).
             price = int(meter["energy_price_minor_per_mwh"])
             sold_energy = min(split.energy_minor, -(-split.units_deci_kwh * price // DECI_KWH_PER_MWH))
         parts: list[tuple[str, int, int, int]] = [
