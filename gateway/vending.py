@@ -701,11 +701,8 @@ class VendingService:
     async def _reversal(self, conn: asyncpg.Connection, request: VendRequest, now: datetime) -> VendOutcome:
         """Undo an approved payment whose outcome its terminal did not learn (idempotent)."""
         digest = request.content_sha256()
-        stored = await conn.fetchrow(sql.TXN_GET, request.client_txn_id)
-        if stored is not None:
-            if bytes(stored["request_sha256"]) != digest:
-                return decline(request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT, "transaction id reused")
-            return stored_outcome(self.keystore, stored)
+        if (repeat := await self._stored_reversal(conn, request, digest)) is not None:
+            return repeat
         terminals = await conn.fetch(sql.TERMINALS_FOR_VEND, [request.terminal_id])
         if not terminals:
             return decline(request, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
@@ -715,12 +712,25 @@ class VendingService:
         if "reversal" not in terminal["allowed_operations"]:
             return decline(request, ResponseCode.NOT_PERMITTED, "reversal not permitted for this terminal")
         await conn.execute(sql.LOCK_TXN_IDS, [request.original_txn_id])
+        # The same reversal, sent again to another gateway, may have committed while this one
+        # waited for the lock: its answer is this one's.
+        if (repeat := await self._stored_reversal(conn, request, digest)) is not None:
+            return repeat
         outcome = await self._reverse(conn, request, terminal, now)
         # Only final answers are recorded: a reversal refused for a wrong amount, a blocked
         # terminal or a ledger refusal may be sent again, corrected, under the same id.
         if outcome.response_code in (ResponseCode.APPROVED, ResponseCode.ORIGINAL_NOT_FOUND):
             await self._store(conn, request, terminal, outcome, now, group_id=None)
         return outcome
+
+    async def _stored_reversal(self, conn: asyncpg.Connection, request: VendRequest,
+                               digest: bytes) -> VendOutcome | None:
+        stored = await conn.fetchrow(sql.TXN_GET, request.client_txn_id)
+        if stored is None:
+            return None
+        if bytes(stored["request_sha256"]) != digest:
+            return decline(request, ResponseCode.DUPLICATE_DIFFERENT_CONTENT, "transaction id reused")
+        return stored_outcome(self.keystore, stored)
 
     async def _reverse(self, conn: asyncpg.Connection, request: VendRequest, terminal: asyncpg.Record,
                        now: datetime) -> VendOutcome:

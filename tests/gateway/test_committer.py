@@ -243,6 +243,35 @@ async def test_a_reversal_committed_between_the_reads_and_the_commit_declines_th
     assert moved == 0 and code == ResponseCode.ALREADY_REVERSED
 
 
+async def test_a_reversal_sent_again_to_another_gateway_while_the_first_commits_gets_the_first_answer(
+        running: Running) -> None:
+    """The terminal sends its reversal again over another connection (another gateway) while the
+    first is still committing: the second waits for the original's lock, then finds the first's
+    stored answer and returns it, the same reversal, not ALREADY_REVERSED."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    paid = VendRequest(kind="topup", client_txn_id=f"{terminal_id(6)}-{today}-890003", terminal_id=terminal_id(6),
+                       meter_number=meter_number(6), amount_minor=600, currency="EUR")
+    assert (await commit_one(running, VendingService(running.keystore), paid)).response_code == ResponseCode.APPROVED
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{paid.client_txn_id}/R", terminal_id=terminal_id(6),
+                           amount_minor=600, currency="EUR", original_txn_id=paid.client_txn_id, reason="lost")
+    async with running.pool.acquire() as first_gateway:
+        async with first_gateway.transaction():
+            [first] = await VendingService(running.keystore).process_batch(first_gateway, [reversal],
+                                                                           datetime.now(UTC))
+            again = asyncio.create_task(commit_one(running, VendingService(running.keystore), reversal))
+            await asyncio.sleep(0.3)  # the second has read no stored answer and waits for the lock
+            assert not again.done()
+        second = await again
+    assert first.response_code == ResponseCode.APPROVED
+    assert second == first
+    async with running.pool.acquire() as conn:
+        reversed_legs = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE kind = 'reversal' AND metadata->>'client_txn_id' = $1",
+            paid.client_txn_id)
+        assert (await check_all(conn)).holds
+    assert reversed_legs > 0
+
+
 async def test_an_id_recorded_meanwhile_by_another_gateway_is_replayed_not_paid_twice(running: Running) -> None:
     today = datetime.now(UTC).strftime("%Y%m%d")
     ours = VendRequest(kind="topup", client_txn_id=f"{terminal_id(8)}-{today}-890002", terminal_id=terminal_id(8),
