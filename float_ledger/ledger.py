@@ -27,7 +27,7 @@ import asyncpg
 import msgspec
 
 from float_ledger import sql
-from float_ledger.errors import AccountNotFound, InvalidAccount, LedgerError, RetriesExhausted
+from float_ledger.errors import AccountNotFound, InvalidAccount, InvalidTransfer, LedgerError, RetriesExhausted
 from float_ledger.model import (
     Account,
     AccountKind,
@@ -43,6 +43,7 @@ from float_ledger.model import (
     StatementPage,
     Transfer,
     TransferColumns,
+    TransferKind,
     batch_columns,
     check_account,
     commission_transfer,
@@ -225,11 +226,15 @@ async def reverse_group(conn: Connection, group_id: uuid.UUID, *, reason: str,
     Idempotent: the compensating ids derive from the originals' ids, so a second call reports
     `exists` (or `exists_with_different_content` when the reason differs). A group with no posted
     transfer has nothing to reverse: []. The reversals are refused as one (e.g. insufficient_balance
-    when the customer's credit was already spent) and then nothing is posted.
+    when the customer's credit was already spent) and then nothing is posted. A group of reversals
+    is not reversed in turn (InvalidTransfer): that would apply the payment again under ids no
+    idempotency key covers; a payment to be made again is posted again, under its own ids.
     """
     originals = await group_transfers(conn, group_id)
     if not originals:
         return []
+    if any(t.kind == TransferKind.reversal for t in originals):
+        raise InvalidTransfer(f"group {group_id} holds reversals: a reversal is not reversed")
     compensations = reversal_transfers(
         originals, reversal_group_id=reversal_group_id or reversal_group_id_for(group_id), reason=reason)
     return await apply_transfers(conn, compensations)

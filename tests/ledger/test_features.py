@@ -287,6 +287,10 @@ async def test_a_reversal_restores_every_balance_once(db_conn: Any, source: int)
     assert [r.status for r in again] == [S.exists] * 4
     assert [r.status for r in other_reason] == [S.exists_with_different_content] + [S.linked_failed] * 3
     assert [await balance(db_conn, i) for i in ids] == before
+    with pytest.raises(InvalidTransfer, match="a reversal is not reversed"):
+        async with db_conn.transaction():
+            await reverse_group(db_conn, reversal_group_id_for(top_up), reason="undo the undo")
+    assert [await balance(db_conn, i) for i in ids] == before
     async with db_conn.transaction():
         assert await reverse_group(db_conn, uuid.uuid4(), reason="unknown") == []
 
