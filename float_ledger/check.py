@@ -14,15 +14,23 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 - transfers_unchanged       each transfer's SHA-256, chained over both accounts' previous transfers,
                             recomputes from its columns, and each account's chain tip is its last
                             transfer's: a changed, dropped or reordered transfer breaks the chain
-- transfers_immutable       the triggers refusing UPDATE/DELETE/TRUNCATE are present and enabled
+- transfers_immutable       the triggers refusing UPDATE/DELETE/TRUNCATE are each on their table,
+                            enabled, fire BEFORE those events (per row; TRUNCATE per statement)
+                            with no WHEN clause, and call the refusing function whose source is
+                            the one the migrations installed
 
-The digest over all chain tips changes with every posting; recorded elsewhere (a daily report), it
-also reveals a history rewritten with recomputed hashes.
+The chain has no secret key: whoever holds the tables' owner's rights (DDL) can rewrite history
+and recompute every hash, and this check then passes. What it finds is a change made without
+those rights, or made with them but without recomputing the chain, and any change to the
+protecting triggers or their functions. The digest over all chain tips changes with every
+posting: kept outside the database, it shows whether the ledger is still the one an earlier check
+saw with no posting since (docs/THREAT_MODEL.md, "Known gaps").
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +38,34 @@ from float_ledger import sql
 from float_ledger.errors import LedgerError
 
 problems_shown_max = 5
-IMMUTABILITY_TRIGGERS = ("ledger_transfers_immutable", "ledger_transfers_not_truncated",
-                         "ledger_accounts_undeletable", "ledger_accounts_not_truncated")
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectingTrigger:
+    """A trigger that refuses a change, as its migration created it."""
+
+    name: str
+    table: str
+    fires: str  # as describe_firing() words pg_trigger.tgtype
+    function: str  # in the table's schema
+    function_source_sha256: str  # of pg_proc.prosrc, as the migrations installed it
+    # Only for an UPDATE of these columns, and only WHEN one of them changes; () = no such limit.
+    key_columns: tuple[str, ...] = ()
+
+
+# SHA-256 of vendgate_refuse_change's source (gateway/migrations/0001_base.sql): a migration that
+# redefines the function changes this with it (tests/ledger/test_check.py compares the two).
+REFUSE_CHANGE_SOURCE_SHA256 = "5ec25276efcc438e469ce1f1a22c64d91823d0ac8f4c6fde95a0986dd9bf68c4"
+IMMUTABILITY_TRIGGERS = (
+    ProtectingTrigger("ledger_transfers_immutable", "ledger_transfers", "BEFORE UPDATE OR DELETE FOR EACH ROW",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_transfers_not_truncated", "ledger_transfers", "BEFORE TRUNCATE FOR EACH STATEMENT",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_accounts_undeletable", "ledger_accounts", "BEFORE DELETE FOR EACH ROW",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_accounts_not_truncated", "ledger_accounts", "BEFORE TRUNCATE FOR EACH STATEMENT",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +144,7 @@ async def check_ledger(conn: Any) -> CheckReport:
             return (changed + tips)[:limit]
 
         async def immutable() -> list[str]:
-            return [trigger_problem(r["name"], r["tgenabled"])
-                    for r in await rows(sql.SQL_CHECK_TRIGGERS, list(IMMUTABILITY_TRIGGERS))]
+            return (await protecting_trigger_problems(conn, IMMUTABILITY_TRIGGERS))[:limit]
 
         checks: list[tuple[str, str, Callable[[], Awaitable[list[str]]]]] = [
             ("transfers_balanced",
@@ -123,8 +156,9 @@ async def check_ledger(conn: Any) -> CheckReport:
              "each transfer's balances-after follow from the accounts' previous ones, in time order", running),
             ("balances_within_bounds", f"{accounts} balances at or above their lower bounds", bounds),
             ("transfers_unchanged", f"hash chain over {transfers} transfers and {accounts} account tips", unchanged),
-            ("transfers_immutable", f"{len(IMMUTABILITY_TRIGGERS)} immutability triggers present and enabled",
-             immutable),
+            ("transfers_immutable",
+             f"{len(IMMUTABILITY_TRIGGERS)} immutability triggers on their tables, enabled, firing on the events "
+             "they refuse and calling the refusal the migrations installed", immutable),
         ]
         results = [InvariantResult(name, checked, await run()) for name, checked, run in checks]
         digest = await conn.fetchval(sql.SQL_LEDGER_DIGEST)
@@ -132,10 +166,67 @@ async def check_ledger(conn: Any) -> CheckReport:
                        digest_hex=bytes(digest).hex(), invariants=results)
 
 
-def trigger_problem(name: str, enabled: str | None) -> str:
-    """Why a trigger that must fire in every session does not (pg_trigger.tgenabled)."""
-    state = {None: "missing", "D": "disabled", "R": "enabled for replication sessions only"}.get(enabled, enabled)
-    return f"trigger {name} is {state}"
+async def protecting_trigger_problems(conn: Any, triggers: Sequence[ProtectingTrigger]) -> list[str]:
+    """Every way the catalog's triggers differ from `triggers` (empty: each protects as created)."""
+    found = await conn.fetch(sql.SQL_CHECK_TRIGGERS, [t.name for t in triggers], [t.table for t in triggers])
+    return [problem for expected, row in zip(triggers, found, strict=True)
+            for problem in trigger_problems(expected, row)]
+
+
+# pg_trigger.tgtype bits (PostgreSQL's catalog/pg_trigger.h).
+_ROW, _BEFORE, _INSERT, _DELETE, _UPDATE, _TRUNCATE, _INSTEAD = 1, 2, 4, 8, 16, 32, 64
+_EVENTS = ((_INSERT, "INSERT"), (_UPDATE, "UPDATE"), (_DELETE, "DELETE"), (_TRUNCATE, "TRUNCATE"))
+# The WHEN clause in pg_get_triggerdef()'s text: CREATE TRIGGER ... FOR EACH ROW WHEN (...) EXECUTE ...
+_WHEN_CLAUSE = re.compile(r" FOR EACH (?:ROW|STATEMENT) WHEN \((.*)\) EXECUTE (?:FUNCTION|PROCEDURE) ")
+
+
+def describe_firing(tgtype: int) -> str:
+    """pg_trigger.tgtype in CREATE TRIGGER's words, e.g. "BEFORE UPDATE OR DELETE FOR EACH ROW"."""
+    timing = "INSTEAD OF" if tgtype & _INSTEAD else "BEFORE" if tgtype & _BEFORE else "AFTER"
+    events = " OR ".join(word for bit, word in _EVENTS if tgtype & bit)
+    return f"{timing} {events} FOR EACH {'ROW' if tgtype & _ROW else 'STATEMENT'}"
+
+
+def _condition_terms(condition: str) -> frozenset[str]:
+    """The OR-ed terms of a WHEN condition, compared without case, spaces or parentheses ("": none)."""
+    terms = (re.sub(r"[\s()]", "", term).lower() for term in re.split(r"\s+OR\s+", condition, flags=re.I))
+    return frozenset(term for term in terms if term)
+
+
+def trigger_problems(expected: ProtectingTrigger, found: Mapping[str, Any]) -> list[str]:
+    """Why the trigger the catalog has (a row of sql.SQL_CHECK_TRIGGERS) does not protect as
+    `expected` does; empty when it does."""
+    name = expected.name
+    if not found["on_table"]:
+        if found["elsewhere"]:
+            return [f"trigger {name} is on {', '.join(found['elsewhere'])}, not on {expected.table}"]
+        return [f"trigger {name} is missing"]
+    problems = []
+    enabled = found["tgenabled"]
+    if enabled not in ("O", "A"):  # D: disabled; R: fires only in replication sessions
+        state = {"D": "disabled", "R": "enabled for replication sessions only"}.get(enabled, enabled)
+        problems.append(f"trigger {name} is {state}")
+    fires = describe_firing(found["tgtype"])
+    if fires != expected.fires:
+        problems.append(f"trigger {name} fires {fires}, not {expected.fires}")
+    columns = list(found["columns"] or ())
+    if sorted(columns) != sorted(expected.key_columns):
+        problems.append(f"trigger {name} fires on an UPDATE of {', '.join(columns) or 'any column'}, "
+                        f"not of {', '.join(expected.key_columns) or 'any column'}")
+    when = _WHEN_CLAUSE.search(found["definition"])
+    condition = when.group(1) if when else ""
+    expected_condition = " OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in expected.key_columns)
+    if _condition_terms(condition) != _condition_terms(expected_condition):
+        problems.append(f"trigger {name} fires {'WHEN ' + condition if condition else 'with no WHEN clause'}, "
+                        f"not {'WHEN ' + expected_condition if expected_condition else 'always'}")
+    function = f"{found['function_schema']}.{found['function_name']}"
+    if found["function_name"] != expected.function or found["function_schema"] != found["table_schema"]:
+        problems.append(f"trigger {name} calls {function}, not {found['table_schema']}.{expected.function}")
+    elif (found["function_language"] != "plpgsql"
+          or found["function_source_sha256"] != expected.function_source_sha256):
+        problems.append(f"trigger {name} calls {function}, whose source is not the refusal the migrations "
+                        "installed")
+    return problems
 
 
 def render(report: CheckReport) -> list[str]:

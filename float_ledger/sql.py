@@ -302,10 +302,35 @@ SELECT sha256(coalesce(string_agg(id::text || ':' || coalesce(encode(chain_hash,
                        '')::bytea) AS digest
   FROM ledger_accounts"""
 
-# The immutability triggers exist and fire in every session: enabled (O) or always (A), not disabled
-# (D) nor firing only in replication sessions (R).
+# Each protecting trigger ($1 its name, $2 its table, resolved as the gateway's statements resolve
+# it) as the catalog has it: NULLs when that table has no trigger of that name, with the tables
+# that have one instead; tgenabled, tgtype (timing, level, events), the UPDATE OF columns, the
+# definition (for its WHEN clause), and the function it calls with a hash of that function's
+# source, to compare with the one the migrations installed (float_ledger.check.trigger_problems).
 SQL_CHECK_TRIGGERS = """
-SELECT expected.name, t.tgenabled::text AS tgenabled
-  FROM unnest($1::text[]) AS expected(name)
-  LEFT JOIN pg_trigger t ON t.tgname = expected.name AND NOT t.tgisinternal
- WHERE t.tgname IS NULL OR t.tgenabled NOT IN ('O', 'A')"""
+SELECT expected.name,
+       t.oid IS NOT NULL AS on_table,
+       ARRAY(SELECT o.tgrelid::regclass::text
+               FROM pg_trigger o
+              WHERE o.tgname = expected.name AND NOT o.tgisinternal
+                AND o.tgrelid IS DISTINCT FROM to_regclass(expected.table_name)
+              ORDER BY 1) AS elsewhere,
+       t.tgenabled::text AS tgenabled,
+       t.tgtype::int AS tgtype,
+       ARRAY(SELECT a.attname::text
+               FROM unnest(t.tgattr::int2[]) WITH ORDINALITY AS k(attnum, position)
+               JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k.attnum
+              ORDER BY k.position) AS columns,
+       pg_get_triggerdef(t.oid) AS definition,
+       c.relnamespace::regnamespace::text AS table_schema,
+       p.proname::text AS function_name,
+       p.pronamespace::regnamespace::text AS function_schema,
+       l.lanname::text AS function_language,
+       encode(sha256(convert_to(p.prosrc, 'UTF8')), 'hex') AS function_source_sha256
+  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS expected(name, table_name, position)
+  LEFT JOIN pg_trigger t
+         ON t.tgname = expected.name AND t.tgrelid = to_regclass(expected.table_name) AND NOT t.tgisinternal
+  LEFT JOIN pg_class c ON c.oid = t.tgrelid
+  LEFT JOIN pg_proc p ON p.oid = t.tgfoid
+  LEFT JOIN pg_language l ON l.oid = p.prolang
+ ORDER BY expected.position"""

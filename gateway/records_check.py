@@ -7,7 +7,10 @@ so this verifies what the keys would have:
 - vend_records_referenced   every payment record names a terminal that exists, every receipt a
                             payment and a terminal, every token a payment and a meter
 - vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
-                            tables are present and enabled
+                            tables are each on their table, enabled, fire on the events they refuse
+                            (a key change: an UPDATE of the key columns, WHEN one of them changes),
+                            and call the refusing function whose source is the one the migrations
+                            installed
 """
 
 from __future__ import annotations
@@ -15,13 +18,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from float_ledger import sql as ledger_sql
-from float_ledger.check import CheckReport, InvariantResult, check_ledger, problems_shown_max, trigger_problem
+from float_ledger.check import (
+    CheckReport,
+    InvariantResult,
+    ProtectingTrigger,
+    check_ledger,
+    problems_shown_max,
+    protecting_trigger_problems,
+)
 
+# SHA-256 of the sources of vendgate_refuse_delete (gateway/migrations/0013_vend_records.sql) and
+# vendgate_refuse_key_change (0014_vend_record_keys.sql): a migration that redefines either changes
+# its hash here (tests/gateway/test_records_check.py compares them).
+REFUSE_DELETE_SOURCE_SHA256 = "c8ac8478e6a58de717cdb1ce663fae9197ab2a886baa42c6ab06e4d4c821acea"
+REFUSE_KEY_CHANGE_SOURCE_SHA256 = "217c271d97b4ef3c978a78cdc35e99e7cdfe1fb869e177ad7281f273d1e3dfa3"
+# The columns other records name, per table, as 0014_vend_record_keys.sql lists them.
+RECORD_KEYS = {"terminals": ("terminal_id",), "meters": ("meter_number",),
+               "vend_transactions": ("client_txn_id", "terminal_id"),
+               "receipts": ("terminal_id", "receipt_number", "client_txn_id"),
+               "tokens": ("client_txn_id", "meter_number")}
 PROTECTING_TRIGGERS = tuple(
-    f"{table}_{suffix}"
-    for table in ("terminals", "meters", "vend_transactions", "receipts", "tokens")
-    for suffix in ("undeletable", "not_truncated", "keys_fixed"))
+    trigger
+    for table, keys in RECORD_KEYS.items()
+    for trigger in (
+        ProtectingTrigger(f"{table}_undeletable", table, "BEFORE DELETE FOR EACH ROW", "vendgate_refuse_delete",
+                          REFUSE_DELETE_SOURCE_SHA256),
+        ProtectingTrigger(f"{table}_not_truncated", table, "BEFORE TRUNCATE FOR EACH STATEMENT",
+                          "vendgate_refuse_delete", REFUSE_DELETE_SOURCE_SHA256),
+        ProtectingTrigger(f"{table}_keys_fixed", table, "BEFORE UPDATE FOR EACH ROW", "vendgate_refuse_key_change",
+                          REFUSE_KEY_CHANGE_SOURCE_SHA256, key_columns=keys),
+    ))
 
 # One row per record naming a row that is not there; each part stops at the first few.
 SQL_UNREFERENCED = """
@@ -54,16 +80,15 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         counts = await conn.fetchrow(SQL_COUNTS)
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
-        triggers = [trigger_problem(r["name"], r["tgenabled"])
-                    for r in await conn.fetch(ledger_sql.SQL_CHECK_TRIGGERS, list(PROTECTING_TRIGGERS))]
+        triggers = await protecting_trigger_problems(conn, PROTECTING_TRIGGERS)
     return [
         InvariantResult("vend_records_referenced",
                         f"{counts['payments']} payments, {counts['receipts']} receipts and {counts['tokens']} "
                         "tokens name terminals, payments and meters that exist",
                         unreferenced[:problems_shown_max]),
         InvariantResult("vend_records_protected",
-                        f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes present and "
-                        "enabled",
+                        f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes on their "
+                        "tables, enabled, firing on those events and calling the refusals the migrations installed",
                         triggers[:problems_shown_max]),
     ]
 

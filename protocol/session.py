@@ -39,7 +39,10 @@ frame ever named a terminal) and the session is CLOSED; data received meanwhile 
 A `LocalProtocolError` from `send()` is the gateway's own bug: the session is unchanged and the
 gateway answers with `reject(ResponseCode.SYSTEM_ERROR)`.
 Events of earlier frames in the same `receive_data` call are dropped with the error: in lock
-step any frame after a request is itself a StateError, so the connection closes anyway.
+step any frame after a request is itself a StateError, so the connection closes anyway. That
+holds for a request refused without closing too: a whole frame after it in the same call makes
+the session fail with that frame's closing error, and the refused request gets no reply of its
+own (docs/protocol.md, "a terminal MUST NOT pipeline"). A frame not yet whole stays buffered.
 
 A `TerminalSession` is driven the same way: `send(LogonRequest(terminal_nonce=...))`, then on
 `MessageReceived(LogonChallenge)` `send(LogonProof(...))`, then `MessageReceived(LogonAccepted)`
@@ -49,7 +52,7 @@ means READY; every request's reply (or ErrorReply) arrives as `MessageReceived`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from hmac import compare_digest
 from typing import Final, Generic, NamedTuple, TypeVar, cast
 
@@ -439,7 +442,7 @@ class _Session:
 
     # -- receiving --
 
-    def _whole_frames(self, data: bytes) -> list[bytes]:
+    def _whole_frames(self, data: bytes) -> Iterable[bytes]:
         """Every whole frame buffered so far, with `data` added."""
         size = len(data)
         if (
@@ -452,18 +455,19 @@ class _Session:
             return [bytes(data)]
         return self._frames(data)
 
-    def _frames(self, data: bytes) -> list[bytes]:
-        """Whole frames received so far. A bad length prefix raises before its body is buffered."""
+    def _frames(self, data: bytes) -> Iterator[bytes]:
+        """Whole frames received so far, each taken out of the buffer only when the caller asks for
+        it: a frame after one that raised stays buffered for the caller to deal with. A bad length
+        prefix raises before its body is buffered."""
         buffer = self._buffer
         buffer += data
-        frames: list[bytes] = []
         while len(buffer) >= _PREFIX_BYTES:
             total = framing.frame_length(buffer)
             if len(buffer) < total:
-                break
-            frames.append(bytes(buffer[:total]))
+                return
+            frame = bytes(buffer[:total])
             del buffer[:total]
-        return frames
+            yield frame
 
     def _check_frame(self, frame: bytes) -> tuple[type[AnyMessage], Transition, bool, int]:
         """Header, MAC, sequence and state checks of one frame: all before its body is touched."""
@@ -561,7 +565,25 @@ class ServerSession(_Session):
             if error.close_connection:
                 self._state = ServerState.FAILED
                 self._buffer.clear()
+            else:
+                self._fail_if_a_frame_follows()
             raise
+
+    def _fail_if_a_frame_follows(self) -> None:
+        """After a request refused without closing: a whole frame that came in the same read was
+        pipelined, so the session fails with that frame's closing error (a StateError once its MAC
+        and sequence pass), as a second request after an accepted one does; the refused request
+        is not answered on its own."""
+        following = None
+        try:
+            following = next(self._frames(b""), None)
+            if following is not None:
+                self._check_frame(following)
+        except ProtocolError:
+            self._state = ServerState.FAILED
+            self._buffer.clear()
+            raise
+        assert following is None, "REJECTING receives nothing: _check_frame raised"
 
     def _receive_frame(self, frame: bytes) -> ServerEvent:
         global _bodies_decoded

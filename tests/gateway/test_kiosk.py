@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import socket
 import ssl
 import time
@@ -28,7 +29,15 @@ from gateway.server import Gateway, Limits, listening_sockets
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, decode_kiosk_request, encode_kiosk_message
-from protocol.messages import TenderType, TopUpRequest, TopUpResult
+from protocol.messages import (
+    ErrorReply,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LookupRequest,
+    TenderType,
+    TopUpRequest,
+    TopUpResult,
+)
 from terminal_sim.client import PosTerminal
 from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
@@ -257,6 +266,50 @@ async def test_a_refused_certificate_gets_its_answer_and_the_connection_closes(k
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 403") and b"connection: close" in head
     writer.close()
+
+
+async def _post_kept_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           message: object) -> tuple[bytes, object]:
+    """One request on a kept-alive connection: the answer's head (lower case) and its message."""
+    body = encode_kiosk_message(message)  # type: ignore[arg-type]
+    writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                 + CONTENT_TYPE.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).lower()
+    length = re.search(rb"content-length: (\d+)", head)
+    assert length is not None, head
+    return head, decode_kiosk_reply(await asyncio.wait_for(reader.readexactly(int(length.group(1))), 10))
+
+
+async def test_a_request_refused_after_authentication_keeps_the_connection_open(
+        kiosk_setup: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/protocol.md: only the refusals of the certificate or of a kiosk that is not active
+    # close the connection; a NOT_PERMITTED or a TERMINAL_BLOCKED from serving the request do not,
+    # whatever the error body's connection_closing says.
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    reader, writer = await _tls_connection(kiosk_setup, "good")
+    try:
+        foreign = Kiosk("T0000001", "", None, datetime.now(UTC).date()).next_transaction_id()
+        head, reply = await _post_kept_alive(reader, writer, TopUpRequest(
+            client_transaction_id=foreign, meter_number=meter_number(9), amount_minor=1_000, currency="EUR",
+            tender_type=TenderType.CASH))
+        assert head.startswith(b"http/1.1 403") and b"connection: close" not in head
+        assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.NOT_PERMITTED
+
+        async def no_terminal(terminal_id: str) -> None:
+            return None
+
+        monkeypatch.setattr(gateway.handlers, "terminal_context", no_terminal)
+        head, reply = await _post_kept_alive(reader, writer, LookupRequest(meter_number=meter_number(9)))
+        monkeypatch.undo()
+        assert head.startswith(b"http/1.1 403") and b"connection: close" not in head
+        assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.TERMINAL_BLOCKED
+        assert reply.connection_closing, "the body says closing; over HTTPS only Connection: close counts"
+
+        head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
+        assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+    finally:
+        writer.close()
 
 
 async def test_a_kiosk_connection_has_a_lifetime_however_slowly_it_sends(kiosk_setup: dict[str, object]) -> None:

@@ -11,12 +11,17 @@ import asyncpg
 import pytest
 
 from gateway.keystore import KeyStore
-from gateway.records_check import PROTECTING_TRIGGERS, check_all
+from gateway.records_check import (
+    PROTECTING_TRIGGERS,
+    REFUSE_DELETE_SOURCE_SHA256,
+    REFUSE_KEY_CHANGE_SOURCE_SHA256,
+    check_all,
+)
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
-from tests.ledger.test_check import ALL_INVARIANTS, vendgate_ledger_check
+from tests.ledger.test_check import ALL_INVARIANTS, installed_source_sha256, vendgate_ledger_check
 
 VEND_INVARIANTS = {"vend_records_referenced", "vend_records_protected"}
 
@@ -96,11 +101,58 @@ async def test_records_are_never_deleted(paid: tuple[asyncpg.Connection, str], t
 
 async def test_a_disabled_or_missing_delete_trigger_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
     conn, _ = paid
-    assert "receipts_undeletable" in PROTECTING_TRIGGERS
+    assert "receipts_undeletable" in {trigger.name for trigger in PROTECTING_TRIGGERS}
     await conn.execute("ALTER TABLE receipts DISABLE TRIGGER receipts_undeletable")
     await conn.execute("DROP TRIGGER tokens_not_truncated ON tokens")
     assert await broken(conn) == {"vend_records_protected": ["trigger receipts_undeletable is disabled",
                                                                "trigger tokens_not_truncated is missing"]}
+
+
+async def test_a_protecting_trigger_moved_weakened_or_emptied_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, url = paid
+    await conn.execute("DROP TRIGGER receipts_undeletable ON receipts")
+    await conn.execute("CREATE TRIGGER receipts_undeletable BEFORE DELETE ON meters FOR EACH ROW "
+                       "EXECUTE FUNCTION vendgate_refuse_delete()")
+    await conn.execute("DROP TRIGGER tokens_keys_fixed ON tokens")
+    await conn.execute("CREATE TRIGGER tokens_keys_fixed BEFORE UPDATE OF client_txn_id ON tokens FOR EACH ROW "
+                       "WHEN (OLD.client_txn_id IS DISTINCT FROM NEW.client_txn_id) "
+                       "EXECUTE FUNCTION vendgate_refuse_key_change()")
+    await conn.execute("DROP TRIGGER meters_keys_fixed ON meters")
+    await conn.execute("CREATE TRIGGER meters_keys_fixed BEFORE UPDATE OF meter_number ON meters FOR EACH ROW "
+                       "WHEN (false) EXECUTE FUNCTION vendgate_refuse_key_change()")
+    assert await broken(conn) == {"vend_records_protected": [
+        "trigger meters_keys_fixed fires WHEN false, not WHEN OLD.meter_number IS DISTINCT FROM NEW.meter_number",
+        "trigger receipts_undeletable is on meters, not on receipts",
+        "trigger tokens_keys_fixed fires on an UPDATE of client_txn_id, not of client_txn_id, meter_number",
+        "trigger tokens_keys_fixed fires WHEN (old.client_txn_id IS DISTINCT FROM new.client_txn_id), not WHEN "
+        "OLD.client_txn_id IS DISTINCT FROM NEW.client_txn_id OR OLD.meter_number IS DISTINCT FROM NEW.meter_number",
+    ]}
+    status, stdout, _ = await vendgate_ledger_check(url)
+    assert status == 1
+    assert stdout.strip().splitlines()[-1] == "ledger check FAILED: broken invariants: vend_records_protected"
+
+
+async def test_a_refusal_replaced_by_a_no_op_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    await conn.execute("""CREATE OR REPLACE FUNCTION vendgate_refuse_key_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END; $$""")
+    await conn.execute("UPDATE meters SET meter_number = '99999999' WHERE meter_number = "
+                       "(SELECT min(meter_number) FROM meters)")
+    problems = (await broken(conn))["vend_records_protected"]
+    assert problems == [f"trigger {table}_keys_fixed calls public.vendgate_refuse_key_change, whose source is not "
+                        "the refusal the migrations installed"
+                        for table in ("terminals", "meters", "vend_transactions", "receipts", "tokens")]
+
+
+async def test_a_disabled_keys_trigger_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    await conn.execute("ALTER TABLE vend_transactions DISABLE TRIGGER vend_transactions_keys_fixed")
+    assert await broken(conn) == {"vend_records_protected": ["trigger vend_transactions_keys_fixed is disabled"]}
+
+
+def test_the_expected_refusals_are_the_ones_the_migrations_install() -> None:
+    assert installed_source_sha256("vendgate_refuse_delete") == REFUSE_DELETE_SOURCE_SHA256
+    assert installed_source_sha256("vendgate_refuse_key_change") == REFUSE_KEY_CHANGE_SOURCE_SHA256
 
 
 @pytest.mark.parametrize(("table", "change"), [

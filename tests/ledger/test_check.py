@@ -7,16 +7,19 @@ enabled again (unless the corruption is the disabled trigger itself).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from float_ledger.check import check_ledger
+from float_ledger.check import REFUSE_CHANGE_SOURCE_SHA256, check_ledger, describe_firing
 from float_ledger.errors import LedgerError
 from float_ledger.ledger import post_transfers, reverse_group
 from float_ledger.model import AccountKind, TopUpAccounts, top_up_transfers
@@ -226,6 +229,92 @@ async def test_a_disabled_trigger_is_found(ledger: Any) -> None:
     assert (await check_ledger(ledger)).holds
     await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
     assert await immutability_problems(ledger) == ["trigger ledger_transfers_immutable is missing"]
+
+
+async def test_a_trigger_dropped_and_created_on_another_table_is_found(ledger: Any, ledger_url: str) -> None:
+    await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
+    await ledger.execute("CREATE TRIGGER ledger_transfers_immutable BEFORE UPDATE OR DELETE ON ledger_accounts "
+                         "FOR EACH ROW EXECUTE FUNCTION vendgate_refuse_change()")
+    assert await broken(ledger) == {"transfers_immutable"}
+    assert await immutability_problems(ledger) == [
+        "trigger ledger_transfers_immutable is on ledger_accounts, not on ledger_transfers"]
+    status, stdout, _ = await vendgate_ledger_check(ledger_url)
+    assert status == 1 and "        - trigger ledger_transfers_immutable is on ledger_accounts" in stdout
+    assert stdout.strip().splitlines()[-1] == "ledger check FAILED: broken invariants: transfers_immutable"
+
+
+async def test_a_refusal_replaced_by_a_no_op_is_found(ledger: Any) -> None:
+    await ledger.execute("""CREATE OR REPLACE FUNCTION vendgate_refuse_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$ BEGIN RETURN coalesce(NEW, OLD); END; $$""")
+    # Nothing refuses a change now.
+    await ledger.execute("UPDATE ledger_transfers SET metadata = '{}' WHERE id = $1",
+                         (await a_collection(ledger))["id"])
+    assert "transfers_immutable" in await broken(ledger)
+    assert await immutability_problems(ledger) == [
+        f"trigger {name} calls public.vendgate_refuse_change, whose source is not the refusal the migrations installed"
+        for name in ("ledger_transfers_immutable", "ledger_transfers_not_truncated", "ledger_accounts_undeletable",
+                     "ledger_accounts_not_truncated")]
+
+
+@pytest.mark.parametrize(("create", "problem"), [
+    ("CREATE FUNCTION let_through() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN coalesce(NEW, OLD); END; $$;"
+     "CREATE TRIGGER ledger_transfers_immutable BEFORE UPDATE OR DELETE ON ledger_transfers FOR EACH ROW "
+     "EXECUTE FUNCTION let_through()",
+     "calls public.let_through, not public.vendgate_refuse_change"),
+    ("CREATE SCHEMA elsewhere; CREATE FUNCTION elsewhere.vendgate_refuse_change() RETURNS trigger LANGUAGE plpgsql "
+     "AS $$ BEGIN RETURN coalesce(NEW, OLD); END; $$; CREATE TRIGGER ledger_transfers_immutable BEFORE UPDATE OR "
+     "DELETE ON ledger_transfers FOR EACH ROW EXECUTE FUNCTION elsewhere.vendgate_refuse_change()",
+     "calls elsewhere.vendgate_refuse_change, not public.vendgate_refuse_change"),
+    ("CREATE TRIGGER ledger_transfers_immutable BEFORE DELETE ON ledger_transfers FOR EACH ROW "
+     "EXECUTE FUNCTION vendgate_refuse_change()",
+     "fires BEFORE DELETE FOR EACH ROW, not BEFORE UPDATE OR DELETE FOR EACH ROW"),
+    ("CREATE TRIGGER ledger_transfers_immutable AFTER UPDATE OR DELETE ON ledger_transfers FOR EACH STATEMENT "
+     "EXECUTE FUNCTION vendgate_refuse_change()",
+     "fires AFTER UPDATE OR DELETE FOR EACH STATEMENT, not BEFORE UPDATE OR DELETE FOR EACH ROW"),
+    ("CREATE TRIGGER ledger_transfers_immutable BEFORE UPDATE OF seq OR DELETE ON ledger_transfers FOR EACH ROW "
+     "EXECUTE FUNCTION vendgate_refuse_change()",
+     "fires on an UPDATE of seq, not of any column"),
+    ("CREATE TRIGGER ledger_transfers_immutable BEFORE UPDATE OR DELETE ON ledger_transfers FOR EACH ROW "
+     "WHEN (false) EXECUTE FUNCTION vendgate_refuse_change()",
+     "fires WHEN false, not always"),
+], ids=["another function", "same name in another schema", "fewer events", "after each statement",
+        "some columns", "a WHEN clause"])
+async def test_a_trigger_recreated_to_protect_less_is_found(ledger: Any, create: str, problem: str) -> None:
+    await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
+    await ledger.execute(create)
+    assert await broken(ledger) == {"transfers_immutable"}
+    assert await immutability_problems(ledger) == [f"trigger ledger_transfers_immutable {problem}"]
+
+
+async def test_a_rewrite_by_ddl_fires_no_trigger_and_only_the_chain_finds_it(ledger: Any) -> None:
+    # The tables' owner can rewrite rows without any row trigger firing: the chain finds the change,
+    # unless the hashes are recomputed too (docs/THREAT_MODEL.md, "Known gaps").
+    await ledger.execute("ALTER TABLE ledger_transfers ALTER COLUMN metadata TYPE jsonb USING metadata - 'agent_id'")
+    assert await ledger.fetchval("SELECT count(*) FROM ledger_transfers WHERE metadata ? 'agent_id'") == 0
+    assert await broken(ledger) == {"transfers_unchanged"}
+
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "gateway" / "migrations"
+
+
+def installed_source_sha256(function: str) -> str:
+    """SHA-256 of the source the last migration defining trigger function `function` gave it."""
+    pattern = re.compile(rf"FUNCTION {function}\(\) RETURNS trigger\s+LANGUAGE plpgsql AS \$\$(.*?)\$\$;", re.DOTALL)
+    bodies = [body for path in sorted(MIGRATIONS.glob("*.sql")) for body in pattern.findall(path.read_text())]
+    assert bodies, f"no migration defines {function}"
+    return hashlib.sha256(bodies[-1].encode()).hexdigest()
+
+
+def test_the_expected_refusal_is_the_one_the_migrations_install() -> None:
+    assert installed_source_sha256("vendgate_refuse_change") == REFUSE_CHANGE_SOURCE_SHA256
+
+
+@pytest.mark.parametrize(("tgtype", "words"), [
+    (27, "BEFORE UPDATE OR DELETE FOR EACH ROW"), (34, "BEFORE TRUNCATE FOR EACH STATEMENT"),
+    (11, "BEFORE DELETE FOR EACH ROW"), (5, "AFTER INSERT FOR EACH ROW"), (81, "INSTEAD OF UPDATE FOR EACH ROW"),
+    (28, "AFTER INSERT OR UPDATE OR DELETE FOR EACH STATEMENT")])
+def test_trigger_types_are_described_in_create_trigger_s_words(tgtype: int, words: str) -> None:
+    assert describe_firing(tgtype) == words
 
 
 async def test_the_check_runs_in_its_own_transaction(ledger: Any) -> None:

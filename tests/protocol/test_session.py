@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -537,16 +538,40 @@ def test_header_type_and_body_tag_must_agree() -> None:
         server.receive_data(with_mac(bytes(relabelled), keys.terminal_to_server))
 
 
-def test_bad_body_in_an_authenticated_request_is_answered_and_the_session_goes_on() -> None:
-    terminal, server = logged_on_pair()
+def undecodable_top_up(terminal: TerminalSession) -> bytes:
+    """A top-up request, MACed and in sequence, whose body does not decode; the terminal then
+    awaits its reply, as the terminal that sent it would."""
     keys = framing.derive_session_keys(TERMINAL_KEY, TERMINAL_ID, TERMINAL_NONCE, SERVER_NONCE)
     good = terminal.send(TOP_UP_REQUEST)
     body = MSGPACK_ENCODER.encode(TOP_UP_REQUEST).replace(b"ZAR", b"zar")
     tampered = framing.HEADER.pack(
-        limits.header_bytes - 2 + len(body) + limits.mac_bytes, 1, TopUpRequest.message_type, b"T0000001", 3
+        limits.header_bytes - 2 + len(body) + limits.mac_bytes,
+        1,
+        TopUpRequest.message_type,
+        TERMINAL_ID.encode("ascii"),
+        terminal.send_sequence,
     )
     bad = with_mac(tampered + body + bytes(limits.mac_bytes), keys.terminal_to_server)
     assert len(bad) == len(good)
+    return bad
+
+
+def foreign_top_up(terminal: TerminalSession) -> bytes:
+    """A top-up request naming another terminal's transaction id: NOT_PERMITTED, without closing."""
+    foreign = ClientTransactionId(terminal_id="T0000002", terminal_sequence=1, business_date=TXID.business_date)
+    request = TopUpRequest(
+        client_transaction_id=foreign,
+        meter_number=TOP_UP_REQUEST.meter_number,
+        amount_minor=100,
+        currency="ZAR",
+        tender_type=TOP_UP_REQUEST.tender_type,
+    )
+    return terminal.send(request)
+
+
+def test_bad_body_in_an_authenticated_request_is_answered_and_the_session_goes_on() -> None:
+    terminal, server = logged_on_pair()
+    bad = undecodable_top_up(terminal)
     with pytest.raises(FormatError) as caught:
         server.receive_data(bad)
     assert not caught.value.close_connection and server.state is ServerState.REJECTING
@@ -559,18 +584,76 @@ def test_bad_body_in_an_authenticated_request_is_answered_and_the_session_goes_o
     assert isinstance(again, MessageReceived)
 
 
+def test_a_bad_body_fed_one_byte_at_a_time_is_answered_and_the_session_goes_on() -> None:
+    terminal, server = logged_on_pair()
+    bad = undecodable_top_up(terminal)
+    for byte in bad[:-1]:
+        assert server.receive_data(bytes([byte])) == []
+    with pytest.raises(FormatError) as caught:
+        server.receive_data(bad[-1:])
+    assert not caught.value.close_connection and server.state is ServerState.REJECTING
+    [event] = terminal.receive_data(server.send_error(caught.value))
+    assert event.message.response_code is ResponseCode.FORMAT_ERROR  # type: ignore[union-attr]
+    assert (terminal.state, server.state) == (TerminalState.READY, ServerState.READY)
+
+
+@pytest.mark.parametrize("refused", [undecodable_top_up, foreign_top_up], ids=["bad body", "not permitted"])
+@pytest.mark.parametrize("following", [1, 2], ids=["one frame", "two frames"])
+def test_frames_after_a_request_refused_without_closing_in_the_same_read_fail_the_session(
+    refused: Callable[[TerminalSession], bytes], following: int
+) -> None:
+    # As with a second request after an accepted one: neither is answered on its own, and the
+    # terminal learns with a closing STATE_ERROR instead of a reply that leaves the rest unanswered.
+    terminal, server = logged_on_pair()
+    first = refused(terminal)
+    pipelined = b""
+    for _ in range(following):
+        terminal._state = TerminalState.READY  # a terminal that does not wait for the reply
+        pipelined += terminal.send(HeartbeatRequest())
+    with pytest.raises(StateError) as caught:
+        server.receive_data(first + pipelined)
+    assert caught.value.close_connection and caught.value.response_code is ResponseCode.STATE_ERROR
+    assert caught.value.detail == "HeartbeatRequest is not allowed in state rejecting"
+    assert server.state is ServerState.FAILED and server.buffered_bytes == 0
+    assert server.receive_data(pipelined) == [], "a failed session ignores what follows"
+    [event] = terminal.receive_data(server.send_error(caught.value))
+    assert event.authenticated and event.message == ErrorReply(
+        response_code=ResponseCode.STATE_ERROR, detail=caught.value.detail, connection_closing=True
+    )
+    assert (terminal.state, server.state) == (TerminalState.CLOSED, ServerState.CLOSED)
+
+
+def test_a_frame_after_a_refused_request_is_mac_checked_before_the_state_error() -> None:
+    terminal, server = logged_on_pair()
+    first = undecodable_top_up(terminal)
+    terminal._state = TerminalState.READY
+    with pytest.raises(MacFailure) as caught:
+        server.receive_data(first + flip(terminal.send(HeartbeatRequest()), 20))
+    assert caught.value.close_connection and server.state is ServerState.FAILED
+
+
+@pytest.mark.parametrize("split", [1, 2, 20])
+def test_the_first_bytes_of_the_next_frame_after_a_refused_request_wait_for_the_rest(split: int) -> None:
+    # A frame not yet whole has not been pipelined within this read: the refusal is answered,
+    # then the frame is served once the rest arrives.
+    terminal, server = logged_on_pair()
+    first = undecodable_top_up(terminal)
+    terminal._state = TerminalState.READY  # sent before the reply arrived; the server reads it later
+    heartbeat = terminal.send(HeartbeatRequest())
+    with pytest.raises(FormatError) as caught:
+        server.receive_data(first + heartbeat[:split])
+    assert not caught.value.close_connection and server.state is ServerState.REJECTING
+    assert server.buffered_bytes == split
+    server.send_error(caught.value)
+    assert server.state is ServerState.READY
+    [event] = server.receive_data(heartbeat[split:])
+    assert isinstance(event, MessageReceived) and event.message == HeartbeatRequest()
+
+
 def test_a_transaction_id_of_another_terminal_is_not_permitted() -> None:
     terminal, server = logged_on_pair()
-    foreign = ClientTransactionId(terminal_id="T0000002", terminal_sequence=1, business_date=TXID.business_date)
-    request = TopUpRequest(
-        client_transaction_id=foreign,
-        meter_number=TOP_UP_REQUEST.meter_number,
-        amount_minor=100,
-        currency="ZAR",
-        tender_type=TOP_UP_REQUEST.tender_type,
-    )
     with pytest.raises(NotPermitted) as caught:
-        server.receive_data(terminal.send(request))
+        server.receive_data(foreign_top_up(terminal))
     assert not caught.value.close_connection and caught.value.response_code is ResponseCode.NOT_PERMITTED
     [event] = terminal.receive_data(server.send_error(caught.value))
     assert event.message.response_code is ResponseCode.NOT_PERMITTED  # type: ignore[union-attr]
