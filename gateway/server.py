@@ -470,7 +470,7 @@ class Gateway:
                 return False
             if conn.closing:  # told goodbye (shutdown) while the lookup waited its turn
                 return False
-            if found is None:
+            if found is None:  # no POS terminal of this id: unknown, or a kiosk's (HTTPS only)
                 await self._send_final(conn, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
                 return False
             key, status = found
