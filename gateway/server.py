@@ -432,6 +432,9 @@ class Gateway:
                 return
             if not data:
                 return
+            # When these bytes were read, not when the wait for them began: after a quiet spell
+            # (a heartbeat interval, say) a frame's clock starts with its own first bytes.
+            read_at = time.monotonic()
             try:
                 events = conn.session.receive_data(data)
             except ProtocolError as error:
@@ -441,14 +444,14 @@ class Gateway:
                     return
                 await self._write(conn, conn.session.send(ErrorReply(
                     response_code=error.response_code, detail=error.detail, connection_closing=False)))
-                frame_started = now if conn.session.buffered_bytes else None
+                frame_started = read_at if conn.session.buffered_bytes else None
                 continue
-            # The frame deadline runs from the first byte of a frame: bytes of the next one that
-            # came in the same read as a whole frame start its clock now.
+            # The frame deadline runs from the read that brought a frame's first bytes, also when
+            # they came in the same read as a whole frame before them.
             if events:
-                frame_started = now if conn.session.buffered_bytes else None
+                frame_started = read_at if conn.session.buffered_bytes else None
             elif frame_started is None:
-                frame_started = now
+                frame_started = read_at
             for event in events:
                 if not await self._handle_event(conn, event):
                     return

@@ -21,6 +21,7 @@ from protocol.messages import (
     AdviceBatchResult,
     ClientTransactionId,
     ErrorReply,
+    HeartbeatReply,
     HeartbeatRequest,
     LogonProof,
     LogonRequest,
@@ -103,6 +104,44 @@ async def test_frame_started_in_the_same_read_as_the_previous_one_meets_the_fram
     finally:
         gateway.limits = previous
         await term.close()
+
+
+async def test_a_frame_in_pieces_after_a_quiet_spell_gets_the_whole_frame_deadline(running: Running) -> None:
+    """docs/protocol.md: a frame must be complete within the frame deadline of its first bytes.
+    After a quiet spell longer than the deadline (a heartbeat interval is one), a frame that comes
+    in two pieces, as on GPRS, is answered; one whose rest comes after the deadline is cut off."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore,
+                      limits=Limits(idle_timeout_s=6.0, frame_deadline_s=0.5))
+    await gateway.start()
+    assert gateway.pos_port is not None
+    term = PosTerminal(terminal_id(295), running.key(295), "127.0.0.1", gateway.pos_port, last_sequence=500)
+    try:
+        await term.logon()
+        assert term._session is not None and term._writer is not None
+        for _ in range(2):
+            await asyncio.sleep(1.0)  # quiet for twice the frame deadline
+            heartbeat = term._session.send(HeartbeatRequest())
+            term._writer.write(heartbeat[:10])
+            await term._writer.drain()
+            await asyncio.sleep(0.2)  # well within the deadline of the frame's first bytes
+            term._writer.write(heartbeat[10:])
+            await term._writer.drain()
+            reply = await asyncio.wait_for(term._read_reply(), 5)
+            assert isinstance(reply, HeartbeatReply), reply
+        await asyncio.sleep(1.0)
+        heartbeat = term._session.send(HeartbeatRequest())
+        term._writer.write(heartbeat[:10])  # and the rest never in time
+        await term._writer.drain()
+        started = time.monotonic()
+        reply = await asyncio.wait_for(term._read_reply(), 5)
+        elapsed = time.monotonic() - started
+        assert isinstance(reply, ErrorReply) and reply.connection_closing, reply
+        assert reply.detail == "frame deadline passed"
+        assert 0.3 < elapsed < 2.0, f"a frame was cut off {elapsed:.1f} s after its first bytes, deadline 0.5 s"
+    finally:
+        await term.close()
+        await gateway.stop()
 
 
 async def sock_logon(running: Running, port: int, n: int) -> tuple[socket.socket, TerminalSession]:
