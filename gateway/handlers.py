@@ -120,7 +120,8 @@ class Handlers:
         self.logon_lookups = asyncio.Semaphore(logon_lookups_max)
 
     async def terminal_key(self, terminal_id: str, key_version: int) -> tuple[bytes, str] | None:
-        """The key of a terminal asking to log on: at most logon_lookups_max such reads at once."""
+        """The key of a POS terminal asking to log on (None for a kiosk's id, as for an unknown
+        one): at most logon_lookups_max such reads at once."""
         async with self.logon_lookups, self.pool.acquire(timeout=db_timeout_s) as conn:
             return await registry.terminal_key(conn, self.keystore, terminal_id)
 

@@ -2,7 +2,8 @@
 
 Used by the CLI, the seeder, the admin API and the server alike; it never imports the server.
 Creating an agent or a customer opens their ledger accounts in the same transaction.
-Terminal keys are generated here, sealed under the master key and shown once to the caller.
+Terminal keys are generated here, sealed under the master key and shown once to the caller;
+only a POS terminal logs on with its key (a kiosk's record holds one it never uses).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ async def add_terminal(
     txn_max_minor: int = 100_000_000,
     daily_limit_minor: int = 1_000_000_000,
 ) -> bytes:
-    """Register a terminal; returns its new secret key, which is shown once and never again."""
+    """Register a terminal; returns its new secret key, which is shown once and never again (a
+    kiosk's is not shown at all: its record must hold one, and no logon accepts it)."""
     if not _TERMINAL_ID.match(terminal_id):
         raise RegistryError("terminal id must be 8 characters A-Z, 0-9")
     if not 0 < txn_min_minor <= txn_max_minor or daily_limit_minor <= 0:
@@ -186,9 +188,13 @@ async def terminal_context(conn: asyncpg.Connection, terminal_id: str) -> Termin
 
 
 async def terminal_key(conn: asyncpg.Connection, keystore: KeyStore, terminal_id: str) -> tuple[bytes, str] | None:
-    """(key, status) of a terminal, or None when unknown."""
+    """(key, status) of a POS terminal, for its logon; None when no POS terminal has this id.
+
+    A kiosk's id gets None too, as an unknown id does: a kiosk is served over HTTPS with its
+    client certificate alone (revocation included), never with the key its record holds.
+    """
     row = await conn.fetchrow(sql.TERMINAL_GET, terminal_id)
-    if row is None:
+    if row is None or row["kind"] != "pos":
         return None
     key = keystore.open(bytes(row["key_ciphertext"]), terminal_key_record(terminal_id, row["key_version"]))
     return key, str(row["status"])

@@ -5,9 +5,9 @@ for kiosks (mutual TLS, JSON), and an HTTP listener for /metrics, /healthz and /
 
 The POS read loop owns every limit of a connection: a cap on open connections, an idle
 timeout between frames, an absolute deadline for a frame once its first byte arrived, a
-bounded write drain, one live session per terminal (a new logon closes the old one) and lock
-step (one request in flight per session, by the protocol). A slow or hostile client costs one
-task and is cut off by its own deadlines, never by slowing anyone else.
+bounded write drain and a bounded close, one live session per terminal (a new logon closes the
+old one) and lock step (one request in flight per session, by the protocol). A slow or hostile
+client costs one task and is cut off by its own deadlines, never by slowing anyone else.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ write_drain_timeout_s = 10.0
 heartbeat_interval_s = 60
 shutdown_grace_s = 20.0
 goodbye_drain_s = 2.0  # a session's goodbye frame must leave within this, or the connection is dropped
+abort_close_timeout_s = 1.0  # an aborted connection is closed on the loop's next turn: this only bounds the wait
 float_watch_interval_s = 5.0
 listen_port_attempts = 5  # listening_sockets() with port 0 on several address families
 SQL_FLOATS_BELOW = """
@@ -371,18 +372,18 @@ class Gateway:
         return self.kiosk_requests_in_flight > 0 or any(c.busy for c in self._connections)
 
     async def _goodbye(self, conn: _Connection, detail: str = "server shutting down") -> None:
+        """Tell a session it ends; what it left unread, the goodbye included, must leave within
+        goodbye_drain_s, or the connection is dropped. Its read loop then sees the end."""
         if conn.closing:
             return
         conn.closing = True
         try:
             if conn.session.state not in (ServerState.CLOSED, ServerState.FAILED):
                 conn.writer.write(conn.session.reject(ResponseCode.SYSTEM_BUSY, detail))
-                async with asyncio.timeout(goodbye_drain_s):
-                    await conn.writer.drain()
         except Exception:
-            conn.writer.transport.abort()  # unread or unwritable: nothing more is owed to it
+            conn.writer.transport.abort()  # unwritable: nothing more is owed to it
             return
-        conn.writer.close()
+        await self._close(conn, goodbye_drain_s)
 
     # -- POS connections ---------------------------------------------------------------------
 
@@ -401,13 +402,14 @@ class Gateway:
         except Exception:
             log.exception("connection_failed", terminal_id=conn.terminal_id)
         finally:
-            self._connections.discard(conn)
+            conn.closing = True
             if conn.terminal_id and self._by_terminal.get(conn.terminal_id) is conn:
                 del self._by_terminal[conn.terminal_id]
+            # Counted until its socket is closed: one whose peer does not read holds a slot while
+            # its last frames may still leave, then it is dropped.
+            await self._close(conn, self.limits.write_drain_timeout_s)
+            self._connections.discard(conn)
             self.metrics.sessions_open.labels("pos").dec()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
@@ -432,6 +434,9 @@ class Gateway:
                 return
             if not data:
                 return
+            # When these bytes were read, not when the wait for them began: after a quiet spell
+            # (a heartbeat interval, say) a frame's clock starts with its own first bytes.
+            read_at = time.monotonic()
             try:
                 events = conn.session.receive_data(data)
             except ProtocolError as error:
@@ -441,14 +446,14 @@ class Gateway:
                     return
                 await self._write(conn, conn.session.send(ErrorReply(
                     response_code=error.response_code, detail=error.detail, connection_closing=False)))
-                frame_started = now if conn.session.buffered_bytes else None
+                frame_started = read_at if conn.session.buffered_bytes else None
                 continue
-            # The frame deadline runs from the first byte of a frame: bytes of the next one that
-            # came in the same read as a whole frame start its clock now.
+            # The frame deadline runs from the read that brought a frame's first bytes, also when
+            # they came in the same read as a whole frame before them.
             if events:
-                frame_started = now if conn.session.buffered_bytes else None
+                frame_started = read_at if conn.session.buffered_bytes else None
             elif frame_started is None:
-                frame_started = now
+                frame_started = read_at
             for event in events:
                 if not await self._handle_event(conn, event):
                     return
@@ -470,7 +475,7 @@ class Gateway:
                 return False
             if conn.closing:  # told goodbye (shutdown) while the lookup waited its turn
                 return False
-            if found is None:
+            if found is None:  # no POS terminal of this id: unknown, or a kiosk's (HTTPS only)
                 await self._send_final(conn, ResponseCode.UNKNOWN_TERMINAL, "unknown terminal")
                 return False
             key, status = found
@@ -536,6 +541,23 @@ class Gateway:
             log.warning("write_drain_timed_out", terminal_id=conn.terminal_id)
             raise ConnectionResetError("the peer did not read its replies") from None
 
+    async def _close(self, conn: _Connection, timeout_s: float) -> None:
+        """Close a connection, giving what is still buffered for it timeout_s to leave; then drop it.
+
+        A closing transport keeps its socket until its buffer is written, which a peer that does
+        not read (a zero receive window) would put off forever, with the waiting task.
+        """
+        conn.writer.close()
+        # Waited for with asyncio.wait, which cancels nothing on its timeout: a cancelled
+        # wait_closed() cancels the protocol's own close future, and the close is never seen.
+        closed = asyncio.ensure_future(conn.writer.wait_closed())
+        closed.add_done_callback(_close_outcome_seen)
+        await asyncio.wait([closed], timeout=timeout_s)
+        if not closed.done():
+            conn.writer.transport.abort()  # closes the socket on the loop's next turn, with what is unsent
+            log.warning("close_timed_out", terminal_id=conn.terminal_id)
+            await asyncio.wait([closed], timeout=abort_close_timeout_s)
+
     async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
         with contextlib.suppress(Exception):
             await self._write(conn, conn.session.reject(code, detail[:200]))
@@ -576,6 +598,12 @@ class Gateway:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
+
+
+def _close_outcome_seen(closed: asyncio.Future[None]) -> None:
+    """A connection lost with an error (a reset, say) is closed all the same."""
+    if not closed.cancelled():
+        closed.exception()
 
 
 async def serve_until_signalled(gateway: Gateway) -> None:

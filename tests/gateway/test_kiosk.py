@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
+import secrets
 import socket
 import ssl
 import time
@@ -33,11 +35,13 @@ from protocol.messages import (
     ErrorReply,
     HeartbeatReply,
     HeartbeatRequest,
+    LogonRequest,
     LookupRequest,
     TenderType,
     TopUpRequest,
     TopUpResult,
 )
+from protocol.session import MessageReceived, TerminalSession
 from terminal_sim.client import PosTerminal
 from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
@@ -115,6 +119,47 @@ async def test_kiosk_may_not_use_another_terminals_transaction_id(kiosk_setup: d
     status, reply = await client.top_up(meter_number(9), 2_000, "EUR", txn=other.next_transaction_id())
     assert status == 403 and reply.response_code is ResponseCode.NOT_PERMITTED  # type: ignore[union-attr]
 
+
+
+async def pos_logon_answer(port: int, terminal: str, key: bytes) -> tuple[list[object], bool]:
+    """What the POS listener answers a logon_request with, and whether it then closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    session = TerminalSession(terminal, key)
+    try:
+        writer.write(session.send(LogonRequest(terminal_nonce=secrets.token_bytes(16))))
+        await writer.drain()
+        messages: list[object] = []
+        while not messages and (data := await asyncio.wait_for(reader.read(65536), 5)):
+            messages += [e.message for e in session.receive_data(data) if isinstance(e, MessageReceived)]
+        try:
+            closed = await asyncio.wait_for(reader.read(65536), 2) == b""
+        except TimeoutError:
+            closed = False  # waiting for more: a challenge was answered
+        return messages, closed
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+async def test_a_kiosk_cannot_log_on_over_the_pos_port(running: Running, kiosk_setup: dict[str, object]) -> None:
+    """A kiosk is served over HTTPS with its client certificate alone, revocation included: a POS
+    logon under its id, with the key its record holds, is refused before any challenge as an
+    unknown terminal's is, active or blocked, and opens no session."""
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway) and gateway.pos_port is not None
+    async with running.pool.acquire() as conn:
+        key = await registry.add_terminal(conn, running.keystore, terminal_id="K0000003", serial="KSN3",
+                                          agent_id=1, kind="kiosk")
+    unknown = await pos_logon_answer(gateway.pos_port, "K0000099", key)
+    assert unknown == ([ErrorReply(response_code=ResponseCode.UNKNOWN_TERMINAL, detail="unknown terminal",
+                                   connection_closing=True)], True)
+    for status in ("active", "blocked"):
+        async with running.pool.acquire() as conn:
+            await registry.set_terminal_status(conn, "K0000003", status)  # type: ignore[arg-type]
+        assert await pos_logon_answer(gateway.pos_port, "K0000003", key) == unknown, status
+        assert "K0000003" not in gateway._by_terminal
+        assert all(c.terminal_id != "K0000003" for c in gateway._connections)
 
 
 async def test_kiosk_simulator_pays_and_finds_every_retry_answered_the_same(kiosk_setup: dict[str, object]) -> None:

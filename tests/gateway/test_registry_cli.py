@@ -50,6 +50,26 @@ async def test_agent_and_terminal_add_print_the_key_once_and_seal_it(env: dict[s
     assert blocked.returncode == 0 and "blocked" in blocked.stdout
 
 
+async def test_a_kiosk_is_registered_without_a_key_to_show(env: dict[str, str], db_url: str) -> None:
+    """A kiosk proves itself with its client certificate alone: no key is printed, and the one its
+    record must hold opens no POS logon."""
+    agent = vendgate(env, "agent", "add", "--name", "Mall Hall", "--kind", "mobile_hall")
+    assert agent.returncode == 0, agent.stderr
+    added = vendgate(env, "terminal", "add", "--id", "K0000001", "--serial", "SN-K1", "--agent",
+                     agent.stdout.split()[1], "--kind", "kiosk")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip().splitlines() == [
+        "kiosk K0000001 registered; issue its client certificate with `vendgate kiosk cert K0000001`"]
+    keystore = KeyStore(bytes.fromhex("11" * 32))
+    conn = await asyncpg.connect(db_url)
+    try:
+        sealed = bytes(await conn.fetchval("SELECT key_ciphertext FROM terminals WHERE terminal_id = 'K0000001'"))
+        assert keystore.open(sealed, terminal_key_record("K0000001", 1)).hex() not in added.stdout + added.stderr
+        assert await terminal_key(conn, keystore, "K0000001") is None
+    finally:
+        await conn.close()
+
+
 def test_bad_registry_input_gets_one_line(env: dict[str, str]) -> None:
     zone = vendgate(env, "agent", "add", "--name", "X", "--kind", "shop", "--time-zone", "Mars/Olympus")
     assert zone.returncode == 2

@@ -4,6 +4,7 @@ and every session at shutdown, within its bound, however its peer behaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import time
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.seeding import meter_number, terminal_id
-from gateway.server import Gateway, Limits, goodbye_drain_s, shutdown_grace_s
+from gateway.server import Gateway, Limits, _Connection, goodbye_drain_s, shutdown_grace_s
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.messages import (
@@ -21,6 +22,7 @@ from protocol.messages import (
     AdviceBatchResult,
     ClientTransactionId,
     ErrorReply,
+    HeartbeatReply,
     HeartbeatRequest,
     LogonProof,
     LogonRequest,
@@ -105,6 +107,44 @@ async def test_frame_started_in_the_same_read_as_the_previous_one_meets_the_fram
         await term.close()
 
 
+async def test_a_frame_in_pieces_after_a_quiet_spell_gets_the_whole_frame_deadline(running: Running) -> None:
+    """docs/protocol.md: a frame must be complete within the frame deadline of its first bytes.
+    After a quiet spell longer than the deadline (a heartbeat interval is one), a frame that comes
+    in two pieces, as on GPRS, is answered; one whose rest comes after the deadline is cut off."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore,
+                      limits=Limits(idle_timeout_s=6.0, frame_deadline_s=0.5))
+    await gateway.start()
+    assert gateway.pos_port is not None
+    term = PosTerminal(terminal_id(295), running.key(295), "127.0.0.1", gateway.pos_port, last_sequence=500)
+    try:
+        await term.logon()
+        assert term._session is not None and term._writer is not None
+        for _ in range(2):
+            await asyncio.sleep(1.0)  # quiet for twice the frame deadline
+            heartbeat = term._session.send(HeartbeatRequest())
+            term._writer.write(heartbeat[:10])
+            await term._writer.drain()
+            await asyncio.sleep(0.2)  # well within the deadline of the frame's first bytes
+            term._writer.write(heartbeat[10:])
+            await term._writer.drain()
+            reply = await asyncio.wait_for(term._read_reply(), 5)
+            assert isinstance(reply, HeartbeatReply), reply
+        await asyncio.sleep(1.0)
+        heartbeat = term._session.send(HeartbeatRequest())
+        term._writer.write(heartbeat[:10])  # and the rest never in time
+        await term._writer.drain()
+        started = time.monotonic()
+        reply = await asyncio.wait_for(term._read_reply(), 5)
+        elapsed = time.monotonic() - started
+        assert isinstance(reply, ErrorReply) and reply.connection_closing, reply
+        assert reply.detail == "frame deadline passed"
+        assert 0.3 < elapsed < 2.0, f"a frame was cut off {elapsed:.1f} s after its first bytes, deadline 0.5 s"
+    finally:
+        await term.close()
+        await gateway.stop()
+
+
 async def sock_logon(running: Running, port: int, n: int) -> tuple[socket.socket, TerminalSession]:
     """Log terminal n on over a bare socket that the test then never reads from."""
     loop = asyncio.get_running_loop()
@@ -123,9 +163,11 @@ async def sock_logon(running: Running, port: int, n: int) -> tuple[socket.socket
     return sock, session
 
 
-async def fill_write_buffer(running: Running, gateway: Gateway, n: int, socks: list[socket.socket]) -> socket.socket:
+async def fill_write_buffer(running: Running, gateway: Gateway, n: int, socks: list[socket.socket],
+                            buffered_bytes_above: int = 65_536) -> socket.socket:
     """Log terminal n on, then send lookups in lock step (each once the gateway took the one
-    before) and never read a reply, until the replies fill the gateway's write buffer for it."""
+    before) and never read a reply, until the gateway holds more than buffered_bytes_above of
+    replies for it (by default: its write buffer is full, above the high-water mark)."""
     loop = asyncio.get_running_loop()
     assert gateway.pos_port is not None
     sock, session = await sock_logon(running, gateway.pos_port, n)
@@ -134,8 +176,8 @@ async def fill_write_buffer(running: Running, gateway: Gateway, n: int, socks: l
     # A slow link's small kernel buffer (so that ~70 kB of replies, not megabytes, fill it).
     conn.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     for _ in range(5000):
-        if conn.writer.transport.get_write_buffer_size() > 65_536:
-            return sock  # above the transport's high-water mark: a drain on it now waits
+        if conn.writer.transport.get_write_buffer_size() > buffered_bytes_above:
+            return sock  # above 65,536, the transport's high-water mark, a drain on it waits
         sent = conn.session.receive_sequence
         await loop.sock_sendall(sock, session.send(LookupRequest(meter_number=meter_number(20))))
         session._state = TerminalState.READY  # the terminal never reads its replies
@@ -175,6 +217,102 @@ async def test_a_terminal_that_does_not_read_is_dropped_and_slows_no_one(running
         assert received < 65_536, received
     finally:
         await honest.close()
+        await gateway.stop()
+        for s in socks:
+            s.close()
+
+
+async def wait_until_closed(gateway: Gateway, conn: _Connection, server_socket: socket.socket, bound_s: float,
+                            ) -> float:
+    """Seconds until the gateway closed a connection's socket and counts it no more (its task is
+    done with it then), failing past bound_s."""
+    started = time.monotonic()
+    while conn in gateway._connections or server_socket.fileno() != -1:
+        waited = time.monotonic() - started
+        assert waited < bound_s, f"the connection was not closed within {bound_s} s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def read_to_the_end(sock: socket.socket) -> None:
+    """Read what the kernel still holds for the peer, then the end of the stream (or a reset)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionResetError):
+        while await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+            pass
+
+
+def held_for(gateway: Gateway, n: int) -> tuple[_Connection, socket.socket]:
+    """Terminal n's connection, with the gateway holding replies for it that wait for its peer to
+    read (below the high-water mark: no write waits for them), and the gateway's end of it."""
+    conn = next(c for c in gateway._connections if c.terminal_id == terminal_id(n))
+    assert 0 < conn.writer.transport.get_write_buffer_size() < 65_536
+    return conn, conn.writer.transport.get_extra_info("socket")
+
+
+@pytest.mark.timeout(60)
+async def test_a_session_ending_with_replies_its_peer_does_not_read_is_closed_within_its_bound(
+        running: Running) -> None:
+    """A peer with a zero receive window and replies still queued for it: when its session ends
+    (here by its idle timeout), the socket is closed within write_drain_timeout_s, not kept open,
+    with a task waiting on it, for as long as the peer does not read."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore,
+                      limits=Limits(idle_timeout_s=2.0, write_drain_timeout_s=0.5))
+    await gateway.start()
+    socks: list[socket.socket] = []
+    try:
+        sock = await fill_write_buffer(running, gateway, 296, socks, buffered_bytes_above=0)
+        conn, server_socket = held_for(gateway, 296)
+        await wait_until_closed(gateway, conn, server_socket, bound_s=2.0 + 0.5 + 3)
+        await read_to_the_end(sock)
+        assert gateway.metrics.registry.get_sample_value("vendgate_sessions_open", {"channel": "pos"}) == 0
+    finally:
+        await gateway.stop()
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_session_replaced_while_its_peer_does_not_read_is_closed_within_the_goodbye_bound(
+        running: Running) -> None:
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    assert gateway.pos_port is not None
+    socks: list[socket.socket] = []
+    newer = PosTerminal(terminal_id(297), running.key(297), "127.0.0.1", gateway.pos_port, last_sequence=500)
+    try:
+        sock = await fill_write_buffer(running, gateway, 297, socks, buffered_bytes_above=0)
+        older, server_socket = held_for(gateway, 297)
+        await newer.logon()
+        # Its goodbye joins the replies it did not read; within goodbye_drain_s, not the idle timeout.
+        await wait_until_closed(gateway, older, server_socket, bound_s=goodbye_drain_s + 3)
+        await read_to_the_end(sock)
+        await newer.lookup(meter_number(21))  # the newer session is served
+        assert [c for c in gateway._connections if c.terminal_id == terminal_id(297)] == [
+            gateway._by_terminal[terminal_id(297)]]
+    finally:
+        await newer.logoff()
+        await gateway.stop()
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_shutdown_closes_the_socket_of_a_peer_that_does_not_read(running: Running) -> None:
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    socks: list[socket.socket] = []
+    try:
+        await fill_write_buffer(running, gateway, 298, socks, buffered_bytes_above=0)
+        conn, server_socket = held_for(gateway, 298)
+        started = time.monotonic()
+        await gateway.stop()
+        assert time.monotonic() - started < goodbye_drain_s + 3
+        await wait_until_closed(gateway, conn, server_socket, bound_s=1.0)
+    finally:
         await gateway.stop()
         for s in socks:
             s.close()

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     terminal = subparsers.add_parser("terminal", help="manage terminals").add_subparsers(
         dest="terminal_command", required=True)
-    tadd = terminal.add_parser("add", help="register a terminal; prints its key once")
+    tadd = terminal.add_parser("add", help="register a terminal; prints a POS terminal's key once")
     tadd.add_argument("--id", required=True, dest="terminal_id")
     tadd.add_argument("--serial", required=True)
     tadd.add_argument("--agent", required=True, type=int)
@@ -84,6 +84,10 @@ def handle_terminal_add(args: argparse.Namespace, settings: Settings) -> int:
                                            location=args.location)
 
     key = run_on_connection(settings, go)
+    if args.kind == "kiosk":  # it proves itself with its client certificate alone; the key is never used
+        print(f"kiosk {args.terminal_id} registered; issue its client certificate with "
+              f"`vendgate kiosk cert {args.terminal_id}`")
+        return 0
     print(f"terminal {args.terminal_id} registered; its key (shown once, load it into the terminal):")
     print(key.hex())
     return 0
