@@ -145,6 +145,28 @@ async def test_blocked_terminal_refused_at_logon_and_mid_session(running: Runnin
     await pos.close()
 
 
+async def test_a_terminal_blocked_after_a_payment_gets_that_payment_s_stored_reply_and_nothing_new(
+        running: Running) -> None:
+    # The payment was applied (the customer's cash taken) before the block: its repeat answers
+    # what the first did, so the agent can hand over the receipt; a new payment is not applied.
+    pos = terminal(running, 9)
+    await pos.logon()
+    paid = await pos.top_up(meter_number(9), 1_000, "EUR")
+    assert paid.response_code is ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE terminals SET status = 'blocked' WHERE terminal_id = $1", pos.terminal_id)
+    repeat = await pos.top_up(meter_number(9), 1_000, "EUR", txn=paid.client_transaction_id)
+    assert repeat == paid
+    with pytest.raises(TerminalRefused) as new:
+        await pos.top_up(meter_number(9), 1_000, "EUR")
+    assert new.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    await pos.close()
+    async with running.pool.acquire() as conn:
+        approved = await conn.fetch("SELECT client_txn_id FROM vend_transactions WHERE terminal_id = $1"
+                                    " AND response_code = $2", pos.terminal_id, ResponseCode.APPROVED)
+    assert [r["client_txn_id"] for r in approved] == [paid.client_transaction_id.as_key()]
+
+
 async def test_reversal_after_commit_compensates_and_repeats_are_idempotent(running: Running) -> None:
     pos = terminal(running, 1)
     await pos.logon()
