@@ -30,13 +30,15 @@ from datetime import datetime
 
 import asyncpg
 
-from float_ledger.model import PostStatus, batch_transfers_max
+from float_ledger.model import batch_transfers_max
 from gateway import sql
 from gateway.jsonlog import get_logger
 from gateway.vending import (
     BatchEffects,
     PreparedTopUps,
+    Refusals,
     RefusedByLedger,
+    StaleRefusals,
     VendingService,
     VendOutcome,
     VendRequest,
@@ -341,13 +343,14 @@ class Committer:
                         ) -> tuple[list[VendOutcome], bool]:
         """The batch's outcomes, committed, and whether `prepared` was committed as it was (at
         the first attempt); any later attempt decides the batch again from fresh reads."""
-        refused: dict[int, PostStatus] = {}
+        refused = Refusals()
         attempt = 0
         reconnects = 0
         # Each refusal round declines at least one more request, so those rounds are bounded by
-        # the batch size; retryable SQLSTATEs get batch_retries_max attempts, a lost connection
-        # reconnects_max.
-        for _ in range(len(requests) + batch_retries_max + reconnects_max + 2):
+        # the batch size; retryable SQLSTATEs and stale refusals get batch_retries_max attempts
+        # together, a lost connection reconnects_max, and each of those may start the refusal
+        # rounds again.
+        for _ in range((len(requests) + 1) * (batch_retries_max + reconnects_max + 1)):
             try:
                 conn = await self._committing.get()
                 if prepared is not None:
@@ -355,7 +358,12 @@ class Committer:
                     return await self._service.commit_prepared(conn, first), True
                 return await self._service.process_batch(conn, requests, self._clock(), refused), False
             except RefusedByLedger as refusal:
-                refused.update(refusal.failed)
+                refused.add(refusal)
+            except StaleRefusals:
+                refused = Refusals()
+                attempt += 1
+                if attempt == batch_retries_max:
+                    raise
             except _CONNECTION_LOST:
                 await self._committing.drop()
                 if reconnects == reconnects_max:

@@ -254,7 +254,7 @@ class VendingService:
     # -- the batch ---------------------------------------------------------------------------
 
     async def process_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
-                            refused: dict[int, PostStatus] | None = None) -> list[VendOutcome]:
+                            refused: Refusals | None = None) -> list[VendOutcome]:
         """Decide every request as one transaction. Results are in request order.
 
         Outside a transaction block, a batch of top-ups is its reads and then one statement that
@@ -265,13 +265,16 @@ class VendingService:
         written and this raises RefusedByLedger naming them: the caller (inside a block, after
         rolling it back) calls again with them in `refused`, declined up front. So no in-memory
         bookkeeping of the batch (daily totals, debt left) is ever based on a payment that did not
-        happen, and the common case, no refusal, pays for no savepoint.
+        happen, and the common case, no refusal, pays for no savepoint. Should a payment approved
+        when those were refused not be approved now (reversed meanwhile through another gateway,
+        say), the refusals may no longer hold: this raises StaleRefusals, writing nothing, and the
+        caller calls again with none.
         """
         assert now.tzinfo is not None
         if not conn.is_in_transaction() and any(r.kind == "reversal" for r in requests):
             async with conn.transaction():
-                return await self._process(conn, requests, now, refused or {})
-        return await self._process(conn, requests, now, refused or {})
+                return await self._process(conn, requests, now, refused or Refusals())
+        return await self._process(conn, requests, now, refused or Refusals())
 
     async def prepare_batch(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
                             after: BatchEffects | None = None) -> PreparedTopUps | None:
@@ -283,21 +286,19 @@ class VendingService:
         if any(r.kind == "reversal" for r in requests):
             return None
         outcomes: list[Any] = [None] * len(requests)
-        return await self._prepare(conn, requests, list(range(len(requests))), outcomes, now, {}, after)
+        return await self._prepare(conn, requests, list(range(len(requests))), outcomes, now, Refusals(), after)
 
     async def commit_prepared(self, conn: asyncpg.Connection, prepared: PreparedTopUps) -> list[VendOutcome]:
         """The prepared batch's one statement, outside a transaction block: a transaction of its
         own. A ledger refusal writes nothing and raises RefusedByLedger: the batch is then decided
         again (process_batch with those declined)."""
         assert not conn.is_in_transaction()
-        failed = await self._post_prepared(conn, prepared)
-        if failed:
-            raise RefusedByLedger(failed)
+        await self._post_prepared(conn, prepared)
         assert all(isinstance(o, VendOutcome) for o in prepared.outcomes)
         return list(prepared.outcomes)
 
     async def _process(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], now: datetime,
-                       refused: dict[int, PostStatus]) -> list[VendOutcome]:
+                       refused: Refusals) -> list[VendOutcome]:
         outcomes: list[Any] = [None] * len(requests)
         segment: list[int] = []
         # Reversals cut the batch into segments, so a reversal sees every top-up before it.
@@ -315,19 +316,12 @@ class VendingService:
         return [o for o in outcomes if o is not None]
 
     async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
-                      outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> None:
-        failed = await self._topups_pass(conn, requests, indexes, outcomes, now, refused)
-        if failed:
-            assert not failed.keys() & refused.keys()
-            raise RefusedByLedger(failed)
-
-    async def _topups_pass(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
-                           outcomes: list[Any], now: datetime, refused: dict[int, PostStatus]) -> dict[int, PostStatus]:
+                      outcomes: list[Any], now: datetime, refused: Refusals) -> None:
         prepared = await self._prepare(conn, requests, indexes, outcomes, now, refused, None)
-        return await self._post_prepared(conn, prepared)
+        await self._post_prepared(conn, prepared)
 
     async def _prepare(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
-                       outcomes: list[Any], now: datetime, refused: dict[int, PostStatus],
+                       outcomes: list[Any], now: datetime, refused: Refusals,
                        after: BatchEffects | None) -> PreparedTopUps:
         """Read and decide the top-ups at `indexes`: everything but the writing statement.
 
@@ -403,6 +397,9 @@ class VendingService:
             transfers = await self._transfers(conn, request, terminal, meter, split)
             pending.append(_Pending(index, request, terminal, meter, tariff, split, transfers, tid))
 
+        if refused.approved_ahead and refused.approved_ahead.intersection(indexes).difference(
+                p.index for p in pending):
+            raise StaleRefusals(f"{len(refused)} refusals were decided beside payments not approved now")
         return await self._prepare_commit(conn, requests, pending, outcomes, terminals, dates, digests,
                                           reversed_ids, batch_tids, now)
 
@@ -640,16 +637,17 @@ class VendingService:
             tids=dict(batch_tids), debt_recovered=dict(debt_recovered))
         return PreparedTopUps(outcomes=outcomes, pending=approved, arguments=arguments, effects=effects)
 
-    async def _post_prepared(self, conn: asyncpg.Connection, prepared: PreparedTopUps) -> dict[int, PostStatus]:
+    async def _post_prepared(self, conn: asyncpg.Connection, prepared: PreparedTopUps) -> None:
         """Post and record a prepared batch in its one statement. Should the ledger refuse any
-        payment, nothing is written and the refused payments are returned, for the batch to be
-        decided again without them."""
+        payment, nothing is written and RefusedByLedger names the refused payments, for the batch
+        to be decided again without them, and those approved beside them."""
         approved, outcomes = prepared.pending, prepared.outcomes
         if prepared.arguments is not None:
             await self._post(conn, approved, prepared.arguments)
-            failed = {p.index: p.group_status for p in approved if p.group_status != PostStatus.ok}
+            failed: dict[int, PostStatus] = {p.index: p.group_status for p in approved
+                                             if p.group_status is not None and p.group_status != PostStatus.ok}
             if failed:
-                return failed  # type: ignore[return-value]
+                raise RefusedByLedger(failed, {p.index for p in approved} - failed.keys())
         for p in approved:
             value = outcomes[p.index]
             assert isinstance(value, _New) and p.float_after is not None
@@ -662,7 +660,6 @@ class VendingService:
         for i, value in enumerate(outcomes):
             if isinstance(value, _New):
                 outcomes[i] = value.outcome
-        return {}
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -810,9 +807,27 @@ def ledger_decline(request: VendRequest, status: PostStatus) -> VendOutcome:
 class RefusedByLedger(Exception):
     """Some groups were refused: roll back and process the batch again with them declined."""
 
-    def __init__(self, failed: dict[int, PostStatus]) -> None:
+    def __init__(self, failed: dict[int, PostStatus], approved: set[int]) -> None:
         super().__init__(f"{len(failed)} groups refused")
         self.failed = failed
+        self.approved = approved  # the payments whose groups the same attempt would have posted
+
+
+class Refusals(dict[int, PostStatus]):
+    """The payments the ledger refused in earlier attempts of a batch, by index, declined up front
+    in later ones, and the payments approved in those attempts: a refusal holds while they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.approved_ahead: set[int] = set()
+
+    def add(self, refusal: RefusedByLedger) -> None:
+        self.update(refusal.failed)
+        self.approved_ahead |= refusal.approved
+
+
+class StaleRefusals(Exception):
+    """A payment approved beside earlier refusals is not approved now: decide again with none."""
 
 
 class _New:

@@ -412,3 +412,38 @@ async def test_a_debt_paid_down_by_another_gateway_after_the_read_is_not_recover
         debt = await conn.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", shop.debt_account_id)
         assert debt == 0
         assert (await check_all(conn)).holds
+
+
+async def test_a_refusal_is_decided_again_when_the_payment_beside_it_is_reversed_meanwhile(running: Running) -> None:
+    # A float of 1,000 and two payments of 600 in one batch: the first posts, the ledger refuses
+    # the second. Before the batch is decided again, another gateway reverses the first (a
+    # tombstone: it was never committed). The second now fits and is approved, not declined as
+    # the earlier attempt's refusal would have it.
+    shop = await new_shop(running, float_minor=1_000)
+    first = topup(shop, 31, shop.smart_meter, 600)
+    second = topup(shop, 32, shop.smart_meter, 600)
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{first.client_txn_id}/R", terminal_id=shop.terminal,
+                           amount_minor=600, currency=DEMO_CURRENCY, original_txn_id=first.client_txn_id,
+                           reason="no reply")
+    rival: list[VendOutcome] = []
+
+    class _ReversedAfterTheRefusal(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            await super()._post(conn, pending, arguments)
+            if not rival and any(p.group_status != "ok" for p in pending):
+                async with running.pool.acquire() as other, other.transaction():
+                    rival.extend(await VendingService(running.keystore).process_batch(
+                        other, [reversal], datetime.now(UTC)))
+
+    service = _ReversedAfterTheRefusal(running.keystore, first_read_s=0.0)
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        outcomes = await asyncio.gather(committer.submit(first), committer.submit(second))
+    finally:
+        await committer.stop()
+    assert [o.response_code for o in rival] == [ResponseCode.ORIGINAL_NOT_FOUND]
+    assert [o.response_code for o in outcomes] == [ResponseCode.ALREADY_REVERSED, ResponseCode.APPROVED]
+    assert outcomes[1].float_remaining_minor == 400
+    async with running.pool.acquire() as conn:
+        assert (await check_all(conn)).holds
