@@ -49,6 +49,10 @@ from protocol.session import MessageReceived, TerminalSession
 
 reply_timeout_s = 30.0
 connect_timeout_s = 10.0
+# A gateway that stops reading must not hold the simulator: a write waits for the link this long,
+# a close for its last bytes this long, then the connection is cut.
+write_timeout_s = 30.0
+close_timeout_s = 5.0
 retries_max = 5
 read_chunk_bytes = 16_384
 R = TypeVar("R", bound=ServerMessage)
@@ -117,11 +121,16 @@ class PosTerminal:
         return accepted
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
+        """Close the connection, waiting at most close_timeout_s for unsent bytes to go."""
+        writer = self._writer
         self._reader = self._writer = self._session = None
+        if writer is None:
+            return
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), close_timeout_s)
+        except (TimeoutError, OSError):  # a peer not reading, or the link already broken
+            writer.transport.abort()
 
     async def logoff(self) -> None:
         if self._session is not None:
@@ -136,7 +145,11 @@ class PosTerminal:
             await self.close()
             raise LinkLost("link dropped before sending")
         self._writer.write(self._session.send(message))
-        await self._writer.drain()
+        try:
+            await asyncio.wait_for(self._writer.drain(), write_timeout_s)
+        except (TimeoutError, ConnectionError) as exc:
+            await self.close()
+            raise LinkLost(f"{type(exc).__name__} while sending") from None
         reply = await self._read_reply()
         await asyncio.sleep(self.link.delay(self.rng))
         if isinstance(reply, ErrorReply):
