@@ -301,24 +301,33 @@ class VendingService:
                        refused: Refusals) -> list[VendOutcome]:
         outcomes: list[Any] = [None] * len(requests)
         segment: list[int] = []
+        # The payments earlier segments posted in this attempt: a refusal in a later segment may
+        # rest on them as much as on those approved beside it (see Refusals).
+        posted: set[int] = set()
         # Reversals cut the batch into segments, so a reversal sees every top-up before it.
-        for index, request in enumerate(requests):
-            if request.kind == "reversal":
-                if segment:
-                    await self._topups(conn, requests, segment, outcomes, now, refused)
-                    segment = []
-                outcomes[index] = await self._reversal(conn, request, now)
-            else:
-                segment.append(index)
-        if segment:
-            await self._topups(conn, requests, segment, outcomes, now, refused)
+        try:
+            for index, request in enumerate(requests):
+                if request.kind == "reversal":
+                    if segment:
+                        posted |= await self._topups(conn, requests, segment, outcomes, now, refused)
+                        segment = []
+                    outcomes[index] = await self._reversal(conn, request, now)
+                else:
+                    segment.append(index)
+            if segment:
+                await self._topups(conn, requests, segment, outcomes, now, refused)
+        except RefusedByLedger as refusal:
+            refusal.approved |= posted
+            raise
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None]
 
     async def _topups(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
-                      outcomes: list[Any], now: datetime, refused: Refusals) -> None:
+                      outcomes: list[Any], now: datetime, refused: Refusals) -> set[int]:
+        """Decide and post the top-ups at `indexes`; the indexes of those posted."""
         prepared = await self._prepare(conn, requests, indexes, outcomes, now, refused, None)
         await self._post_prepared(conn, prepared)
+        return {p.index for p in prepared.pending}
 
     async def _prepare(self, conn: asyncpg.Connection, requests: Sequence[VendRequest], indexes: list[int],
                        outcomes: list[Any], now: datetime, refused: Refusals,

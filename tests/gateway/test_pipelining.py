@@ -447,3 +447,46 @@ async def test_a_refusal_is_decided_again_when_the_payment_beside_it_is_reversed
     assert outcomes[1].float_remaining_minor == 400
     async with running.pool.acquire() as conn:
         assert (await check_all(conn)).holds
+
+
+async def test_a_refusal_after_a_reversal_in_the_batch_is_decided_again_when_a_payment_before_it_is_reversed(
+        running: Running) -> None:
+    # As above, with a reversal between the two payments: the batch is cut at the reversal, so the
+    # first payment posts in the segment before the one the ledger refuses the second in. Its
+    # reversal by another gateway in between must still send the batch to be decided afresh.
+    shop = await new_shop(running, float_minor=1_000)
+    first = topup(shop, 41, shop.smart_meter, 600)
+    second = topup(shop, 42, shop.smart_meter, 600)
+    never_paid = topup(shop, 43, shop.smart_meter, 100)
+    between = VendRequest(kind="reversal", client_txn_id=f"{never_paid.client_txn_id}/R", terminal_id=shop.terminal,
+                          amount_minor=100, currency=DEMO_CURRENCY, original_txn_id=never_paid.client_txn_id,
+                          reason="no reply")
+    reversal = VendRequest(kind="reversal", client_txn_id=f"{first.client_txn_id}/R", terminal_id=shop.terminal,
+                           amount_minor=600, currency=DEMO_CURRENCY, original_txn_id=first.client_txn_id,
+                           reason="no reply")
+    rival: list[VendOutcome] = []
+
+    class _ReversedAfterTheRefusal(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            await super()._post(conn, pending, arguments)
+            if not rival and any(p.group_status != "ok" for p in pending):
+                async with running.pool.acquire() as other, other.transaction():
+                    rival.extend(await VendingService(running.keystore).process_batch(
+                        other, [reversal], datetime.now(UTC)))
+
+    service = _ReversedAfterTheRefusal(running.keystore, first_read_s=0.0)
+    committer = Committer(running.pool, service)
+    committer.start()
+    try:
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in (first, between, second)))
+    finally:
+        await committer.stop()
+    assert [o.response_code for o in rival] == [ResponseCode.ORIGINAL_NOT_FOUND]
+    assert [o.response_code for o in outcomes] == [
+        ResponseCode.ALREADY_REVERSED, ResponseCode.ORIGINAL_NOT_FOUND, ResponseCode.APPROVED]
+    assert outcomes[2].float_remaining_minor == 400
+    async with running.pool.acquire() as conn:
+        assert await conn.fetchval(
+            "SELECT a.balance_minor FROM terminals t JOIN agents g USING (agent_id)"
+            " JOIN ledger_accounts a ON a.id = g.float_account_id WHERE t.terminal_id = $1", shop.terminal) == 400
+        assert (await check_all(conn)).holds
