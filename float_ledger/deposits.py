@@ -151,9 +151,11 @@ _DEPOSIT_ID_NAMESPACE = uuid.UUID("5d1c2b0e-8f7a-4c3e-9b61-0a7e4f2d9c10")
 
 async def deposit_id_for_ref(conn: Any, *, source_account_id: int, external_ref: str) -> uuid.UUID:
     """The id a request for this reference takes, for a caller with no id of its own (an operator
-    typing a bank reference). While a deposit of the reference is pending or posted it is that
-    deposit's id, so asking again is a repeat, never a second credit; once every one was rejected
-    or refused (credited nothing), a new one."""
+    typing a bank reference). While a deposit of the reference, spelled as here, is pending or
+    posted it is that deposit's id, so asking again is a repeat, never a second credit; once every
+    one was rejected or refused (credited nothing), a new one. A live reference spelled another way
+    (ledger_deposit_ref_key) gets another id, which request_deposit refuses with DepositConflict
+    naming the deposit that holds the reference."""
     _check_text("external_ref", external_ref, operator_chars_max)
     dead = int(await conn.fetchval(sql.SQL_DEAD_DEPOSITS_OF_REF, source_account_id, external_ref))
     return uuid.uuid5(_DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{dead}:{external_ref}")

@@ -15,7 +15,8 @@ docs/THREAT_MODEL.md). A deposit's id follows from its reference (deposit_id_for
 the same deposit again (after a lost connection, say) returns the deposit as it stands and never
 credits the float twice, and the same reference with another amount or agent is refused, until
 the deposit is rejected or refused: then the reference may be asked for again. A reference is one
-however it is typed: BANK-7, bank-7 and " BANK-7" (or in full-width letters) are the same one.
+however it is typed: BANK-7, bank-7 and " BANK-7" (or in full-width letters) are the same one, so
+asking for a deposit of bank-7 while one of BANK-7 is pending or posted is refused, naming it.
 """
 
 from __future__ import annotations
