@@ -406,10 +406,13 @@ class Gateway:
             if conn.terminal_id and self._by_terminal.get(conn.terminal_id) is conn:
                 del self._by_terminal[conn.terminal_id]
             # Counted until its socket is closed: one whose peer does not read holds a slot while
-            # its last frames may still leave, then it is dropped.
-            await self._close(conn, self.limits.write_drain_timeout_s)
-            self._connections.discard(conn)
-            self.metrics.sessions_open.labels("pos").dec()
+            # its last frames may still leave, then it is dropped (also should this task be
+            # cancelled while it waits).
+            try:
+                await self._close(conn, self.limits.write_drain_timeout_s)
+            finally:
+                self._connections.discard(conn)
+                self.metrics.sessions_open.labels("pos").dec()
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
