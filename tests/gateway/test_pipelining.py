@@ -414,6 +414,29 @@ async def test_a_debt_paid_down_by_another_gateway_after_the_read_is_not_recover
         assert (await check_all(conn)).holds
 
 
+async def reversed_after_the_first_refusal(running: Running, reversal: VendRequest, requests: list[VendRequest]
+                                          ) -> tuple[list[VendOutcome], list[VendOutcome]]:
+    """Commit `requests` as one batch; right after the ledger first refuses one of them (before
+    the batch is decided again), another gateway commits `reversal`. Its outcomes, then theirs."""
+    rival: list[VendOutcome] = []
+
+    class _ReversedAfterTheRefusal(_Held):
+        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
+            await super()._post(conn, pending, arguments)
+            if not rival and any(p.group_status != "ok" for p in pending):
+                async with running.pool.acquire() as other, other.transaction():
+                    rival.extend(await VendingService(running.keystore).process_batch(
+                        other, [reversal], datetime.now(UTC)))
+
+    committer = Committer(running.pool, _ReversedAfterTheRefusal(running.keystore, first_read_s=0.0))
+    committer.start()
+    try:
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in requests))
+    finally:
+        await committer.stop()
+    return rival, list(outcomes)
+
+
 async def test_a_refusal_is_decided_again_when_the_payment_beside_it_is_reversed_meanwhile(running: Running) -> None:
     # A float of 1,000 and two payments of 600 in one batch: the first posts, the ledger refuses
     # the second. Before the batch is decided again, another gateway reverses the first (a
@@ -425,23 +448,7 @@ async def test_a_refusal_is_decided_again_when_the_payment_beside_it_is_reversed
     reversal = VendRequest(kind="reversal", client_txn_id=f"{first.client_txn_id}/R", terminal_id=shop.terminal,
                            amount_minor=600, currency=DEMO_CURRENCY, original_txn_id=first.client_txn_id,
                            reason="no reply")
-    rival: list[VendOutcome] = []
-
-    class _ReversedAfterTheRefusal(_Held):
-        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
-            await super()._post(conn, pending, arguments)
-            if not rival and any(p.group_status != "ok" for p in pending):
-                async with running.pool.acquire() as other, other.transaction():
-                    rival.extend(await VendingService(running.keystore).process_batch(
-                        other, [reversal], datetime.now(UTC)))
-
-    service = _ReversedAfterTheRefusal(running.keystore, first_read_s=0.0)
-    committer = Committer(running.pool, service)
-    committer.start()
-    try:
-        outcomes = await asyncio.gather(committer.submit(first), committer.submit(second))
-    finally:
-        await committer.stop()
+    rival, outcomes = await reversed_after_the_first_refusal(running, reversal, [first, second])
     assert [o.response_code for o in rival] == [ResponseCode.ORIGINAL_NOT_FOUND]
     assert [o.response_code for o in outcomes] == [ResponseCode.ALREADY_REVERSED, ResponseCode.APPROVED]
     assert outcomes[1].float_remaining_minor == 400
@@ -464,23 +471,7 @@ async def test_a_refusal_after_a_reversal_in_the_batch_is_decided_again_when_a_p
     reversal = VendRequest(kind="reversal", client_txn_id=f"{first.client_txn_id}/R", terminal_id=shop.terminal,
                            amount_minor=600, currency=DEMO_CURRENCY, original_txn_id=first.client_txn_id,
                            reason="no reply")
-    rival: list[VendOutcome] = []
-
-    class _ReversedAfterTheRefusal(_Held):
-        async def _post(self, conn, pending, arguments):  # type: ignore[no-untyped-def]
-            await super()._post(conn, pending, arguments)
-            if not rival and any(p.group_status != "ok" for p in pending):
-                async with running.pool.acquire() as other, other.transaction():
-                    rival.extend(await VendingService(running.keystore).process_batch(
-                        other, [reversal], datetime.now(UTC)))
-
-    service = _ReversedAfterTheRefusal(running.keystore, first_read_s=0.0)
-    committer = Committer(running.pool, service)
-    committer.start()
-    try:
-        outcomes = await asyncio.gather(*(committer.submit(r) for r in (first, between, second)))
-    finally:
-        await committer.stop()
+    rival, outcomes = await reversed_after_the_first_refusal(running, reversal, [first, between, second])
     assert [o.response_code for o in rival] == [ResponseCode.ORIGINAL_NOT_FOUND]
     assert [o.response_code for o in outcomes] == [
         ResponseCode.ALREADY_REVERSED, ResponseCode.ORIGINAL_NOT_FOUND, ResponseCode.APPROVED]
