@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from float_ledger import sql
 from float_ledger.deposits import (
     approve_deposit,
     deposit_id_for_ref,
@@ -132,6 +133,16 @@ async def test_a_reference_freed_by_a_rejection_is_freed_in_every_spelling(db_co
     assert again["deposit_id"] != request["deposit_id"]
     assert (await request_deposit(db_conn, **again)).deposit.status is DepositStatus.posted
     assert await balance(db_conn, float_id) == 700
+
+
+async def test_the_dead_deposits_of_a_reference_are_counted_by_their_key_index(db_conn: Any, source: int) -> None:
+    # deposit_id_for_ref counts them on every call: a walk of every deposit of the source account
+    # (computing each one's key) would grow with the account's whole history.
+    async with db_conn.transaction():
+        await db_conn.execute("SET LOCAL enable_seqscan = off")
+        plan = await db_conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql.SQL_DEAD_DEPOSITS_OF_REF}", source, "bank-7")
+    assert "ledger_deposits_dead_ref_key" in plan
+    assert "Seq Scan" not in plan
 
 
 async def test_a_deposit_that_a_checker_could_not_post_is_refused_when_requested(db_conn: Any, source: int) -> None:
