@@ -194,7 +194,7 @@ class Handlers:
                  client_txn_id=request.client_txn_id, meter_number=message.meter_number,
                  amount_minor=message.amount_minor, currency=message.currency,
                  response_code=ResponseCode(outcome.response_code).name, receipt_number=outcome.receipt_number,
-                 token=outcome.tokens[0] if outcome.tokens else None)
+                 token=redact_token(outcome.tokens[0]) if outcome.tokens else None)
         return top_up_result(txn, outcome, message.currency)
 
     async def _reversal(self, context: registry.TerminalContext, message: ReversalRequest) -> ReversalResult:

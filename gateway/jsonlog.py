@@ -24,8 +24,15 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@
 _encoder = msgspec.json.Encoder()
 
 
+_MASKED_TOKEN = re.compile(r"\*+[0-9]{4}")
+
+
 def redact_token(token: str) -> str:
-    """Show a meter token as its last 4 digits only: enough for support, useless to a thief."""
+    """Show a meter token as its last 4 digits only: enough for support, useless to a thief.
+
+    A token masked already stays as it is (a call site that masks, then the formatter)."""
+    if _MASKED_TOKEN.fullmatch(token):
+        return token
     digits = "".join(ch for ch in token if ch.isdigit())
     if len(digits) <= 4:
         return "****"

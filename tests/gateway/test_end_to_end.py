@@ -97,12 +97,18 @@ async def test_retry_after_lost_reply_returns_the_same_receipt(running: Running)
     txn = pos.next_transaction_id()
     first = await pos.top_up(meter_number(2), 2_500, "EUR", txn=txn)
     await pos.close()  # the reply "was lost": the terminal reconnects and retries the same id
+    _, _, float_id = await accounts(running, meter_number(2), pos.terminal_id)
+    async with running.pool.acquire() as conn:
+        float_before = await balance(conn, float_id)
     again = await pos.top_up(meter_number(2), 2_500, "EUR", txn=txn)
     assert again == first
     async with running.pool.acquire() as conn:
-        groups = await conn.fetchval("SELECT count(DISTINCT group_id) FROM ledger_transfers WHERE group_id = $1",
-                                     group_id_for(txn.as_key()))
-        assert groups == 1
+        # One collection from the float: the retry posted nothing and moved no money.
+        collections = await conn.fetchval(
+            "SELECT count(*) FROM ledger_transfers WHERE group_id = $1 AND kind = 'collection'",
+            group_id_for(txn.as_key()))
+        assert collections == 1
+        assert await balance(conn, float_id) == float_before == first.float_remaining_minor
     different = await pos.top_up(meter_number(2), 2_600, "EUR", txn=txn)
     assert different.response_code is ResponseCode.DUPLICATE_DIFFERENT_CONTENT
     await pos.logoff()
@@ -111,21 +117,40 @@ async def test_retry_after_lost_reply_returns_the_same_receipt(running: Running)
 async def test_declines_leave_money_untouched(running: Running) -> None:
     pos = terminal(running, 2)
     await pos.logon()
+    credit_id, debt_id, float_id = await accounts(running, meter_number(4), pos.terminal_id)
+
+    async def money() -> tuple[int, ...]:
+        async with running.pool.acquire() as conn:
+            return (await balance(conn, float_id), await balance(conn, credit_id), await balance(conn, debt_id),
+                    await conn.fetchval("SELECT count(*) FROM ledger_transfers"))
+
+    before = await money()
     unknown = await pos.top_up("99999999999", 1_000, "EUR")
     assert unknown.response_code is ResponseCode.UNKNOWN_METER
     wrong_currency = await pos.top_up(meter_number(4), 1_000, "USD")
     assert wrong_currency.response_code is ResponseCode.CURRENCY_MISMATCH
     too_much = await pos.top_up(meter_number(4), 2_000_000, "EUR")  # above the float of 1,000,000
     assert too_much.response_code is ResponseCode.INSUFFICIENT_FLOAT
-    assert too_much.receipt_number is None
+    declined = [unknown, wrong_currency, too_much]
+    assert all(r.receipt_number is None and not r.tokens for r in declined)
+    assert await money() == before  # no balance moved and no transfer was posted
+    async with running.pool.acquire() as conn:
+        ids = [r.client_transaction_id.as_key() for r in declined]
+        # Each decline is recorded (a retry replays it), with no receipt, group or engine event.
+        rows = await conn.fetch("SELECT response_code, group_id, receipt_number FROM vend_transactions"
+                                " WHERE client_txn_id = ANY ($1::text[])", ids)
+        assert sorted(r["response_code"] for r in rows) == sorted(int(r.response_code) for r in declined)
+        assert all(r["group_id"] is None and r["receipt_number"] is None for r in rows)
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE client_txn_id = ANY ($1::text[])", ids) == 0
     await pos.logoff()
 
 
 async def test_wrong_key_is_refused(running: Running) -> None:
     assert running.gateway.pos_port is not None
     pos = PosTerminal(terminal_id(4), bytes(16), "127.0.0.1", running.gateway.pos_port)
-    with pytest.raises((TerminalRefused, Exception)):
+    with pytest.raises(TerminalRefused) as refused:
         await pos.logon()
+    assert refused.value.response_code is ResponseCode.AUTH_FAILED
     await pos.close()
 
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway import registry
 from gateway.ca import CertificateAuthority
-from gateway.cli.commands.ca_cmds import issue_kiosk_certificate
+from gateway.cli.commands.ca_cmds import SQL_CERT_REVOKE, issue_kiosk_certificate
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway, Limits, listening_sockets
 from gateway.settings import load_settings
@@ -353,6 +353,66 @@ async def test_a_request_refused_after_authentication_keeps_the_connection_open(
 
         head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
         assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+    finally:
+        writer.close()
+
+
+async def _refused_on_kept_alive_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                           kiosk: Kiosk) -> tuple[bytes, object, str]:
+    txn = kiosk.next_transaction_id()
+    head, reply = await _post_kept_alive(reader, writer, TopUpRequest(
+        client_transaction_id=txn, meter_number=meter_number(9), amount_minor=1_000, currency="EUR",
+        tender_type=TenderType.CASH))
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # answered, then closed: no keep-alive
+    return head, reply, txn.as_key()
+
+
+async def test_a_kiosk_blocked_or_revoked_while_connected_is_refused_on_its_open_connection(
+        running: Running, kiosk_setup: dict[str, object]) -> None:
+    """Every request on a kept-alive connection is checked against the kiosk's record and
+    certificate as they are now: a block or a revocation takes effect on the next request."""
+    authority, base = kiosk_setup["authority"], kiosk_setup["base"]
+    assert isinstance(authority, CertificateAuthority) and isinstance(base, Path)
+    kiosk_id = "K0000003"
+    async with running.pool.acquire() as conn:
+        await registry.add_terminal(conn, running.keystore, terminal_id=kiosk_id, serial="KSN3", agent_id=1,
+                                    kind="kiosk")
+        kiosk_setup["third"] = await issue_kiosk_certificate(conn, authority, kiosk_id, base / "issued")
+    third = Kiosk(kiosk_id, "", None, datetime.now(UTC).date())
+
+    async def recorded(txn_id: str) -> int:
+        async with running.pool.acquire() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = $1",
+                                           txn_id))
+
+    reader, writer = await _tls_connection(kiosk_setup, "third")
+    try:
+        head, reply = await _post_kept_alive(reader, writer, TopUpRequest(
+            client_transaction_id=third.next_transaction_id(), meter_number=meter_number(9), amount_minor=1_000,
+            currency="EUR", tender_type=TenderType.CASH))
+        assert head.startswith(b"http/1.1 200") and isinstance(reply, TopUpResult)
+        assert reply.response_code is ResponseCode.APPROVED
+        async with running.pool.acquire() as conn:
+            await registry.set_terminal_status(conn, kiosk_id, "blocked")
+        head, reply, txn_id = await _refused_on_kept_alive_connection(reader, writer, third)
+        assert head.startswith(b"http/1.1 403") and b"connection: close" in head
+        assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.TERMINAL_BLOCKED
+        assert await recorded(txn_id) == 0  # refused before any handler: nothing decided or stored
+    finally:
+        writer.close()
+
+    async with running.pool.acquire() as conn:
+        await registry.set_terminal_status(conn, kiosk_id, "active")
+    reader, writer = await _tls_connection(kiosk_setup, "third")
+    try:
+        head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
+        assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+        async with running.pool.acquire() as conn:
+            await conn.execute(SQL_CERT_REVOKE, kiosk_id)
+        head, reply, txn_id = await _refused_on_kept_alive_connection(reader, writer, third)
+        assert head.startswith(b"http/1.1 403") and b"connection: close" in head
+        assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.AUTH_FAILED
+        assert await recorded(txn_id) == 0
     finally:
         writer.close()
 

@@ -61,6 +61,8 @@ def test_redaction_of_secrets() -> None:
     assert redact("operator_password", "hunter2") == "[redacted]"
     assert redact("token", "1234 5678 9012 3456 7890") == "****************7890"
     assert redact_token("12") == "****"
+    # Masked at the call site, then by the formatter: still the last 4 digits.
+    assert redact("token", redact_token("12345678901234567890")) == "****************7890"
     assert redact("database", "postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact_url("postgresql://h/db") == "postgresql://h/db"
     assert redact("amount_minor", 500) == 500
