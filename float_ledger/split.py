@@ -3,7 +3,7 @@
 Rules, in order, all in integer minor units:
 1. Debt recovery: the customer's recovery share of the payment, never more than the debt
    (floor: the customer keeps any fraction of a minor unit as energy).
-2. The per-purchase fee with its VAT comes next; a payment that cannot cover it is refused.
+2. The per-purchase fee with its VAT comes next; a payment that covers no more than it (buys no energy) is refused.
 3. The rest buys energy. It is VAT-inclusive: net = round-half-up(gross / (1 + rate)),
    VAT = gross - net, so the parts always add up to the payment exactly.
 4. Units are tenths of a kWh (STS amount units), floor of net / price: never sell a part-unit.
@@ -75,8 +75,9 @@ def split_payment(
 
     fees = tariff.fee_per_purchase_minor
     fees_vat = _round_half_up_div(fees * tariff.fee_vat_rate_bp, BP_PER_UNIT)
-    if remainder < fees + fees_vat:
-        raise AmountTooSmall(f"payment of {amount_minor} does not cover the purchase fee {fees + fees_vat}")
+    # A payment must buy some energy: one that only covers the purchase fee is refused.
+    if remainder <= fees + fees_vat:
+        raise AmountTooSmall(f"payment of {amount_minor} buys no energy beyond the purchase fee {fees + fees_vat}")
 
     energy_gross = remainder - fees - fees_vat
     energy_net = _round_half_up_div(energy_gross * BP_PER_UNIT, BP_PER_UNIT + tariff.energy_vat_rate_bp)

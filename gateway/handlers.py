@@ -306,7 +306,11 @@ class Handlers:
         terminal = ((message.top_up_count, message.top_up_total_minor),
                     (message.reversal_count, message.reversal_total_minor),
                     (message.advice_count, message.advice_total_minor))
-        code = ResponseCode.APPROVED if server == terminal else ResponseCode.TOTALS_MISMATCH
+        if message.currency != context.currency:
+            # Totals in another currency agree with nothing, whatever their figures.
+            code = ResponseCode.CURRENCY_MISMATCH
+        else:
+            code = ResponseCode.APPROVED if server == terminal else ResponseCode.TOTALS_MISMATCH
         return EndOfDayResult(response_code=code, business_date=day, currency=context.currency,
                               top_up_count=top_ups[0], top_up_total_minor=top_ups[1],
                               reversal_count=reversals[0], reversal_total_minor=reversals[1],

@@ -466,7 +466,7 @@ class VendingService:
                                   debt_outstanding_minor=max(0, debt_left.get(int(meter["debt_account_id"]), 0)),
                                   debt_recovery_share_bp=meter["debt_recovery_share_bp"], tariff=tariff)
         except AmountTooSmall:
-            return decline(request, ResponseCode.INVALID_AMOUNT, "amount below the purchase fee")
+            return decline(request, ResponseCode.INVALID_AMOUNT, "amount buys no energy beyond the purchase fee")
         if meter["supply_mode"] == "sts":
             if not 0 < split.units_deci_kwh <= sts_units_max:
                 return decline(request, ResponseCode.INVALID_AMOUNT, "amount buys no whole token unit or too many")

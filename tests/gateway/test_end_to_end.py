@@ -124,6 +124,8 @@ async def test_declines_leave_money_untouched(running: Running) -> None:
             return (await balance(conn, float_id), await balance(conn, credit_id), await balance(conn, debt_id),
                     await conn.fetchval("SELECT count(*) FROM ledger_transfers"))
 
+    # The seeded tariff's purchase fee is 10 + 2 VAT: 13 buys energy, 12 would buy none.
+    assert (await pos.top_up(meter_number(4), 13, "EUR")).response_code is ResponseCode.APPROVED
     before = await money()
     unknown = await pos.top_up("99999999999", 1_000, "EUR")
     assert unknown.response_code is ResponseCode.UNKNOWN_METER
@@ -131,7 +133,9 @@ async def test_declines_leave_money_untouched(running: Running) -> None:
     assert wrong_currency.response_code is ResponseCode.CURRENCY_MISMATCH
     too_much = await pos.top_up(meter_number(4), 2_000_000, "EUR")  # above the float of 1,000,000
     assert too_much.response_code is ResponseCode.INSUFFICIENT_FLOAT
-    declined = [unknown, wrong_currency, too_much]
+    fee_only = await pos.top_up(meter_number(4), 12, "EUR")
+    assert fee_only.response_code is ResponseCode.INVALID_AMOUNT
+    declined = [unknown, wrong_currency, too_much, fee_only]
     assert all(r.receipt_number is None and not r.tokens for r in declined)
     assert await money() == before  # no balance moved and no transfer was posted
     async with running.pool.acquire() as conn:

@@ -373,9 +373,9 @@ async def test_a_kiosk_blocked_or_revoked_while_connected_is_refused_on_its_open
     certificate as they are now: a block or a revocation takes effect on the next request."""
     authority, base = kiosk_setup["authority"], kiosk_setup["base"]
     assert isinstance(authority, CertificateAuthority) and isinstance(base, Path)
-    kiosk_id = "K0000003"
+    kiosk_id = "K0000090"
     async with running.pool.acquire() as conn:
-        await registry.add_terminal(conn, running.keystore, terminal_id=kiosk_id, serial="KSN3", agent_id=1,
+        await registry.add_terminal(conn, running.keystore, terminal_id=kiosk_id, serial="KSN90", agent_id=1,
                                     kind="kiosk")
         kiosk_setup["third"] = await issue_kiosk_certificate(conn, authority, kiosk_id, base / "issued")
     third = Kiosk(kiosk_id, "", None, datetime.now(UTC).date())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from gateway.seeding import meter_number, terminal_id
 from protocol.codes import ResponseCode
 from protocol.messages import Advice, EndOfDayRequest, TenderType
@@ -36,6 +38,11 @@ async def test_advices_then_end_of_day_totals_match(running: Running) -> None:
     wrong = await pos.end_of_day(EndOfDayRequest(**{**{f: getattr(mine, f) for f in mine.__struct_fields__},
                                                      "top_up_total_minor": 1_999}))
     assert wrong.response_code is ResponseCode.TOTALS_MISMATCH and wrong.top_up_total_minor == 2_000
+    # The same figures in a currency that is not the terminal's do not reconcile: vendgate's
+    # totals come back in its currency.
+    other = await pos.end_of_day(msgspec.structs.replace(mine, currency="ZAR"))
+    assert other.response_code is ResponseCode.CURRENCY_MISMATCH
+    assert (other.currency, other.top_up_total_minor, other.advice_total_minor) == ("EUR", 2_000, 3_003)
     await pos.logoff()
 
 

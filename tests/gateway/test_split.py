@@ -30,11 +30,15 @@ def test_debt_recovery_never_exceeds_debt() -> None:
     assert split.debt_recovery_minor == 700
 
 
-def test_payment_below_fee_is_refused() -> None:
-    with pytest.raises(AmountTooSmall):
-        split_payment(amount_minor=59, debt_outstanding_minor=0, debt_recovery_share_bp=0, tariff=TARIFF)
-    assert split_payment(amount_minor=60, debt_outstanding_minor=0, debt_recovery_share_bp=0,
-                         tariff=TARIFF).energy_minor == 0
+def test_payment_that_buys_no_energy_is_refused() -> None:
+    # The fee with its VAT is 60: a payment of 60 or less would buy nothing.
+    for amount in (59, 60):
+        with pytest.raises(AmountTooSmall):
+            split_payment(amount_minor=amount, debt_outstanding_minor=0, debt_recovery_share_bp=0, tariff=TARIFF)
+    assert split_payment(amount_minor=61, debt_outstanding_minor=0, debt_recovery_share_bp=0,
+                         tariff=TARIFF).energy_minor == 1
+    with pytest.raises(AmountTooSmall):  # what debt recovery leaves covers the fee only
+        split_payment(amount_minor=120, debt_outstanding_minor=60, debt_recovery_share_bp=5_000, tariff=TARIFF)
 
 
 @pytest.mark.parametrize("bad", [0, -1])
@@ -65,9 +69,10 @@ def test_parts_always_sum_to_the_payment(amount: int, debt: int, share: int, vat
                               tariff=tariff)
     except AmountTooSmall:
         recovery = min(debt, amount * share // 10_000)
-        assert amount - recovery < 50 + (2 * 50 * vat + 10_000) // 20_000
+        assert amount - recovery <= 50 + (2 * 50 * vat + 10_000) // 20_000
         return
     assert split.debt_recovery_minor + split.fees_minor + split.vat_minor + split.energy_minor == amount
+    assert split.energy_minor + split.energy_vat_minor > 0  # every payment buys some energy
     assert 0 <= split.debt_recovery_minor <= min(debt, amount)
     assert split.units_deci_kwh * price <= split.energy_minor * 10_000
 
