@@ -6,6 +6,11 @@ so this verifies what the keys would have:
 
 - vend_records_referenced   every payment record names a terminal that exists, every receipt a
                             payment and a terminal, every token a payment and a meter
+- vend_records_consistent   receipt numbers run 1, 2, 3, ... per terminal up to its counter with no
+                            gap; every approved payment (top-up or advice) has its receipt, one
+                            collection of its amount from a float in its ledger group and its
+                            event for the prepayment engine; a declined one has no receipt and no
+                            group
 - vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
                             tables are each on their table, enabled, fire on the events they refuse
                             (a key change: an UPDATE of the key columns, WHEN one of them changes),
@@ -70,6 +75,43 @@ UNION ALL
 (SELECT 'token of payment ' || k.client_txn_id || ': no meter ' || k.meter_number
    FROM tokens k
   WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter_number = k.meter_number) LIMIT $1)"""
+# One row per inconsistency between the payment records, the ledger and the outbox; each part
+# stops at the first few. PRIMARY KEY (terminal_id, receipt_number) and receipt_number > 0 make
+# "count = highest = counter" mean exactly 1..counter.
+SQL_INCONSISTENT = """
+(SELECT 'terminal ' || t.terminal_id || ': receipt counter ' || t.receipt_seq || ', ' || count(r.receipt_number)
+        || ' receipts, highest ' || coalesce(max(r.receipt_number), 0) AS problem
+   FROM terminals t LEFT JOIN receipts r ON r.terminal_id = t.terminal_id
+  GROUP BY t.terminal_id, t.receipt_seq
+ HAVING count(r.receipt_number) <> t.receipt_seq OR coalesce(max(r.receipt_number), 0) <> t.receipt_seq
+  ORDER BY t.terminal_id LIMIT $1)
+UNION ALL
+(SELECT 'payment ' || v.client_txn_id || ': approved with '
+        || concat_ws(', ',
+                     CASE WHEN r.receipt_number IS DISTINCT FROM v.receipt_number OR r.terminal_id <> v.terminal_id
+                          THEN 'receipt ' || coalesce(v.receipt_number::text, 'none') || ' not on record' END,
+                     CASE WHEN c.n IS DISTINCT FROM 1 THEN coalesce(c.n, 0) || ' collections of its amount' END,
+                     CASE WHEN o.client_txn_id IS NULL THEN 'no event for the prepayment engine' END)
+   FROM vend_transactions v
+   LEFT JOIN receipts r ON r.client_txn_id = v.client_txn_id
+   -- Joined, not looked up per payment: the outbox has no index on the payment's id.
+   LEFT JOIN (SELECT DISTINCT e.client_txn_id FROM outbox e WHERE e.kind = 'payment_received') o
+          ON o.client_txn_id = v.client_txn_id
+   LEFT JOIN LATERAL (SELECT count(*) AS n FROM ledger_transfers l
+                       WHERE v.group_id IS NOT NULL AND l.group_id = v.group_id AND l.kind = 'collection'
+                         AND l.amount_minor = v.amount_minor) c ON true
+  WHERE v.kind IN ('topup', 'advice') AND v.response_code = 0
+    AND (r.receipt_number IS DISTINCT FROM v.receipt_number OR r.terminal_id <> v.terminal_id
+         OR c.n IS DISTINCT FROM 1 OR o.client_txn_id IS NULL)
+  ORDER BY v.client_txn_id LIMIT $1)
+UNION ALL
+(SELECT 'payment ' || v.client_txn_id || ': declined (' || v.response_code || ') but has '
+        || CASE WHEN v.group_id IS NOT NULL THEN 'a ledger group' ELSE 'a receipt' END
+   FROM vend_transactions v
+  WHERE v.kind IN ('topup', 'advice') AND v.response_code <> 0
+    AND (v.group_id IS NOT NULL OR v.receipt_number IS NOT NULL
+         OR EXISTS (SELECT 1 FROM receipts r WHERE r.client_txn_id = v.client_txn_id))
+  ORDER BY v.client_txn_id LIMIT $1)"""
 SQL_COUNTS = """
 SELECT (SELECT count(*) FROM vend_transactions) AS payments, (SELECT count(*) FROM receipts) AS receipts,
        (SELECT count(*) FROM tokens) AS tokens"""
@@ -80,12 +122,18 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         counts = await conn.fetchrow(SQL_COUNTS)
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
+        inconsistent = [r["problem"] for r in await conn.fetch(SQL_INCONSISTENT, problems_shown_max)]
         triggers = await protecting_trigger_problems(conn, PROTECTING_TRIGGERS)
     return [
         InvariantResult("vend_records_referenced",
                         f"{counts['payments']} payments, {counts['receipts']} receipts and {counts['tokens']} "
                         "tokens name terminals, payments and meters that exist",
                         unreferenced[:problems_shown_max]),
+        InvariantResult("vend_records_consistent",
+                        "receipts gap-free per terminal up to its counter; every approved payment with its receipt, "
+                        "one collection of its amount and its engine event; no declined payment with a receipt "
+                        "or a ledger group",
+                        inconsistent[:problems_shown_max]),
         InvariantResult("vend_records_protected",
                         f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes on their "
                         "tables, enabled, firing on those events and calling the refusals the migrations installed",

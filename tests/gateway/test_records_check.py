@@ -23,7 +23,7 @@ from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
 from tests.ledger.test_check import ALL_INVARIANTS, installed_source_sha256, vendgate_ledger_check
 
-VEND_INVARIANTS = {"vend_records_referenced", "vend_records_protected"}
+VEND_INVARIANTS = {"vend_records_referenced", "vend_records_consistent", "vend_records_protected"}
 
 
 @pytest.fixture
@@ -61,9 +61,12 @@ async def test_paid_records_pass(paid: tuple[asyncpg.Connection, str]) -> None:
 
 async def test_a_receipt_of_no_payment_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
     conn, url = paid
-    await conn.execute("INSERT INTO receipts (terminal_id, receipt_number, client_txn_id) VALUES ($1, 999, 'NOPE-1')",
-                       terminal_id(1))
-    assert await broken(conn) == {"vend_records_referenced": [f"receipt {terminal_id(1)}/999: no payment NOPE-1"]}
+    # Numbered on from the terminal's counter, which moves with it: no gap, only the payment missing.
+    number = await conn.fetchval("UPDATE terminals SET receipt_seq = receipt_seq + 1 WHERE terminal_id = $1"
+                                 " RETURNING receipt_seq", terminal_id(1))
+    await conn.execute("INSERT INTO receipts (terminal_id, receipt_number, client_txn_id) VALUES ($1, $2, 'NOPE-1')",
+                       terminal_id(1), number)
+    assert await broken(conn) == {"vend_records_referenced": [f"receipt {terminal_id(1)}/{number}: no payment NOPE-1"]}
     status, stdout, _ = await vendgate_ledger_check(url)
     assert status == 1
     assert "BROKEN  vend_records_referenced: " in stdout
@@ -86,6 +89,31 @@ async def test_a_token_for_no_meter_and_a_payment_of_no_terminal_are_found(
     problems = (await broken(conn))["vend_records_referenced"]
     assert any(p.startswith(f"token of payment {txn}: no meter ") for p in problems), problems
     assert f"payment {other}: no terminal ZZZZZZZZ" in problems
+
+
+async def test_a_receipt_gap_and_payments_out_of_step_with_ledger_and_outbox_are_found(
+        paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, url = paid
+    payments = [r["client_txn_id"] for r in await conn.fetch(
+        "SELECT client_txn_id FROM vend_transactions ORDER BY client_txn_id")]
+    # A receipt number issued and not on record: the counter ran on past the receipts.
+    seq = await conn.fetchval("UPDATE terminals SET receipt_seq = receipt_seq + 1 WHERE terminal_id = $1"
+                              " RETURNING receipt_seq", terminal_id(3))
+    # The engine never told of a payment; a payment recorded for another amount than was collected;
+    # a payment recorded as declined that moved money.
+    await conn.execute("DELETE FROM outbox WHERE client_txn_id = $1", payments[0])
+    await conn.execute("UPDATE vend_transactions SET amount_minor = amount_minor + 1 WHERE client_txn_id = $1",
+                       payments[1])
+    await conn.execute("UPDATE vend_transactions SET response_code = 10 WHERE client_txn_id = $1", payments[2])
+    assert await broken(conn) == {"vend_records_consistent": [
+        f"terminal {terminal_id(3)}: receipt counter {seq}, {seq - 1} receipts, highest {seq - 1}",
+        f"payment {payments[0]}: approved with no event for the prepayment engine",
+        f"payment {payments[1]}: approved with 0 collections of its amount",
+        f"payment {payments[2]}: declined (10) but has a ledger group",
+    ]}
+    status, stdout, _ = await vendgate_ledger_check(url)
+    assert status == 1
+    assert stdout.strip().splitlines()[-1] == "ledger check FAILED: broken invariants: vend_records_consistent"
 
 
 @pytest.mark.parametrize("table", ["terminals", "meters", "vend_transactions", "receipts", "tokens"])

@@ -109,7 +109,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 10 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 11 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
