@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -327,3 +329,56 @@ async def test_reads_the_back_office_has_not_granted_are_refused(running: Runnin
     # What stays granted still works.
     assert (await pos.top_up(meter_number(2), 1_000, "EUR")).response_code is ResponseCode.APPROVED
     await pos.logoff()
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_reply_the_gateway_drops_after_commit_is_given_to_the_retry(running: Running) -> None:
+    """The terminal logs on again while its payment waits to commit: the old session gets its
+    goodbye, the payment commits and its reply goes nowhere. The retry on the new session gets
+    the stored reply, and the money moved once."""
+    first = terminal(running, 7)
+    await first.logon()
+    meter = meter_number(9)
+    _, _, float_id = await accounts(running, meter, first.terminal_id)
+    txn = first.next_transaction_id()
+    holder = await running.pool.acquire()
+    try:
+        async with holder.transaction():
+            float_before = await balance(holder, float_id)
+            await holder.execute("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR UPDATE", float_id)
+            paying = asyncio.create_task(first.top_up(meter, 4_000, "EUR", txn=txn))
+
+            async def commit_waits() -> bool:
+                return bool(await running.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%vend_commit_topups%'"))
+
+            await _until(commit_waits)
+            second = terminal(running, 7)
+            await second.logon()  # replaces the first session while its payment is in flight
+            with pytest.raises(TerminalRefused) as goodbye:
+                await paying
+            assert goodbye.value.response_code is ResponseCode.SYSTEM_BUSY
+    finally:
+        await running.pool.release(holder)
+
+    async def recorded() -> bool:
+        return bool(await running.pool.fetchval("SELECT count(*) FROM vend_transactions WHERE client_txn_id = $1",
+                                                txn.as_key()))
+
+    await _until(recorded)  # committed once the lock went, its reply dropped with the old session
+    again = await second.top_up(meter, 4_000, "EUR", txn=txn)
+    assert again.response_code is ResponseCode.APPROVED
+    async with running.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT receipt_number FROM receipts WHERE client_txn_id = $1", txn.as_key())
+        assert again.receipt_number == f"{first.terminal_id}-{stored:06d}"
+        assert await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE group_id = $1 AND kind = 'collection'",
+                                   group_id_for(txn.as_key())) == 1
+        assert await balance(conn, float_id) == float_before - 4_000 == again.float_remaining_minor
+    await second.logoff()

@@ -221,35 +221,37 @@ async def test_kiosk_connections_beyond_the_cap_are_closed_and_pos_terminals_car
     previous = gateway.limits
     cap = len(gateway._kiosk_connections) + 3
     gateway.limits = Limits(kiosk_connections_max=cap)
-    refused_before = _refused(gateway, "kiosk_capacity")
-    held = []
     try:
-        # Sockets that never start their TLS handshake: each holds a slot from its accept on.
-        for _ in range(3):
-            held.append(await asyncio.open_connection("127.0.0.1", gateway.kiosk_port))
-        await _until(lambda: len(gateway._kiosk_connections) == cap)
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.kiosk_port)
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once, before any TLS
-        writer.close()
-        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
-            await kiosk(kiosk_setup, good).top_up(meter_number(9), 1_000, "EUR")
-        assert _refused(gateway, "kiosk_capacity") >= refused_before + 2
-        # The POS listener does not share the kiosks' slots.
-        terminal = PosTerminal(terminal_id(270), running.key(270), "127.0.0.1", gateway.pos_port)
-        await terminal.logon()
-        paid = await terminal.top_up(meter_number(25), 700, "EUR")
-        assert paid.response_code is ResponseCode.APPROVED
-        await terminal.logoff()
+        refused_before = _refused(gateway, "kiosk_capacity")
+        held = []
+        try:
+            # Sockets that never start their TLS handshake: each holds a slot from its accept on.
+            for _ in range(3):
+                held.append(await asyncio.open_connection("127.0.0.1", gateway.kiosk_port))
+            await _until(lambda: len(gateway._kiosk_connections) == cap)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.kiosk_port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once, before any TLS
+            writer.close()
+            with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+                await kiosk(kiosk_setup, good).top_up(meter_number(9), 1_000, "EUR")
+            assert _refused(gateway, "kiosk_capacity") >= refused_before + 2
+            # The POS listener does not share the kiosks' slots.
+            terminal = PosTerminal(terminal_id(270), running.key(270), "127.0.0.1", gateway.pos_port)
+            await terminal.logon()
+            paid = await terminal.top_up(meter_number(25), 700, "EUR")
+            assert paid.response_code is ResponseCode.APPROVED
+            await terminal.logoff()
+        finally:
+            for _, w in held:
+                w.close()
+        # A socket that goes away frees its slot: kiosks pay again.
+        await _until(lambda: len(gateway._kiosk_connections) < cap)
+        again = Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", good, datetime.now(UTC).date(),
+                      last_sequence=900_000)
+        status, reply = await again.top_up(meter_number(9), 1_000, "EUR")
+        assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
     finally:
-        for _, w in held:
-            w.close()
-    # A socket that goes away frees its slot: kiosks pay again.
-    await _until(lambda: len(gateway._kiosk_connections) < cap)
-    again = Kiosk(KIOSK_ID, f"https://127.0.0.1:{gateway.kiosk_port}", good, datetime.now(UTC).date(),
-                  last_sequence=900_000)
-    status, reply = await again.top_up(meter_number(9), 1_000, "EUR")
-    gateway.limits = previous
-    assert status == 200 and isinstance(reply, TopUpResult) and reply.response_code is ResponseCode.APPROVED
+        gateway.limits = previous
 
 
 async def test_a_stalled_kiosk_handshake_is_cut_off(kiosk_setup: dict[str, object]) -> None:

@@ -32,11 +32,11 @@ FAST_GPRS = LinkModel(one_way_s=0.15, jitter_s=0.1, reply_loss_probability=0.03,
 async def assert_each_approved_has_one_group(pool: asyncpg.Pool, txn_ids: list[str]) -> None:
     async with pool.acquire() as conn:
         rows = await conn.fetch(
-            "SELECT group_id, count(*) AS legs, bool_or(kind = 'collection') AS has_collection "
+            "SELECT group_id, count(*) FILTER (WHERE kind = 'collection') AS collections "
             "FROM ledger_transfers WHERE group_id = ANY($1::uuid[]) GROUP BY group_id",
             [group_id_for(t) for t in txn_ids])
         assert len(rows) == len(set(txn_ids))
-        assert all(r["has_collection"] for r in rows)
+        assert all(r["collections"] == 1 for r in rows)  # each payment took money from its float once
         stored = await conn.fetchval(
             "SELECT count(*) FROM vend_transactions WHERE client_txn_id = ANY($1::text[]) AND response_code = 0",
             txn_ids)

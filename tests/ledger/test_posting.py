@@ -331,6 +331,15 @@ async def test_one_id_raced_with_other_accounts_reports_different_content(db_poo
         assert (await balance(first, float_a), await balance(first, float_b)) == (7, 10)
 
 
+async def waiting_for_a_lock(observer: Any, waiter: Any, timeout_s: float = 10.0) -> None:
+    """Until `waiter`'s backend waits for a lock (seen from `observer`'s connection)."""
+    pid = waiter.get_server_pid()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while await observer.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
+        assert asyncio.get_running_loop().time() < deadline, "the post never waited for a lock"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_deadlock_is_retried(db_url: str, db_pool: Any, source: int) -> None:
     """Another transaction locks B then A while the post locks A then B: the post is chosen, retried, posts."""
     async with db_pool.acquire() as conn:
@@ -348,7 +357,7 @@ async def test_a_deadlock_is_retried(db_url: str, db_pool: Any, source: int) -> 
         await transaction.start()
         await other.fetchval(lock, customer)  # B (the higher id)
         post = asyncio.create_task(post_transfers(poster, [transfer(float_id, customer, 4)]))
-        await asyncio.sleep(0.1)  # the post holds A and waits for B
+        await waiting_for_a_lock(other, poster)  # the post holds A and waits for B
         relock = asyncio.create_task(other.fetchval(lock, float_id))  # waits for A: the post is the victim
         await relock
         await transaction.rollback()
@@ -377,7 +386,7 @@ async def test_retries_are_bounded(db_url: str, db_pool: Any, source: int) -> No
         await transaction.start()
         await other.fetchval(lock, customer)
         post = asyncio.create_task(post_transfers(poster, [transfer(float_id, customer, 4)], retries_max=0))
-        await asyncio.sleep(0.1)
+        await waiting_for_a_lock(other, poster)
         await other.fetchval(lock, float_id)
         with pytest.raises(RetriesExhausted, match="40P01"):
             await post
