@@ -19,7 +19,7 @@ from gateway import committer as committer_module
 from gateway.committer import Committer, CommitterBusy
 from gateway.records_check import check_all
 from gateway.seeding import meter_number, seed, terminal_id
-from gateway.vending import VendingService, VendOutcome, VendRequest, refused_statuses
+from gateway.vending import VendingService, VendOutcome, VendRequest, group_id_for, refused_statuses
 from protocol.codes import ResponseCode
 from tests.gateway.conftest import Running
 
@@ -259,7 +259,12 @@ async def test_a_reversal_sent_again_to_another_gateway_while_the_first_commits_
             [first] = await VendingService(running.keystore).process_batch(first_gateway, [reversal],
                                                                            datetime.now(UTC))
             again = asyncio.create_task(commit_one(running, VendingService(running.keystore), reversal))
-            await asyncio.sleep(0.3)  # the second has read no stored answer and waits for the lock
+            # The second has read no stored answer and waits for the lock.
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await running.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                assert asyncio.get_running_loop().time() < deadline, "the second reversal never waited"
+                await asyncio.sleep(0.01)
             assert not again.done()
         second = await again
     assert first.response_code == ResponseCode.APPROVED
@@ -268,8 +273,10 @@ async def test_a_reversal_sent_again_to_another_gateway_while_the_first_commits_
         reversed_legs = await conn.fetchval(
             "SELECT count(*) FROM ledger_transfers WHERE kind = 'reversal' AND metadata->>'client_txn_id' = $1",
             paid.client_txn_id)
+        paid_legs = await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE group_id = $1",
+                                        group_id_for(paid.client_txn_id))
         assert (await check_all(conn)).holds
-    assert reversed_legs > 0
+    assert reversed_legs == paid_legs > 0  # each leg undone once, by the first reversal alone
 
 
 async def test_an_id_recorded_meanwhile_by_another_gateway_is_replayed_not_paid_twice(running: Running) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -59,13 +60,33 @@ async def test_200_terminals_over_gprs_keep_the_ledger_whole(running: Running) -
     assert report.holds, report.broken
 
 
+def sample(body: str, name: str, labels: str = "") -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", body, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 async def test_metrics_and_health_endpoints(running: Running) -> None:
     port = running.gateway.http_port
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    body = (await reader.read()).decode()
-    writer.close()
-    assert "vendgate_requests_total" in body and "vendgate_commit_batch_size_bucket" in body
+
+    async def metrics() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = (await reader.read()).decode()
+        writer.close()
+        return body
+
+    approved = 'vendgate_requests_total', '{message_type="TopUpRequest",response_code="APPROVED"}'
+    before = await metrics()
+    assert running.gateway.pos_port is not None
+    pos = PosTerminal(terminal_id(280), running.key(280), "127.0.0.1", running.gateway.pos_port)
+    paid = await pos.top_up(meter_number(26), 900, "EUR")
+    assert paid.response_code is ResponseCode.APPROVED
+    await pos.logoff()
+    body = await metrics()
+    # The payment is counted by type and code, and its batch in the batch-size histogram.
+    assert sample(body, *approved) == sample(before, *approved) + 1
+    assert sample(body, "vendgate_commit_batch_size_count") >= sample(before, "vendgate_commit_batch_size_count") + 1
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"200 OK" in await reader.read()
