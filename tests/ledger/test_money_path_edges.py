@@ -99,6 +99,7 @@ class _PostsBetweenReads:
 
     def __init__(self, conn: Any, post: Any) -> None:
         self._conn, self._post, self._reads = conn, post, 0
+        self.posted = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -108,6 +109,7 @@ class _PostsBetweenReads:
         self._reads += 1
         if self._reads == 2:
             await self._post()
+            self.posted = True
         return value
 
 
@@ -124,16 +126,22 @@ async def test_reconciling_inside_a_callers_transaction_sees_one_ledger(db_pool:
             [r] = await post_transfers(other, [transfer(float_id, customer, 700, terminal_id="T-1")])
             assert r.status is PostStatus.ok
 
-    # In a READ COMMITTED transaction (asyncpg's default) each read sees a later ledger: refused.
+    # In a READ COMMITTED transaction (asyncpg's default) each read would see a later ledger: refused.
+    read_committed = _PostsBetweenReads(db_conn, concurrent_payment)
     with pytest.raises(ReconciliationNeedsSnapshot):
         async with db_conn.transaction():
-            await reconcile_agent_day(_PostsBetweenReads(db_conn, concurrent_payment), float_account_id=float_id,
-                                      business_day=today, time_zone=zone)
+            await reconcile_agent_day(read_committed, float_account_id=float_id, business_day=today, time_zone=zone)
+    assert not read_committed.posted  # refused up front, before reading anything
+    snapshot = _PostsBetweenReads(db_conn, concurrent_payment)
     async with db_conn.transaction(isolation="repeatable_read"):
-        day = await reconcile_agent_day(_PostsBetweenReads(db_conn, concurrent_payment), float_account_id=float_id,
-                                        business_day=today, time_zone=zone)  # AssertionError today
+        day = await reconcile_agent_day(snapshot, float_account_id=float_id, business_day=today,
+                                        time_zone=zone)  # AssertionError today
+    assert snapshot.posted
     assert day.closing_float_minor == (day.opening_float_minor + day.deposits_minor - day.collections_minor
                                        + day.reversals_minor + day.other_net_minor)
+    # One ledger, the snapshot's: without the payment committed while the day was read.
+    assert day.closing_float_minor == 10_000 and day.collections_minor == 0
+    assert await balance(db_conn, float_id) == 10_000 - 700
 
 
 async def test_a_reader_going_on_from_its_cursor_misses_no_low_float_event(db_pool: Any, db_conn: Any,
