@@ -8,7 +8,7 @@ so this verifies what the keys would have:
                             payment and a terminal, every token a payment and a meter
 - vend_records_consistent   receipt numbers run 1, 2, 3, ... per terminal up to its counter with no
                             gap; every approved payment (top-up or advice) has its receipt, one
-                            collection of its amount from a float in its ledger group and its
+                            collection of its amount in its ledger group and its
                             event for the prepayment engine; a declined one has no receipt and no
                             group
 - vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
