@@ -10,6 +10,9 @@ Rules:
   and deadlock (40P01) only, at most retries_max times.
 - A transfer id is the idempotency key: a replay gets `exists` with the stored original, other
   content under a known id gets `exists_with_different_content` and posts nothing.
+- A linked group is posted once: a new transfer under the group id of posted transfers gets
+  `exists_with_different_content` (the group exists, with other content) and its group in the
+  batch fails as one, so what reverse_group() compensates is what succeeded as one.
 - The database enforces each lower bound too (a CHECK); meeting it would be a bug here, so it
   propagates as an error instead of becoming a status.
 """

@@ -15,7 +15,9 @@ from float_ledger.ledger import (
     balance,
     events_after,
     get_transfer,
+    group_transfers,
     post_transfers,
+    reverse_group,
     set_account_blocked,
 )
 from float_ledger.model import AccountKind, EventKind, PostStatus, Transfer
@@ -34,6 +36,13 @@ async def funded_float(conn: Any, source: int, amount: int, **kwargs: Any) -> in
 
 async def transfers_with(conn: Any, *ids: uuid.UUID) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE id = ANY($1::uuid[])", list(ids)))
+
+
+async def disjoint_routes(conn: Any, source: int) -> tuple[int, int, int, int]:
+    """Two floats of 10 and two customers: posts from a to a and from b to b share no account."""
+    float_a, float_b = await funded_float(conn, source, 10), await funded_float(conn, source, 10)
+    return (float_a, float_b, await account(conn, AccountKind.customer_credit),
+            await account(conn, AccountKind.customer_credit))
 
 
 async def test_each_refusal_has_its_status(db_conn: Any, source: int) -> None:
@@ -172,6 +181,65 @@ async def test_a_replayed_group_reports_exists_for_every_transfer(db_conn: Any, 
     assert await balance(db_conn, float_id) == 80
 
 
+async def test_a_new_transfer_cannot_join_a_posted_group(db_conn: Any, source: int) -> None:
+    float_id = await funded_float(db_conn, source, 100)
+    customer = await account(db_conn, AccountKind.customer_credit)
+    group = uuid.uuid4()
+    posted = [transfer(float_id, customer, 30, group_id=group), transfer(customer, float_id, 10, group_id=group)]
+    assert [r.status for r in await post_transfers(db_conn, posted)] == [S.ok, S.ok]
+    # A later batch: the posted group's id on new transfers (with a replay of one of its own
+    # among them), and a group of its own that is fine.
+    joiner = transfer(float_id, customer, 5, group_id=group)
+    unrelated = transfer(float_id, customer, 7, group_id=uuid.uuid4())
+    results = await post_transfers(db_conn, [posted[0], joiner, transfer(customer, float_id, 1, group_id=group),
+                                             unrelated])
+    assert [r.status for r in results] == [S.exists, S.exists_with_different_content, S.linked_failed, S.ok]
+    assert results[0].transfer is not None and results[0].transfer.amount_minor == 30
+    assert [t.id for t in await group_transfers(db_conn, group)] == [t.id for t in posted]
+    assert await balance(db_conn, float_id) == 100 - 30 + 10 - 7
+    # Alone, in a transaction of the caller's, and as a first attempt that reads nothing: the same.
+    async with db_conn.transaction():
+        [alone] = await apply_transfers(db_conn, [transfer(source, float_id, 3, group_id=group, kind="deposit")])
+    assert alone.status is S.exists_with_different_content and alone.transfer is None
+    assert len(await group_transfers(db_conn, group)) == 2 and await balance(db_conn, float_id) == 73
+
+
+async def test_a_reversal_repeated_after_a_refused_join_moves_nothing(db_conn: Any, source: int) -> None:
+    float_id = await funded_float(db_conn, source, 100)
+    customer = await account(db_conn, AccountKind.customer_credit)
+    group = uuid.uuid4()
+    await post_transfers(db_conn, [transfer(float_id, customer, 40, group_id=group)])
+    async with db_conn.transaction():
+        first = await reverse_group(db_conn, group, reason="lost reply")
+    assert [r.status for r in first] == [S.ok] and await balance(db_conn, float_id) == 100
+    [joined] = await post_transfers(db_conn, [transfer(float_id, customer, 25, group_id=group)])
+    assert joined.status is S.exists_with_different_content
+    async with db_conn.transaction():
+        again = await reverse_group(db_conn, group, reason="lost reply")
+    assert [r.status for r in again] == [S.exists]
+    assert (await balance(db_conn, float_id), await balance(db_conn, customer)) == (100, 0)
+
+
+async def test_one_new_group_raced_under_other_ids_posts_once(db_pool: Any, source: int) -> None:
+    """Two transactions post one new group id with different transfers and disjoint accounts: no
+    account lock is shared, the group's lock makes the later one see the earlier's and refuse."""
+    async with db_pool.acquire() as first, db_pool.acquire() as second:
+        float_a, float_b, customer_a, customer_b = await disjoint_routes(first, source)
+        group = uuid.uuid4()
+        holder = first.transaction()
+        await holder.start()
+        [held] = await apply_transfers(first, [transfer(float_a, customer_a, 3, group_id=group)])
+        assert held.status is S.ok
+        racer = asyncio.create_task(post_transfers(second, [transfer(float_b, customer_b, 4, group_id=group)]))
+        await waiting_for_a_lock(first, second)
+        assert not racer.done()
+        await holder.commit()
+        [raced] = await racer
+        assert raced.status is S.exists_with_different_content
+        assert (await balance(first, float_a), await balance(first, float_b)) == (7, 10)
+        assert [t.credit_account_id for t in await group_transfers(first, group)] == [customer_a]
+
+
 async def test_a_replay_that_would_be_refused_now_still_reports_exists(db_conn: Any, source: int) -> None:
     # Posting first takes every id to be new; a refusal must not hide that an id is stored.
     float_id = await funded_float(db_conn, source, 100)
@@ -308,10 +376,7 @@ async def test_50_concurrent_posts_of_one_id_post_once(db_pool: Any, db_conn: An
 async def test_one_id_raced_with_other_accounts_reports_different_content(db_pool: Any, source: int) -> None:
     """Two posts of one id touching disjoint accounts share no lock: the later meets the earlier's row."""
     async with db_pool.acquire() as first, db_pool.acquire() as second:
-        float_a = await funded_float(first, source, 10)
-        float_b = await funded_float(first, source, 10)
-        customer_a = await account(first, AccountKind.customer_credit)
-        customer_b = await account(first, AccountKind.customer_credit)
+        float_a, float_b, customer_a, customer_b = await disjoint_routes(first, source)
         shared_id = uuid.uuid4()
         holder = first.transaction()
         await holder.start()

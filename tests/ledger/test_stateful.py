@@ -61,12 +61,16 @@ class Model:
         saved = dict(self.balances)
         new_ids: list[uuid.UUID] = []
         statuses: list[PostStatus] = []
+        # A group posted before this call takes no new transfer: the group exists, with other content.
+        posted_groups = {t.group_id for t in self.posted.values() if t.group_id is not None}
         for t in linked:
             if statuses and statuses[-1] not in (S.ok, S.exists):
                 statuses.append(S.linked_failed)
                 continue
             if t.id in self.posted:
                 statuses.append(S.exists if self.posted[t.id] == t else S.exists_with_different_content)
+            elif t.group_id in posted_groups:
+                statuses.append(S.exists_with_different_content)
             elif t.debit_account_id not in self.balances or t.credit_account_id not in self.balances:
                 statuses.append(S.account_missing)
             elif t.kind != TransferKind.reversal and {t.debit_account_id, t.credit_account_id} & self.blocked:
@@ -212,6 +216,14 @@ async def test_the_ledger_matches_an_in_memory_model(db_pool: Any) -> None:
             original = data.draw(st.sampled_from(sorted(self.model.posted.values(), key=lambda t: str(t.id))))
             changed = msgspec.structs.replace(original, amount_minor=original.amount_minor + extra)
             self.post([changed])
+
+        @precondition(lambda self: self.groups)
+        @rule(data=st.data(), agent=st.integers(0, AGENTS - 1), amount=st.integers(1, 500))
+        def join_a_posted_group(self, data: st.DataObject, agent: int, amount: int) -> None:
+            # A new transfer under a top-up's group id (posted, refused or reversed by now).
+            group = data.draw(st.sampled_from(self.groups))
+            self.post([Transfer(id=uuid.uuid4(), debit_account_id=self.source, credit_account_id=self.floats[agent],
+                                amount_minor=amount, currency=CURRENCY, kind=TransferKind.deposit, group_id=group)])
 
         @rule(agent=st.integers(0, AGENTS - 1), blocked=st.booleans())
         def block(self, agent: int, blocked: bool) -> None:
