@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import msgspec
+
 from protocol import limits
 from protocol.codes import ResponseCode
 
@@ -87,3 +89,25 @@ class NotPermitted(ProtocolError):
 class LocalProtocolError(ProtocolError):
     default_response_code = ResponseCode.SYSTEM_ERROR
     default_close_connection = False
+
+
+# msgspec's messages that quote what the peer sent: the value, or the name of a field it added.
+_QUOTING_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("Invalid enum value ", "invalid enum value"),
+    ("Invalid value ", "invalid value"),
+    ("Object contains unknown field ", "unknown field"),
+)
+
+
+def decode_failure(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
+    """The detail for a body that does not decode: what is wrong and where (the path in the
+    message's own schema), never the value or field name the peer sent."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "body does not decode: not UTF-8"
+    message, at, path = str(exc).partition(" - at ")
+    for prefix, said in _QUOTING_PREFIXES:
+        if message.startswith(prefix):
+            message = said
+            break
+    return f"body does not decode: {message}{at}{path}"
+

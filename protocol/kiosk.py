@@ -21,7 +21,7 @@ import msgspec
 
 from protocol import limits
 from protocol.codes import ResponseCode
-from protocol.errors import FormatError, FrameTooLarge, NotPermitted, ProtocolError
+from protocol.errors import FormatError, FrameTooLarge, NotPermitted, ProtocolError, decode_failure
 from protocol.messages import (
     AnyMessage,
     EndOfDayRequest,
@@ -73,7 +73,7 @@ def decode_kiosk_request(body: bytes, *, kiosk_id: str) -> TerminalMessage:
     try:
         message = _request_decoder.decode(body)
     except _DECODE_ERRORS as exc:
-        raise FormatError(f"body does not decode: {exc}", close_connection=False) from None
+        raise FormatError(decode_failure(exc), close_connection=False) from None
     if type(message) not in KIOSK_REQUEST_TYPES:
         raise NotPermitted(f"{type(message).__name__} is not part of the kiosk API")
     foreign = foreign_transaction_id(message, kiosk_id)
@@ -89,7 +89,7 @@ def decode_kiosk_reply(body: bytes) -> ServerMessage:
     try:
         return _reply_decoder.decode(body)
     except _DECODE_ERRORS as exc:
-        raise FormatError(f"body does not decode: {exc}") from None
+        raise FormatError(decode_failure(exc)) from None
 
 
 def http_status(reply: ServerMessage) -> int:

@@ -69,6 +69,7 @@ from protocol.errors import (
     ReplayError,
     StateError,
     UnsupportedVersion,
+    decode_failure,
 )
 from protocol.messages import (
     MSGPACK_ENCODER,
@@ -597,8 +598,8 @@ class ServerSession(_Session):
             # the server answers it with an ErrorReply and carries on.
             if state_before is ServerState.READY:
                 self._state = ServerState.REJECTING
-                raise FormatError(f"body does not decode: {exc}", close_connection=False) from None
-            raise FormatError(f"body does not decode: {exc}") from None
+                raise FormatError(decode_failure(exc), close_connection=False) from None
+            raise FormatError(decode_failure(exc)) from None
         if type(message) is not message_type:
             raise FormatError(f"header says {message_type.__name__}, body says {type(message).__name__}")
         terminal_id = self._terminal_id
@@ -758,7 +759,7 @@ class TerminalSession(_Session):
         try:
             message = SERVER_DECODER.decode(frame[_HEADER_BYTES:-_MAC_BYTES])
         except _DECODE_ERRORS as exc:
-            raise FormatError(f"body does not decode: {exc}") from None
+            raise FormatError(decode_failure(exc)) from None
         if type(message) is not message_type:
             raise FormatError(f"header says {message_type.__name__}, body says {type(message).__name__}")
         if row.message is not _REPLY:

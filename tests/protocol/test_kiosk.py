@@ -84,6 +84,25 @@ def test_malformed_requests_are_format_errors(body: bytes) -> None:
     assert kiosk.decode_kiosk_reply(reply_body).response_code is ResponseCode.FORMAT_ERROR  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("changed", "where"),
+    [
+        ({"type": "S3CR3T_request"}, "`$.type`"),
+        ({"tender_type": "S3CR3T"}, "`$.tender_type`"),
+        ({"S3CR3T": 1}, ""),
+        ({"client_transaction_id": {"terminal_id": "T0000001", "terminal_sequence": 42,
+                                    "business_date": "2025-03-01", "S3CR3T": 1}}, "`$.client_transaction_id`"),
+    ],
+    ids=["type tag", "enum value", "unknown field", "nested unknown field"],
+)
+def test_a_format_error_names_where_but_never_repeats_what_was_sent(changed: dict[str, object], where: str) -> None:
+    body = json.dumps({**json.loads(kiosk.encode_kiosk_message(TOP_UP_REQUEST)), **changed}).encode()
+    with pytest.raises(FormatError) as caught:
+        kiosk.decode_kiosk_request(body, kiosk_id=TERMINAL_ID)
+    assert caught.value.detail.startswith("body does not decode: ") and where in caught.value.detail
+    assert "S3CR3T" not in caught.value.detail and "S3CR3T" not in kiosk.kiosk_error(caught.value)[1].decode()
+
+
 def test_oversize_body_is_refused_before_decoding() -> None:
     with pytest.raises(FrameTooLarge) as caught:
         kiosk.decode_kiosk_request(b" " * (limits.kiosk_body_bytes_max + 1), kiosk_id=TERMINAL_ID)

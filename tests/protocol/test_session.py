@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -582,6 +583,21 @@ def test_bad_body_in_an_authenticated_request_is_answered_and_the_session_goes_o
     assert (terminal.state, server.state) == (TerminalState.READY, ServerState.READY)
     [again] = server.receive_data(terminal.send(HeartbeatRequest()))
     assert isinstance(again, MessageReceived)
+
+
+def test_a_bad_body_s_error_frame_names_the_field_but_not_the_value_sent() -> None:
+    terminal, server = logged_on_pair()
+    keys = framing.derive_session_keys(TERMINAL_KEY, TERMINAL_ID, TERMINAL_NONCE, SERVER_NONCE)
+    body = MSGPACK_ENCODER.encode(msgspec.to_builtins(TOP_UP_REQUEST) | {"tender_type": "S3CR3T"})
+    terminal.send(TOP_UP_REQUEST)  # the sequence number the tampered frame takes
+    header = framing.HEADER.pack(limits.header_bytes - 2 + len(body) + limits.mac_bytes, 1,
+                                 TopUpRequest.message_type, TERMINAL_ID.encode("ascii"), terminal.send_sequence)
+    with pytest.raises(FormatError) as caught:
+        server.receive_data(with_mac(header + body + bytes(limits.mac_bytes), keys.terminal_to_server))
+    assert "`$.tender_type`" in caught.value.detail and "S3CR3T" not in caught.value.detail
+    [event] = terminal.receive_data(server.send_error(caught.value))
+    assert event.message.response_code is ResponseCode.FORMAT_ERROR  # type: ignore[union-attr]
+    assert "S3CR3T" not in event.message.detail  # type: ignore[union-attr]
 
 
 def test_a_bad_body_fed_one_byte_at_a_time_is_answered_and_the_session_goes_on() -> None:
