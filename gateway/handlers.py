@@ -62,9 +62,12 @@ _BLOCKED_MID_SESSION = ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, d
                                   connection_closing=True)
 WH_PER_DECI_KWH = 100
 
+# With the currency of the meter's tariff in force (NULL: none), which a top-up must be paid in.
 SQL_LOOKUP = """
 SELECT m.meter_number, m.supply_mode, m.supply_state, m.last_purchase_at, m.last_purchase_minor,
-       c.account_number, c.name, c.address, d.balance_minor AS debt_balance_minor
+       c.account_number, c.name, c.address, d.balance_minor AS debt_balance_minor,
+       (SELECT t.currency FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= now()
+         ORDER BY t.valid_from DESC LIMIT 1) AS tariff_currency
 FROM meters m JOIN customers c USING (customer_id)
 JOIN ledger_accounts d ON d.id = c.debt_account_id
 WHERE ($1::text IS NOT NULL AND m.meter_number = $1) OR ($2::text IS NOT NULL AND c.account_number = $2)
@@ -234,6 +237,11 @@ class Handlers:
         if row is None:
             code = ResponseCode.UNKNOWN_METER if message.meter_number else ResponseCode.UNKNOWN_ACCOUNT
             return LookupResult(response_code=code)
+        if row["tariff_currency"] != context.currency:
+            # No tariff in force in this terminal's currency: its top-up would be refused
+            # UNKNOWN_METER, so the lookup says so before the agent takes the customer's money
+            # (and never shows the customer's amounts under another currency's code).
+            return LookupResult(response_code=ResponseCode.UNKNOWN_METER)
         last = None
         if row["last_purchase_at"] is not None:
             last = LastPurchase(amount_minor=int(row["last_purchase_minor"]), purchased_at=row["last_purchase_at"])

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from gateway import registry
 from gateway.seeding import meter_number, terminal_id
 from protocol.codes import ResponseCode
 from protocol.messages import Advice, EndOfDayRequest, TenderType
@@ -56,6 +57,28 @@ async def test_lookup_by_account_number_and_unknown(running: Running) -> None:
     missing = await pos.lookup(account_number="AC99999999")
     assert missing.response_code is ResponseCode.UNKNOWN_ACCOUNT and missing.customer is None
     await pos.logoff()
+
+
+async def test_a_meter_without_a_tariff_in_the_terminal_s_currency_is_not_shown_as_payable(running: Running) -> None:
+    """A terminal of a ZAR agent looks up an EUR customer: the lookup answers as the top-up would."""
+    assert running.gateway.pos_port is not None
+    async with running.pool.acquire() as conn:
+        agent = await registry.add_agent(conn, kind="shop", name="Rand shop", currency="ZAR")
+        key = await registry.add_terminal(conn, running.keystore, terminal_id="Z0000001", serial="ZSN1",
+                                          agent_id=agent.agent_id)
+    pos = PosTerminal("Z0000001", key, "127.0.0.1", running.gateway.pos_port)
+    await pos.logon()
+    for found in (await pos.lookup(meter_number=meter_number(25)), await pos.lookup(account_number="AC00000025")):
+        assert found.response_code is ResponseCode.UNKNOWN_METER and found.customer is None
+    paid = await pos.top_up(meter_number(25), 1_000, "ZAR")
+    assert paid.response_code is ResponseCode.UNKNOWN_METER
+    await pos.logoff()
+    eur = PosTerminal(terminal_id(261), running.key(261), "127.0.0.1", running.gateway.pos_port)
+    await eur.logon()
+    shown = await eur.lookup(meter_number=meter_number(25))
+    assert shown.response_code is ResponseCode.APPROVED and shown.customer is not None
+    assert shown.customer.currency == "EUR"
+    await eur.logoff()
 
 
 async def test_a_reversal_counts_on_the_day_it_was_processed_not_its_originals(running: Running) -> None:
