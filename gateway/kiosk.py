@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from gateway.ca import fingerprint_of_der
 from gateway.jsonlog import get_logger
@@ -51,6 +51,8 @@ def kiosk_app(gateway: Gateway) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if (declared := _declared_too_large(request)) is not None:
+            return declared  # before kiosk_request reads the body
         return await gateway.kiosk_request(request, lambda: _authenticated(request, handler))
 
     async def _authenticated(request: web.Request,
@@ -82,6 +84,32 @@ def kiosk_app(gateway: Gateway) -> web.Application:
                                         getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
         return web.Response(status=http_status(reply), body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
 
+    async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: a body declared too large is refused before it is sent."""
+        if (declared := _declared_too_large(request)) is not None:
+            return declared
+        # Otherwise as aiohttp's own: 100 Continue over HTTP/1.1, 417 for any other expectation.
+        if request.version == HttpVersion11:
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
+
     app = web.Application(middlewares=[authenticate], client_max_size=limits.kiosk_body_bytes_max)
-    app.router.add_post(KIOSK_PATH, message)
+    app.router.add_post(KIOSK_PATH, message, expect_handler=expect_continue)
     return app
+
+
+def _declared_too_large(request: web.Request) -> web.Response | None:
+    """413 for a Content-Length above the limit, before any of the body is read. The connection
+    closes after the answer (aiohttp first reads and drops, for up to its lingering time of 10 s,
+    what the kiosk still sends). A chunked body, without a Content-Length, is refused as soon as
+    the limit is passed."""
+    if request.content_length is None or request.content_length <= limits.kiosk_body_bytes_max:
+        return None
+    response = web.Response(status=413, content_type="text/plain",
+                            text=f"Maximum request body size {limits.kiosk_body_bytes_max} exceeded, "
+                                 f"declared {request.content_length}")
+    response.force_close()
+    return response

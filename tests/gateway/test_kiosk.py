@@ -359,6 +359,43 @@ async def test_a_request_refused_after_authentication_keeps_the_connection_open(
         writer.close()
 
 
+@pytest.mark.parametrize("expect", [False, True], ids=["body withheld", "expect 100-continue"])
+async def test_a_body_declared_too_large_is_refused_at_once_and_the_connection_closes(
+        kiosk_setup: dict[str, object], expect: bool) -> None:
+    """413 as soon as the head is read (not 100 Continue): the kiosk is not left waiting, or
+    sending a body that will be refused; and the connection closes, so what it sends after the
+    head is never taken for its next request."""
+    reader, writer = await _tls_connection(kiosk_setup, "good")
+    try:
+        writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                     + CONTENT_TYPE.encode() + b"\r\nContent-Length: 1000000000\r\n"
+                     + (b"Expect: 100-continue\r\n" if expect else b"") + b"\r\n")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).lower()
+        assert head.startswith(b"http/1.1 413") and b"connection: close" in head
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_within_the_limit_is_answered_continue_then_served(
+        kiosk_setup: dict[str, object]) -> None:
+    reader, writer = await _tls_connection(kiosk_setup, "good")
+    try:
+        body = encode_kiosk_message(HeartbeatRequest())
+        writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                     + CONTENT_TYPE.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\nExpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.lower().startswith(b"http/1.1 100 continue")
+        writer.write(body)
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).lower()
+        length = re.search(rb"content-length: (\d+)", head)
+        assert head.startswith(b"http/1.1 200") and length is not None
+        reply = decode_kiosk_reply(await asyncio.wait_for(reader.readexactly(int(length.group(1))), 10))
+        assert isinstance(reply, HeartbeatReply)
+    finally:
+        writer.close()
+
+
 async def _refused_on_kept_alive_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                            kiosk: Kiosk) -> tuple[bytes, object, str]:
     txn = kiosk.next_transaction_id()
