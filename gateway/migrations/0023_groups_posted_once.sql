@@ -7,13 +7,21 @@
 --
 -- Now a transfer under the group id of posted transfers, whose own id is not one of theirs, is
 -- refused `exists_with_different_content` (the group exists, with other content) and its group
--- in the batch fails as one; a replay of the group's own ids is `exists` as before.
--- ledger_apply_transfers() takes a transaction-level advisory lock per group id of the batch (in
--- key order, before any account lock), so two transactions posting one new group under
--- different transfer ids are serialised: the second sees the first's transfers and is refused.
--- A first attempt looks the batch's groups up in the group index; only when one is posted
--- already does it hand over to the attempt that reads the stored transfers. Nothing else in
--- ledger_apply_transfers_once() (0016_ledger_replay_by_key.sql) changes.
+-- in the batch fails as one; a replay of the group's own ids is `exists` as before. A first
+-- attempt looks the batch's groups up in the group index and, when one is posted already,
+-- hands over to the attempt that reads the stored transfers (p_lookup), as for a stored id.
+--
+-- Two transactions posting one new group under different transfers, with no account in common,
+-- share no lock: each group's first transfer is marked (opens_group), and a unique index on the
+-- marked transfers' group ids makes the later INSERT wait for the earlier transaction and then
+-- meet its row, like the primary key for a transfer id, so it is evaluated again and refused.
+-- The index holds one entry per group. Transfers posted before this migration are unmarked:
+-- their groups are found by the lookup alone (they are committed, so no race is left on them).
+-- Nothing else in ledger_apply_transfers_once() (0016_ledger_replay_by_key.sql) changes.
+ALTER TABLE ledger_transfers
+    ADD COLUMN opens_group boolean NOT NULL DEFAULT false,
+    ADD CONSTRAINT ledger_transfers_opens_a_group CHECK (NOT opens_group OR group_id IS NOT NULL);
+CREATE UNIQUE INDEX ledger_transfers_group_opened ON ledger_transfers (group_id) WHERE opens_group;
 
 CREATE OR REPLACE FUNCTION ledger_apply_transfers_once(
     p_ids uuid[], p_debit bigint[], p_credit bigint[], p_amount bigint[], p_currency text[],
@@ -312,15 +320,17 @@ BEGIN
                               MESSAGE = 'a refused transfer''s id is stored: evaluate the batch as a replay';
     END IF;
 
+    -- A group's first transfer opens it (groups are consecutive; one that posts, posts its first).
     INSERT INTO ledger_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency, kind,
                                   group_id, metadata, debit_balance_after_minor, credit_balance_after_minor,
-                                  created_at, hash)
+                                  created_at, hash, opens_group)
     SELECT u.id, u.seq, u.debit, u.credit, u.amount, u.currency, u.kind, u.group_id, u.metadata,
-           u.debit_after, u.credit_after, posted_at, u.hash
+           u.debit_after, u.credit_after, posted_at, u.hash,
+           u.group_id IS NOT NULL AND u.group_id IS DISTINCT FROM p_group[u.ord::integer - 1]
       FROM unnest(p_ids, seqs, p_debit, p_credit, p_amount, p_currency, p_kind, p_group, p_metadata,
-                  debit_afters, credit_afters, statuses, hashes)
+                  debit_afters, credit_afters, statuses, hashes) WITH ORDINALITY
            AS u(id, seq, debit, credit, amount, currency, kind, group_id, metadata, debit_after, credit_after,
-                status, hash)
+                status, hash, ord)
      WHERE u.status = 'ok';
 
     -- Accounts whose chain moved; a group undone leaves its accounts as they were.
@@ -337,40 +347,5 @@ BEGIN
           FROM unnest(ev_kind, ev_account, ev_transfer, ev_balance, ev_threshold)
                AS e(kind, account_id, transfer_id, balance, threshold);
     END IF;
-END;
-$$;
-
--- The entry point, as in 0011_posting_speed.sql, now taking a lock per group id of the batch first.
-CREATE OR REPLACE FUNCTION ledger_apply_transfers(
-    p_ids uuid[], p_debit bigint[], p_credit bigint[], p_amount bigint[], p_currency text[],
-    p_kind text[], p_group uuid[], p_metadata jsonb[],
-    OUT statuses text[], OUT seqs bigint[], OUT created_ats timestamptz[],
-    OUT debit_afters bigint[], OUT credit_afters bigint[], OUT posted_at timestamptz
-)
-LANGUAGE plpgsql AS $$
-DECLARE
-    attempts_max constant integer := 4;  -- one that takes ids to be new, three that read them
-    attempt integer := 0;
-BEGIN
-    -- Taken outside the attempts below: a failed attempt rolls back to its savepoint, which
-    -- would release a lock taken inside it. Key order, so batches sharing groups never wait on
-    -- each other in a cycle.
-    PERFORM pg_advisory_xact_lock(k.h)
-       FROM (SELECT DISTINCT hashtextextended(g::text, 11) AS h
-               FROM unnest(p_group) AS g WHERE g IS NOT NULL ORDER BY 1) AS k;
-    LOOP
-        attempt := attempt + 1;
-        BEGIN
-            SELECT o.statuses, o.seqs, o.created_ats, o.debit_afters, o.credit_afters, o.posted_at
-              INTO statuses, seqs, created_ats, debit_afters, credit_afters, posted_at
-              FROM ledger_apply_transfers_once(p_ids, p_debit, p_credit, p_amount, p_currency, p_kind, p_group,
-                                               p_metadata, attempt > 1) o;
-            RETURN;
-        EXCEPTION WHEN unique_violation THEN
-            IF attempt >= attempts_max THEN
-                RAISE;
-            END IF;
-        END;
-    END LOOP;
 END;
 $$;

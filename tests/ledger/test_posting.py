@@ -187,6 +187,8 @@ async def test_a_new_transfer_cannot_join_a_posted_group(db_conn: Any, source: i
     group = uuid.uuid4()
     posted = [transfer(float_id, customer, 30, group_id=group), transfer(customer, float_id, 10, group_id=group)]
     assert [r.status for r in await post_transfers(db_conn, posted)] == [S.ok, S.ok]
+    openers = await db_conn.fetch("SELECT id FROM ledger_transfers WHERE group_id = $1 AND opens_group", group)
+    assert [r["id"] for r in openers] == [posted[0].id]  # the group's first transfer opens it
     # A later batch: the posted group's id on new transfers (with a replay of one of its own
     # among them), and a group of its own that is fine.
     joiner = transfer(float_id, customer, 5, group_id=group)
