@@ -33,6 +33,23 @@ class SeedSummary(msgspec.Struct, frozen=True, kw_only=True):
     meters: int
     float_each_minor: int
     currency: str
+    first_terminal: int = 1  # the n of terminal_id(n) and meter_number(n) of the first one made
+    first_meter: int = 1
+    sts_every: int = 3
+
+    def ranges(self) -> list[str]:
+        """What a tester types into a terminal: the ids and numbers made, first to last."""
+        last_terminal, last_meter = self.first_terminal + self.terminals - 1, self.first_meter + self.meters - 1
+        sts = [n for n in range(self.first_meter, last_meter + 1) if n % self.sts_every == 0]
+        return [
+            f"terminals {terminal_id(self.first_terminal)}..{terminal_id(last_terminal)}",
+            f"meters {meter_number(self.first_meter)}..{meter_number(last_meter)} (a Luhn check digit "
+            f"ends each), accounts AC{self.first_meter:08d}..AC{last_meter:08d}",
+            f"STS token meters: one in {self.sts_every}"
+            + (f", the first {meter_number(sts[0])}" if sts else ", none among these"),
+            "terminal keys: derived from the seed secret, never printed (`vendgate terminal add` makes a "
+            "terminal and prints its key once)",
+        ]
 
 
 def terminal_id(n: int) -> str:
@@ -98,4 +115,5 @@ async def seed(conn: asyncpg.Connection, keystore: KeyStore, *, agents: int, ter
                                  sts_key_revision=1 if sts_meter else None,
                                  sts_base_year=2014 if sts_meter else None)
     return SeedSummary(agents=agents, terminals=terminals, meters=meters, float_each_minor=float_each_minor,
-                       currency=DEMO_CURRENCY)
+                       currency=DEMO_CURRENCY, first_terminal=first_terminal, first_meter=first_meter,
+                       sts_every=sts_every)

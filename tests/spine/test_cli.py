@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.seeding import meter_number, terminal_id
+
 
 def vendgate(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
@@ -48,6 +50,19 @@ def test_embedded_cluster_lifecycle(tmp_path: Path) -> None:
         assert "applied 0001_base" in first.stdout
         again = vendgate("migrate", env=env)
         assert again.stdout.strip() == "schema up to date"
+        seeded = vendgate("seed", "--agents", "1", "--terminals", "2", "--meters", "4", env=env)
+        assert seeded.returncode == 0, seeded.stderr
+        assert seeded.stdout.splitlines()[1:4] == [
+            f"terminals {terminal_id(1)}..{terminal_id(2)}",
+            f"meters {meter_number(1)}..{meter_number(4)} (a Luhn check digit ends each), accounts "
+            "AC00000001..AC00000004",
+            f"STS token meters: one in 3, the first {meter_number(3)}"]
+        more = vendgate("seed", "--agents", "1", "--terminals", "1", "--meters", "1", env=env)
+        assert more.stdout.splitlines()[1:4] == [
+            f"terminals {terminal_id(3)}..{terminal_id(3)}",
+            f"meters {meter_number(5)}..{meter_number(5)} (a Luhn check digit ends each), accounts "
+            "AC00000005..AC00000005",
+            "STS token meters: one in 3, none among these"]
         url = vendgate("db", "url", env=env)
         assert url.stdout.startswith("postgresql://vendgate:***@127.0.0.1:")
     finally:

@@ -61,6 +61,8 @@ async def demo(settings: Settings, duration_s: float, link: str) -> bool:
                 summary = await seed(conn, keystore, agents=DEMO_AGENTS, terminals=DEMO_TERMINALS,
                                      meters=DEMO_METERS, seed_secret=secret)
                 print(f"seeded: {summary.agents} agents, {summary.terminals} terminals, {summary.meters} meters")
+                for line in summary.ranges():
+                    print(f"  {line}")
         authority = CertificateAuthority(ca_dir(settings))
         authority.init(now=datetime.now(UTC))
         async with pool.acquire() as conn:

@@ -115,4 +115,6 @@ def handle_seed(args: argparse.Namespace, settings: Settings) -> int:
     summary = run_on_connection(settings, go)
     print(f"seeded {summary.agents} agents, {summary.terminals} terminals, {summary.meters} meters; "
           f"float {summary.float_each_minor} {summary.currency} minor units each")
+    for line in summary.ranges():
+        print(line)
     return 0
