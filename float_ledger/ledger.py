@@ -232,6 +232,8 @@ async def reverse_group(conn: Connection, group_id: uuid.UUID, *, reason: str,
     when the customer's credit was already spent) and then nothing is posted. A group of reversals
     is not reversed in turn (InvalidTransfer): that would apply the payment again under ids no
     idempotency key covers; a payment to be made again is posted again, under its own ids.
+    A `reversal_group_id` of a group posted already gets `exists_with_different_content` for
+    transfers that are not its own: a group posts once.
     """
     originals = await group_transfers(conn, group_id)
     if not originals:
@@ -249,7 +251,8 @@ async def accrue_commission(conn: Connection, *, transfer_id: uuid.UUID, expense
     """Accrue commission on a collected amount (rounded down) in the caller's transaction; None when 0.
 
     A top-up usually carries its commission inside its linked group (model.top_up_transfers); this
-    posts it on its own, e.g. for payments collected before the agent's rate was set.
+    posts it on its own, e.g. for payments collected before the agent's rate was set. With the
+    `group_id` of a posted group it is refused `exists_with_different_content`: a group posts once.
     """
     transfer = commission_transfer(transfer_id=transfer_id, expense_account_id=expense_account_id,
                                    payable_account_id=payable_account_id, collected_minor=collected_minor,

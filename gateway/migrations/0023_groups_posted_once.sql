@@ -17,10 +17,13 @@
 -- meet its row, like the primary key for a transfer id, so it is evaluated again and refused.
 -- The index holds one entry per group. Transfers posted before this migration are unmarked:
 -- their groups are found by the lookup alone (they are committed, so no race is left on them).
+-- A group split in a batch (its transfers not consecutive) would have two first transfers: the
+-- function refuses it (invalid_parameter_value), as the Python API already does before any SQL.
 -- Nothing else in ledger_apply_transfers_once() (0016_ledger_replay_by_key.sql) changes.
-ALTER TABLE ledger_transfers
-    ADD COLUMN opens_group boolean NOT NULL DEFAULT false,
-    ADD CONSTRAINT ledger_transfers_opens_a_group CHECK (NOT opens_group OR group_id IS NOT NULL);
+--
+-- The new column's default is kept in the catalog (no table rewrite); building the index reads
+-- the whole table once, and postings wait for it: on a large ledger, migrate in a quiet hour.
+ALTER TABLE ledger_transfers ADD COLUMN opens_group boolean NOT NULL DEFAULT false;
 CREATE UNIQUE INDEX ledger_transfers_group_opened ON ledger_transfers (group_id) WHERE opens_group;
 
 CREATE OR REPLACE FUNCTION ledger_apply_transfers_once(
@@ -93,6 +96,16 @@ BEGIN
     hashes := array_fill(NULL::bytea, ARRAY[n]);
     IF n = 0 THEN
         RETURN;
+    END IF;
+    -- (Aliases unlike this function's variables: PL/pgSQL would read r.g as its record r.)
+    IF EXISTS (SELECT 1
+                 FROM (SELECT x.g, x.g IS DISTINCT FROM lag(x.g) OVER (ORDER BY x.ord) AS starts
+                         FROM unnest(p_group) WITH ORDINALITY AS x(g, ord)) runs
+                WHERE runs.g IS NOT NULL AND runs.starts
+                GROUP BY runs.g
+               HAVING count(*) > 1) THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                              MESSAGE = 'a linked group''s transfers must be consecutive in the batch';
     END IF;
 
     -- Work that needs no lock comes first, so the locks are held for the loop and the writes only.

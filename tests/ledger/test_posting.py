@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from float_ledger import sql
 from float_ledger.errors import InvalidTransfer, LedgerError, RetriesExhausted
 from float_ledger.ledger import (
     apply_transfers,
@@ -224,7 +225,8 @@ async def test_a_reversal_repeated_after_a_refused_join_moves_nothing(db_conn: A
 
 async def test_one_new_group_raced_under_other_ids_posts_once(db_pool: Any, source: int) -> None:
     """Two transactions post one new group id with different transfers and disjoint accounts: no
-    account lock is shared, the group's lock makes the later one see the earlier's and refuse."""
+    account lock is shared; the later one's first transfer meets the earlier's on the index of
+    groups' first transfers, waits for it to commit, and is refused."""
     async with db_pool.acquire() as first, db_pool.acquire() as second:
         float_a, float_b, customer_a, customer_b = await disjoint_routes(first, source)
         group = uuid.uuid4()
@@ -307,6 +309,19 @@ async def test_a_group_split_within_a_batch_is_refused(db_conn: Any) -> None:
     batch = [transfer(1, 2, 1, group_id=group), transfer(1, 2, 1), transfer(1, 2, 1, group_id=group)]
     with pytest.raises(InvalidTransfer, match="not consecutive"):
         await post_transfers(db_conn, batch)
+
+
+async def test_the_posting_function_refuses_a_split_group_itself(db_conn: Any, source: int) -> None:
+    """Called without the Python API's check: a group in two runs would have two first transfers."""
+    float_id = await funded_float(db_conn, source, 100)
+    customer = await account(db_conn, AccountKind.customer_credit)
+    group = uuid.uuid4()
+    batch = [transfer(float_id, customer, 1, group_id=group), transfer(float_id, customer, 1),
+             transfer(float_id, customer, 1, group_id=group)]
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="consecutive"):
+        await db_conn.fetchrow(sql.SQL_APPLY_TRANSFERS, [t.id for t in batch], [float_id] * 3, [customer] * 3,
+                               [1] * 3, ["KES"] * 3, ["collection"] * 3, [t.group_id for t in batch], ["{}"] * 3)
+    assert await transfers_with(db_conn, *(t.id for t in batch)) == 0 and await balance(db_conn, float_id) == 100
 
 
 async def test_post_transfers_refuses_to_run_inside_a_transaction(db_conn: Any) -> None:
