@@ -23,6 +23,7 @@ body bytes.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import msgspec
@@ -97,6 +98,24 @@ _QUOTING_PREFIXES: tuple[tuple[str, str], ...] = (
     ("Invalid value ", "invalid value"),
     ("Object contains unknown field ", "unknown field"),
 )
+# A path as msgspec writes it: `$`, `$.field`, `$[3]`, `$.map[...]`.
+_PATH = re.compile(r"`\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\]|\[\.\.\.\])*)`")
+_PATH_FIELD = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
+_schema_fields: frozenset[str] | None = None
+
+
+def _in_schema(path: str) -> bool:
+    """True when `path` is a path whose every field is a field of some protocol message: so it
+    says where, and holds nothing the peer made up (a quoted value could end like a path)."""
+    global _schema_fields
+    if _schema_fields is None:
+        from protocol import messages  # here: messages need nothing of this module, but keep it that way
+
+        structs = [obj for obj in vars(messages).values() if isinstance(obj, type) and issubclass(obj, msgspec.Struct)]
+        _schema_fields = frozenset(name for obj in structs for name in obj.__struct_encode_fields__) | {
+            obj.__struct_config__.tag_field for obj in structs if obj.__struct_config__.tag_field}
+    match = _PATH.fullmatch(path)
+    return match is not None and all(name in _schema_fields for name in _PATH_FIELD.findall(match.group(1)))
 
 
 def decode_failure(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
@@ -104,10 +123,10 @@ def decode_failure(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
     message's own schema), never the value or field name the peer sent."""
     if isinstance(exc, UnicodeDecodeError):
         return "body does not decode: not UTF-8"
-    message, at, path = str(exc).partition(" - at ")
+    text = str(exc)
     for prefix, said in _QUOTING_PREFIXES:
-        if message.startswith(prefix):
-            message = said
-            break
-    return f"body does not decode: {message}{at}{path}"
-
+        if text.startswith(prefix):
+            # The value may hold " - at " itself: only a schema path at the very end is kept.
+            _, at, path = text.rpartition(" - at ")
+            return f"body does not decode: {said}" + (f" - at {path}" if at and _in_schema(path) else "")
+    return f"body does not decode: {text}"

@@ -90,10 +90,15 @@ def test_malformed_requests_are_format_errors(body: bytes) -> None:
         ({"type": "S3CR3T_request"}, "`$.type`"),
         ({"tender_type": "S3CR3T"}, "`$.tender_type`"),
         ({"S3CR3T": 1}, ""),
+        ({"type": "x - at S3CR3T"}, "`$.type`"),
+        ({"tender_type": "x - at `$.S3CR3T`"}, "`$.tender_type`"),
+        ({"x - at S3CR3T": 1}, ""),
+        ({"x - at `$.S3CR3T": 1}, ""),
         ({"client_transaction_id": {"terminal_id": "T0000001", "terminal_sequence": 42,
                                     "business_date": "2025-03-01", "S3CR3T": 1}}, "`$.client_transaction_id`"),
     ],
-    ids=["type tag", "enum value", "unknown field", "nested unknown field"],
+    ids=["type tag", "enum value", "unknown field", "tag holding a path", "enum value holding a path",
+         "unknown field holding a path", "unknown field ending as a path", "nested unknown field"],
 )
 def test_a_format_error_names_where_but_never_repeats_what_was_sent(changed: dict[str, object], where: str) -> None:
     body = json.dumps({**json.loads(kiosk.encode_kiosk_message(TOP_UP_REQUEST)), **changed}).encode()
