@@ -62,16 +62,20 @@ _BLOCKED_MID_SESSION = ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED, d
                                   connection_closing=True)
 WH_PER_DECI_KWH = 100
 
-# With the currency of the meter's tariff in force (NULL: none), which a top-up must be paid in.
+# With the currency of the meter's tariff in force (NULL: none) and of the customer's accounts: a
+# top-up is paid in both. Of an account's meters, one payable in the terminal's currency ($3) first.
 SQL_LOOKUP = """
 SELECT m.meter_number, m.supply_mode, m.supply_state, m.last_purchase_at, m.last_purchase_minor,
-       c.account_number, c.name, c.address, d.balance_minor AS debt_balance_minor,
-       (SELECT t.currency FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= now()
-         ORDER BY t.valid_from DESC LIMIT 1) AS tariff_currency
+       c.account_number, c.name, c.address, d.balance_minor AS debt_balance_minor, d.currency AS account_currency,
+       t.currency AS tariff_currency
 FROM meters m JOIN customers c USING (customer_id)
 JOIN ledger_accounts d ON d.id = c.debt_account_id
+LEFT JOIN LATERAL (
+    SELECT t.currency FROM tariffs t WHERE t.tariff_code = m.tariff_code AND t.valid_from <= now()
+    ORDER BY t.valid_from DESC LIMIT 1
+) t ON true
 WHERE ($1::text IS NOT NULL AND m.meter_number = $1) OR ($2::text IS NOT NULL AND c.account_number = $2)
-ORDER BY m.meter_number LIMIT 1"""
+ORDER BY (t.currency IS NOT DISTINCT FROM $3 AND d.currency = $3) DESC, m.meter_number LIMIT 1"""
 SQL_FLOAT = """
 SELECT a.currency, a.low_float_threshold_minor, l.balance_minor
 FROM terminals t JOIN agents a USING (agent_id) JOIN ledger_accounts l ON l.id = a.float_account_id
@@ -233,14 +237,14 @@ class Handlers:
         if "lookup" not in context.allowed_operations:
             return LookupResult(response_code=ResponseCode.NOT_PERMITTED)
         async with self.pool.acquire(timeout=db_timeout_s) as conn:
-            row = await conn.fetchrow(SQL_LOOKUP, message.meter_number, message.account_number)
+            row = await conn.fetchrow(SQL_LOOKUP, message.meter_number, message.account_number, context.currency)
         if row is None:
             code = ResponseCode.UNKNOWN_METER if message.meter_number else ResponseCode.UNKNOWN_ACCOUNT
             return LookupResult(response_code=code)
-        if row["tariff_currency"] != context.currency:
-            # No tariff in force in this terminal's currency: its top-up would be refused
-            # UNKNOWN_METER, so the lookup says so before the agent takes the customer's money
-            # (and never shows the customer's amounts under another currency's code).
+        if row["tariff_currency"] != context.currency or row["account_currency"] != context.currency:
+            # No tariff in force in this terminal's currency, or the customer's accounts are in
+            # another: its top-up would be refused, so the lookup says so before the agent takes
+            # the customer's money (and never shows the customer's amounts under another code).
             return LookupResult(response_code=ResponseCode.UNKNOWN_METER)
         last = None
         if row["last_purchase_at"] is not None:

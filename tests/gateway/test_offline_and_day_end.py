@@ -81,6 +81,35 @@ async def test_a_meter_without_a_tariff_in_the_terminal_s_currency_is_not_shown_
     await eur.logoff()
 
 
+async def test_a_lookup_by_account_shows_the_meter_this_terminal_can_pay(running: Running) -> None:
+    """An account with a meter on a ZAR tariff (the lower number) and one on the EUR tariff: an EUR
+    terminal is shown the EUR one. A customer whose accounts are in ZAR, on an EUR tariff, is not
+    payable in EUR: UNKNOWN_METER, not their ZAR debt under the EUR code."""
+    assert running.gateway.pos_port is not None
+    async with running.pool.acquire() as conn:
+        await registry.add_tariff(conn, tariff_code="RAND-1", valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+                                  currency="ZAR", energy_price_minor_per_mwh=30_000, energy_vat_rate_bp=1_500)
+        eur_tariff = await conn.fetchval("SELECT tariff_code FROM meters WHERE meter_number = $1", meter_number(26))
+        both = await registry.add_customer(conn, account_number="AC-TWO-METERS", name="Two Meters",
+                                           currency="EUR")
+        await registry.add_meter(conn, meter_number="880000000001", customer_id=both, supply_mode="smart",
+                                 tariff_code="RAND-1")
+        await registry.add_meter(conn, meter_number="880000000002", customer_id=both, supply_mode="smart",
+                                 tariff_code=eur_tariff)
+        rand = await registry.add_customer(conn, account_number="AC-RAND", name="Rand Accounts", currency="ZAR")
+        await registry.add_meter(conn, meter_number="880000000003", customer_id=rand, supply_mode="smart",
+                                 tariff_code=eur_tariff)
+    pos = PosTerminal(terminal_id(265), running.key(265), "127.0.0.1", running.gateway.pos_port)
+    await pos.logon()
+    shown = await pos.lookup(account_number="AC-TWO-METERS")
+    assert shown.response_code is ResponseCode.APPROVED and shown.customer is not None
+    assert shown.customer.meter_number == "880000000002"
+    assert (await pos.lookup(meter_number="880000000001")).response_code is ResponseCode.UNKNOWN_METER
+    for refused in (await pos.lookup(meter_number="880000000003"), await pos.lookup(account_number="AC-RAND")):
+        assert refused.response_code is ResponseCode.UNKNOWN_METER and refused.customer is None
+    await pos.logoff()
+
+
 async def test_a_reversal_counts_on_the_day_it_was_processed_not_its_originals(running: Running) -> None:
     assert running.gateway.pos_port is not None
     pos = PosTerminal(terminal_id(264), running.key(264), "127.0.0.1", running.gateway.pos_port)
