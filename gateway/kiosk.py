@@ -109,7 +109,6 @@ def _declared_too_large(request: web.Request) -> web.Response | None:
     if request.content_length is None or request.content_length <= limits.kiosk_body_bytes_max:
         return None
     response = web.Response(status=413, content_type="text/plain",
-                            text=f"Maximum request body size {limits.kiosk_body_bytes_max} exceeded, "
-                                 f"declared {request.content_length}")
+                            text=f"Maximum request body size {limits.kiosk_body_bytes_max} exceeded")
     response.force_close()
     return response
