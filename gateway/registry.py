@@ -220,6 +220,11 @@ async def add_tariff(
     _check_currency(currency)
     if valid_from.tzinfo is None:
         raise RegistryError("tariff valid_from must be timezone-aware")
+    # A new version keeps the code's currency: the meters on it are paid in their customers' currency.
+    priced_in = await conn.fetchval(sql.TARIFF_CURRENCIES, tariff_code)
+    if priced_in and priced_in != [currency]:
+        raise RegistryError(f"tariff {tariff_code} is priced in {', '.join(priced_in)}: a new version cannot be "
+                            f"in {currency}")
     await conn.execute(sql.TARIFF_INSERT, tariff_code, valid_from, currency, energy_price_minor_per_mwh,
                        energy_vat_rate_bp, fee_per_purchase_minor, fee_vat_rate_bp)
 
@@ -268,6 +273,16 @@ async def add_meter(
     sts_key_revision: int | None = None,
     sts_base_year: int | None = None,
 ) -> None:
+    """A customer's meter on a tariff priced in the customer's currency (else no top-up could pay it)."""
+    customer_currency = await conn.fetchval(sql.CUSTOMER_CURRENCY, customer_id)
+    if customer_currency is None:
+        raise RegistryError(f"no customer {customer_id}")
+    priced_in = await conn.fetchval(sql.TARIFF_CURRENCIES, tariff_code)
+    if not priced_in:
+        raise RegistryError(f"no tariff {tariff_code}")
+    if priced_in != [customer_currency]:
+        raise RegistryError(f"meter {meter_number}: tariff {tariff_code} is priced in {', '.join(priced_in)}, "
+                            f"the customer's accounts are in {customer_currency}")
     try:
         await conn.execute(sql.METER_INSERT, meter_number, customer_id, supply_mode, tariff_code,
                            sts_supply_group_code, sts_tariff_index, sts_key_revision, sts_base_year)

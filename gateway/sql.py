@@ -50,6 +50,11 @@ INSERT INTO customers (account_number, name, address, phone, credit_account_id, 
                        debt_recovery_share_bp)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING customer_id"""
+# The currencies a tariff code has been priced in (NULL: no such tariff), and the customer's
+# accounts' (NULL: no such customer).
+TARIFF_CURRENCIES = "SELECT array_agg(DISTINCT currency ORDER BY currency) FROM tariffs WHERE tariff_code = $1"
+CUSTOMER_CURRENCY = """
+SELECT a.currency FROM customers c JOIN ledger_accounts a ON a.id = c.credit_account_id WHERE c.customer_id = $1"""
 METER_INSERT = """
 INSERT INTO meters (meter_number, customer_id, supply_mode, tariff_code, sts_supply_group_code,
                     sts_tariff_index, sts_key_revision, sts_base_year)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+import pytest
 
 from gateway import registry
 from gateway.seeding import meter_number, terminal_id
@@ -92,13 +93,15 @@ async def test_a_lookup_by_account_shows_the_meter_this_terminal_can_pay(running
         eur_tariff = await conn.fetchval("SELECT tariff_code FROM meters WHERE meter_number = $1", meter_number(26))
         both = await registry.add_customer(conn, account_number="AC-TWO-METERS", name="Two Meters",
                                            currency="EUR")
-        await registry.add_meter(conn, meter_number="880000000001", customer_id=both, supply_mode="smart",
-                                 tariff_code="RAND-1")
+        # Meters the registry refuses (the next test), as one registered before its checks, or
+        # straight into the table, would be.
+        await conn.execute("INSERT INTO meters (meter_number, customer_id, supply_mode, tariff_code)"
+                           " VALUES ('880000000001', $1, 'smart', 'RAND-1')", both)
         await registry.add_meter(conn, meter_number="880000000002", customer_id=both, supply_mode="smart",
                                  tariff_code=eur_tariff)
         rand = await registry.add_customer(conn, account_number="AC-RAND", name="Rand Accounts", currency="ZAR")
-        await registry.add_meter(conn, meter_number="880000000003", customer_id=rand, supply_mode="smart",
-                                 tariff_code=eur_tariff)
+        await conn.execute("INSERT INTO meters (meter_number, customer_id, supply_mode, tariff_code)"
+                           " VALUES ('880000000003', $1, 'smart', $2)", rand, eur_tariff)
     pos = PosTerminal(terminal_id(265), running.key(265), "127.0.0.1", running.gateway.pos_port)
     await pos.logon()
     shown = await pos.lookup(account_number="AC-TWO-METERS")
@@ -108,6 +111,33 @@ async def test_a_lookup_by_account_shows_the_meter_this_terminal_can_pay(running
     for refused in (await pos.lookup(meter_number="880000000003"), await pos.lookup(account_number="AC-RAND")):
         assert refused.response_code is ResponseCode.UNKNOWN_METER and refused.customer is None
     await pos.logoff()
+
+
+async def test_the_registry_makes_no_meter_a_top_up_could_not_pay(running: Running) -> None:
+    async with running.pool.acquire() as conn:
+        await registry.add_tariff(conn, tariff_code="RAND-2", valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+                                  currency="ZAR", energy_price_minor_per_mwh=30_000, energy_vat_rate_bp=1_500)
+        euro = await registry.add_customer(conn, account_number="AC-EURO-2", name="Euro", currency="EUR")
+        with pytest.raises(registry.RegistryError, match="priced in ZAR, the customer's accounts are in EUR"):
+            await registry.add_meter(conn, meter_number="880000000011", customer_id=euro, supply_mode="smart",
+                                     tariff_code="RAND-2")
+        with pytest.raises(registry.RegistryError, match="no tariff NO-SUCH"):
+            await registry.add_meter(conn, meter_number="880000000011", customer_id=euro, supply_mode="smart",
+                                     tariff_code="NO-SUCH")
+        with pytest.raises(registry.RegistryError, match="no customer"):
+            await registry.add_meter(conn, meter_number="880000000011", customer_id=10**9, supply_mode="smart",
+                                     tariff_code="RAND-2")
+        # A new version of a tariff keeps its currency; one in the same currency is taken.
+        with pytest.raises(registry.RegistryError, match="priced in ZAR: a new version cannot be in EUR"):
+            await registry.add_tariff(conn, tariff_code="RAND-2", valid_from=datetime(2030, 1, 1, tzinfo=UTC),
+                                      currency="EUR", energy_price_minor_per_mwh=1, energy_vat_rate_bp=0)
+        await registry.add_tariff(conn, tariff_code="RAND-2", valid_from=datetime(2030, 1, 1, tzinfo=UTC),
+                                  currency="ZAR", energy_price_minor_per_mwh=31_000, energy_vat_rate_bp=1_500)
+        rand = await registry.add_customer(conn, account_number="AC-RAND-2", name="Rand", currency="ZAR")
+        await registry.add_meter(conn, meter_number="880000000012", customer_id=rand, supply_mode="smart",
+                                 tariff_code="RAND-2")
+        assert await conn.fetchval("SELECT count(*) FROM meters WHERE meter_number LIKE '88000000001_'") == 1
+        assert await conn.fetchval("SELECT count(*) FROM tariffs WHERE tariff_code = 'RAND-2'") == 2
 
 
 async def test_a_reversal_counts_on_the_day_it_was_processed_not_its_originals(running: Running) -> None:
