@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from float_ledger.ledger import create_account, post_transfers
+from float_ledger.model import AccountKind, PostStatus, Transfer
 from gateway.errors import MigrationError
 from gateway.migrate import discover, migrate
 from tests.conftest import create_fresh_database
@@ -86,3 +89,42 @@ def test_bad_file_names_are_refused(tmp_path: Path) -> None:
 def test_shipped_migrations_have_unique_versions() -> None:
     versions = [m.version for m in discover()]
     assert versions == sorted(set(versions))
+
+
+async def test_a_group_posted_before_0023_takes_no_new_transfer_after_it(empty_db: str, tmp_path: Path) -> None:
+    """0023 marks the first transfer of each group posted from then on; the groups already in the
+    ledger are unmarked, and the posting function still finds them posted."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    after.mkdir()
+    for migration in discover():
+        name = f"{migration.version:04d}_{migration.name}.sql"
+        write(after, name, migration.sql)
+        if migration.version < 23:
+            write(before, name, migration.sql)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert max(m.version for m in await migrate(conn, before)) == 22
+        source = await create_account(conn, kind=AccountKind.float_deposits, currency="KES", owner_ref="bank",
+                                      lower_bound_minor=None)
+        float_id = await create_account(conn, kind=AccountKind.agent_float, currency="KES", owner_ref="agent")
+
+        def deposit(amount: int, group: uuid.UUID) -> Transfer:
+            return Transfer(id=uuid.uuid4(), debit_account_id=source, credit_account_id=float_id,
+                            amount_minor=amount, currency="KES", kind="deposit", group_id=group)
+
+        old_group = uuid.uuid4()
+        posted = [deposit(10, old_group), deposit(20, old_group)]
+        assert [r.status for r in await post_transfers(conn, posted)] == [PostStatus.ok, PostStatus.ok]
+        assert [m.version for m in await migrate(conn, after)] == [23]
+        assert await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE opens_group") == 0
+        [joined] = await post_transfers(conn, [deposit(5, old_group)])
+        assert joined.status is PostStatus.exists_with_different_content
+        assert [r.status for r in await post_transfers(conn, posted)] == [PostStatus.exists, PostStatus.exists]
+        new_group = uuid.uuid4()
+        assert [r.status for r in await post_transfers(conn, [deposit(1, new_group), deposit(2, new_group)])] == [
+            PostStatus.ok, PostStatus.ok]
+        assert await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE opens_group") == 1
+        assert await conn.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", float_id) == 33
+    finally:
+        await conn.close()
