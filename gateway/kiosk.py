@@ -82,7 +82,12 @@ def kiosk_app(gateway: Gateway) -> web.Application:
         reply = await gateway.handlers.handle(kiosk_id, decoded)
         gateway.metrics.requests.labels(type(decoded).__name__,
                                         getattr(reply, "response_code", ResponseCode.APPROVED).name).inc()
-        return web.Response(status=http_status(reply), body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
+        response = web.Response(status=http_status(reply), body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
+        if isinstance(reply, ErrorReply) and reply.connection_closing:
+            # The kiosk was found blocked, or no longer known, while its request was served: as
+            # when the middleware finds it so, the connection ends, and the body says the same.
+            response.force_close()
+        return response
 
     async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: a body declared too large is refused before it is sent."""

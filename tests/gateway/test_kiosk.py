@@ -327,11 +327,11 @@ async def _post_kept_alive(reader: asyncio.StreamReader, writer: asyncio.StreamW
     return head, decode_kiosk_reply(await asyncio.wait_for(reader.readexactly(int(length.group(1))), 10))
 
 
-async def test_a_request_refused_after_authentication_keeps_the_connection_open(
+async def test_a_request_refused_after_authentication_keeps_the_connection_open_unless_the_kiosk_is_blocked(
         kiosk_setup: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
-    # docs/protocol.md: only the refusals of the certificate or of a kiosk that is not active
-    # close the connection; a NOT_PERMITTED or a TERMINAL_BLOCKED from serving the request do not,
-    # whatever the error body's connection_closing says.
+    # docs/protocol.md: a NOT_PERMITTED keeps the connection open; a TERMINAL_BLOCKED from serving
+    # the request closes it, as the middleware's refusal of a kiosk that is not active does, and
+    # its body's connection_closing says so.
     gateway = kiosk_setup["gateway"]
     assert isinstance(gateway, Gateway)
     reader, writer = await _tls_connection(kiosk_setup, "good")
@@ -343,18 +343,19 @@ async def test_a_request_refused_after_authentication_keeps_the_connection_open(
         assert head.startswith(b"http/1.1 403") and b"connection: close" not in head
         assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.NOT_PERMITTED
 
+        head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
+        assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+
         async def no_terminal(terminal_id: str) -> None:
             return None
 
         monkeypatch.setattr(gateway.handlers, "terminal_context", no_terminal)
         head, reply = await _post_kept_alive(reader, writer, LookupRequest(meter_number=meter_number(9)))
         monkeypatch.undo()
-        assert head.startswith(b"http/1.1 403") and b"connection: close" not in head
+        assert head.startswith(b"http/1.1 403") and b"connection: close" in head
         assert isinstance(reply, ErrorReply) and reply.response_code is ResponseCode.TERMINAL_BLOCKED
-        assert reply.connection_closing, "the body says closing; over HTTPS only Connection: close counts"
-
-        head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
-        assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+        assert reply.connection_closing
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # answered, then closed
     finally:
         writer.close()
 
