@@ -11,6 +11,8 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 - running_balances_consistent  each transfer's balance-after = the account's previous one + the
                             amount, and an account's transfers never go back in time
 - balances_within_bounds    no balance below its lower bound
+- groups_posted_once        each linked group's transfers were posted together (one posting time),
+                            and the transfer that opened it, where marked, is its first
 - transfers_unchanged       each transfer's SHA-256, chained over both accounts' previous transfers,
                             recomputes from its columns, and each account's chain tip is its last
                             transfer's: a changed, dropped or reordered transfer breaks the chain
@@ -132,6 +134,19 @@ async def check_ledger(conn: Any) -> CheckReport:
                        else f", posted at {r['created_at']} before its predecessor ({r['previous_created_at']})")
                     for r in await rows(sql.SQL_CHECK_RUNNING_BALANCES, limit)]
 
+        async def groups() -> list[str]:
+            problems = []
+            for r in await rows(sql.SQL_CHECK_GROUPS, limit):
+                if r["first_at"] != r["last_at"]:
+                    problems.append(f"group {r['group_id']}: {r['transfers']} transfers posted at different times "
+                                    f"({r['first_at']} to {r['last_at']}): a transfer joined it later")
+                elif r["openers"] > 1:
+                    problems.append(f"group {r['group_id']}: {r['openers']} transfers marked as opening it")
+                else:
+                    problems.append(f"group {r['group_id']}: opened by its transfer at seq {r['opener_seq']}, not "
+                                    f"by its first (seq {r['first_seq']})")
+            return problems
+
         async def bounds() -> list[str]:
             return [f"account {r['id']}: balance {r['balance_minor']} below bound {r['lower_bound_minor']}"
                     for r in await rows(sql.SQL_CHECK_BOUNDS, limit)]
@@ -155,6 +170,7 @@ async def check_ledger(conn: Any) -> CheckReport:
             ("running_balances_consistent",
              "each transfer's balances-after follow from the accounts' previous ones, in time order", running),
             ("balances_within_bounds", f"{accounts} balances at or above their lower bounds", bounds),
+            ("groups_posted_once", "each linked group's transfers posted together, its first one opening it", groups),
             ("transfers_unchanged", f"hash chain over {transfers} transfers and {accounts} account tips", unchanged),
             ("transfers_immutable",
              f"{len(IMMUTABILITY_TRIGGERS)} immutability triggers on their tables, enabled, firing on the events "

@@ -248,6 +248,21 @@ SELECT x.account_id, x.id, x.balance_after, x.expected, x.created_at, x.previous
  ORDER BY x.account_id, x.seq
  LIMIT $1"""
 
+# Each linked group was posted by one call, all at once: its transfers share one posting time; and
+# the transfer marked as opening it (0023_groups_posted_once.sql; groups posted before are
+# unmarked) is one, its first.
+SQL_CHECK_GROUPS = """
+SELECT group_id, count(*) AS transfers, min(created_at) AS first_at, max(created_at) AS last_at,
+       count(*) FILTER (WHERE opens_group) AS openers, min(seq) AS first_seq,
+       min(seq) FILTER (WHERE opens_group) AS opener_seq
+  FROM ledger_transfers
+ WHERE group_id IS NOT NULL
+ GROUP BY group_id
+HAVING min(created_at) <> max(created_at) OR count(*) FILTER (WHERE opens_group) > 1
+    OR min(seq) FILTER (WHERE opens_group) <> min(seq)
+ ORDER BY min(seq)
+ LIMIT $1"""
+
 SQL_CHECK_BOUNDS = """
 SELECT id, balance_minor, lower_bound_minor FROM ledger_accounts
  WHERE lower_bound_minor IS NOT NULL AND balance_minor < lower_bound_minor

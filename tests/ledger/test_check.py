@@ -27,8 +27,8 @@ from tests.conftest import create_fresh_database
 from tests.ledger.conftest import account, transfer
 
 ALL_INVARIANTS = {"transfers_balanced", "transfers_sequenced", "currencies_sum_to_zero", "balances_match_transfers",
-                  "running_balances_consistent", "balances_within_bounds", "transfers_unchanged",
-                  "transfers_immutable"}
+                  "running_balances_consistent", "balances_within_bounds", "groups_posted_once",
+                  "transfers_unchanged", "transfers_immutable"}
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 11 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 12 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
@@ -201,6 +201,35 @@ async def test_a_seq_held_twice_is_found(ledger: Any) -> None:
     assert "transfers_sequenced" in report.broken
     [problems] = [i.problems for i in report.invariants if i.name == "transfers_sequenced"]
     assert problems == [f"seq {first['seq']} is held by 2 transfers"]
+
+
+async def test_a_transfer_that_joined_a_group_later_is_found(ledger: Any) -> None:
+    group, first, last = await ledger.fetchrow(
+        "SELECT group_id, min(seq), max(seq) FROM ledger_transfers WHERE group_id = (SELECT group_id FROM "
+        "ledger_transfers WHERE kind = 'collection' ORDER BY seq LIMIT 1) GROUP BY group_id")
+    await corrupt(ledger, "UPDATE ledger_transfers SET created_at = created_at + interval '1 hour' WHERE seq = $1",
+                  last)
+    report = await check_ledger(ledger)
+    assert "groups_posted_once" in report.broken
+    [problems] = [i.problems for i in report.invariants if i.name == "groups_posted_once"]
+    assert len(problems) == 1 and problems[0].startswith(f"group {group}: ") and "joined it later" in problems[0]
+    assert first < last
+
+
+async def test_a_group_whose_opening_mark_moved_is_found(ledger: Any) -> None:
+    """The mark is outside the hash chain: this invariant alone finds it."""
+    group, first, second = await ledger.fetchrow(
+        "SELECT group_id, (array_agg(id ORDER BY seq))[1], (array_agg(id ORDER BY seq))[2] FROM ledger_transfers "
+        "WHERE group_id = (SELECT group_id FROM ledger_transfers WHERE kind = 'collection' ORDER BY seq LIMIT 1) "
+        "GROUP BY group_id")
+    seqs = {r["id"]: r["seq"] for r in await ledger.fetch("SELECT id, seq FROM ledger_transfers WHERE id = ANY($1)",
+                                                           [first, second])}
+    await corrupt(ledger, "UPDATE ledger_transfers SET opens_group = (id = $2) WHERE id IN ($1, $2)", first, second)
+    report = await check_ledger(ledger)
+    assert report.broken == ["groups_posted_once"]
+    [problems] = [i.problems for i in report.invariants if i.name == "groups_posted_once"]
+    assert problems == [f"group {group}: opened by its transfer at seq {seqs[second]}, not by its first "
+                        f"(seq {seqs[first]})"]
 
 
 async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
