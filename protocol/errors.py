@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import msgspec
 
-from protocol import limits
+from protocol import limits, messages
 from protocol.codes import ResponseCode
 
 
@@ -101,21 +101,17 @@ _QUOTING_PREFIXES: tuple[tuple[str, str], ...] = (
 # A path as msgspec writes it: `$`, `$.field`, `$[3]`, `$.map[...]`.
 _PATH = re.compile(r"`\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\]|\[\.\.\.\])*)`")
 _PATH_FIELD = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
-_schema_fields: frozenset[str] | None = None
+_STRUCTS = [obj for obj in vars(messages).values() if isinstance(obj, type) and issubclass(obj, msgspec.Struct)]
+# Every field name of every protocol message, tag fields included.
+_SCHEMA_FIELDS = frozenset(name for obj in _STRUCTS for name in obj.__struct_encode_fields__) | {
+    obj.__struct_config__.tag_field for obj in _STRUCTS if obj.__struct_config__.tag_field}
 
 
 def _in_schema(path: str) -> bool:
     """True when `path` is a path whose every field is a field of some protocol message: so it
     says where, and holds nothing the peer made up (a quoted value could end like a path)."""
-    global _schema_fields
-    if _schema_fields is None:
-        from protocol import messages  # here: messages need nothing of this module, but keep it that way
-
-        structs = [obj for obj in vars(messages).values() if isinstance(obj, type) and issubclass(obj, msgspec.Struct)]
-        _schema_fields = frozenset(name for obj in structs for name in obj.__struct_encode_fields__) | {
-            obj.__struct_config__.tag_field for obj in structs if obj.__struct_config__.tag_field}
     match = _PATH.fullmatch(path)
-    return match is not None and all(name in _schema_fields for name in _PATH_FIELD.findall(match.group(1)))
+    return match is not None and all(name in _SCHEMA_FIELDS for name in _PATH_FIELD.findall(match.group(1)))
 
 
 def decode_failure(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
