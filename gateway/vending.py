@@ -603,6 +603,8 @@ class VendingService:
             terminal = terminals.get(request.terminal_id)
             if terminal is None:
                 continue  # an unknown terminal has no record to hang a transaction on
+            if outcome.response_code in NOT_FINAL_DECLINES:
+                continue  # decided afresh when repeated, as a reversal refused the same way is
             txn_rows.append((request.client_txn_id, request.kind, request.terminal_id, int(terminal["agent_id"]),
                              digests[i], outcome.response_code, request.meter_number or None,
                              request.amount_minor, request.currency or terminal["currency"], groups.get(i),
@@ -804,6 +806,14 @@ def refused_statuses(detail: str | None, transfers: int) -> list[str]:
             raise RuntimeError(f"unreadable ledger refusal {item[:40]!r}")
         statuses[int(position) - 1] = status
     return statuses
+
+
+# Declines that hold only while they last: a terminal blocked or not granted the operation, a
+# float account blocked, an error of vendgate's own. None is recorded under the payment's id, so
+# the terminal's repeat once the block is lifted (an advice it must forward, a top-up whose
+# outcome it never learnt) is decided afresh rather than answered the stale decline for ever.
+NOT_FINAL_DECLINES: frozenset[int] = frozenset(
+    {ResponseCode.TERMINAL_BLOCKED, ResponseCode.NOT_PERMITTED, ResponseCode.SYSTEM_ERROR})
 
 
 def ledger_decline(request: VendRequest, status: PostStatus) -> VendOutcome:

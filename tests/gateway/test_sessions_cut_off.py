@@ -78,6 +78,87 @@ async def test_terminal_blocked_mid_session_gets_closing_error_on_advices(runnin
         await term.close()
 
 
+async def set_terminal(running: Running, n: int, column: str, value: object) -> None:
+    assert column in ("status", "allowed_operations")
+    async with running.pool.acquire() as conn:
+        await conn.execute(f"UPDATE terminals SET {column} = $2 WHERE terminal_id = $1", terminal_id(n), value)
+
+
+async def recorded(running: Running, txn: ClientTransactionId) -> list[int]:
+    async with running.pool.acquire() as conn:
+        return [r["response_code"] for r in await conn.fetch(
+            "SELECT response_code FROM vend_transactions WHERE client_txn_id = $1", txn.as_key())]
+
+
+async def test_an_advice_refused_by_a_block_is_applied_when_forwarded_after_the_unblock(running: Running) -> None:
+    # The cash was taken offline: the terminal forwards the advice until it learns an outcome.
+    # TERMINAL_BLOCKED holds while the block does; recorded, every later forward got it for ever.
+    term = pos(running, 296)
+    await term.logon()
+    advice = Advice(client_transaction_id=term.next_transaction_id(), meter_number=meter_number(27),
+                    amount_minor=500, currency="EUR", tender_type=TenderType.CASH, taken_at=datetime.now(UTC))
+    await set_terminal(running, 296, "status", "blocked")
+    try:
+        with pytest.raises(TerminalRefused) as refused:
+            await term._exchange(AdviceBatchRequest(advices=[advice]), AdviceBatchResult)
+        assert refused.value.response_code is ResponseCode.TERMINAL_BLOCKED
+        assert await recorded(running, advice.client_transaction_id) == []
+    finally:
+        await set_terminal(running, 296, "status", "active")
+    try:
+        await term.logon()
+        result = await term._exchange(AdviceBatchRequest(advices=[advice]), AdviceBatchResult)
+    finally:
+        await term.close()
+    assert [o.response_code for o in result.outcomes] == [ResponseCode.APPROVED]
+    assert await recorded(running, advice.client_transaction_id) == [ResponseCode.APPROVED]
+
+
+async def test_a_payment_refused_for_a_withdrawn_grant_is_applied_once_granted_again(running: Running) -> None:
+    # docs/protocol.md: a request for an operation the terminal is not granted changes nothing.
+    term = pos(running, 298)
+    await term.logon()
+    advice = Advice(client_transaction_id=term.next_transaction_id(), meter_number=meter_number(28),
+                    amount_minor=600, currency="EUR", tender_type=TenderType.CASH, taken_at=datetime.now(UTC))
+    everything = ["lookup", "topup", "reversal", "reprint", "float", "advice", "eod"]
+    try:
+        await set_terminal(running, 298, "allowed_operations", [op for op in everything if op != "advice"])
+        try:
+            refused = await term._exchange(AdviceBatchRequest(advices=[advice]), AdviceBatchResult)
+        finally:
+            await set_terminal(running, 298, "allowed_operations", everything)
+        assert [o.response_code for o in refused.outcomes] == [ResponseCode.NOT_PERMITTED]
+        assert await recorded(running, advice.client_transaction_id) == []
+        topup = await term.top_up(meter_number(28), 700, "EUR")
+        assert topup.response_code is ResponseCode.APPROVED
+        again = await term._exchange(AdviceBatchRequest(advices=[advice]), AdviceBatchResult)
+    finally:
+        await term.close()
+    assert [o.response_code for o in again.outcomes] == [ResponseCode.APPROVED]
+
+
+async def test_a_top_up_refused_while_blocked_is_decided_afresh_once_active(running: Running) -> None:
+    # The terminal never learnt an outcome (a closing TERMINAL_BLOCKED), so it repeats the same id.
+    term = pos(running, 299)
+    await term.logon()
+    await set_terminal(running, 299, "status", "blocked")
+    txn = term.next_transaction_id()
+    try:
+        with pytest.raises(TerminalRefused) as refused:
+            await term.top_up(meter_number(29), 800, "EUR", txn=txn)
+        assert refused.value.response_code is ResponseCode.TERMINAL_BLOCKED
+    finally:
+        await set_terminal(running, 299, "status", "active")
+    try:
+        await term.logon()
+        paid = await term.top_up(meter_number(29), 800, "EUR", txn=txn)
+        assert paid.response_code is ResponseCode.APPROVED
+        assert await term.top_up(meter_number(29), 800, "EUR", txn=txn) == paid
+    finally:
+        await term.close()
+    assert await recorded(running, txn) == [ResponseCode.APPROVED]
+
+
 async def test_frame_started_in_the_same_read_as_the_previous_one_meets_the_frame_deadline(
         running: Running) -> None:
     gateway = running.gateway
