@@ -14,10 +14,15 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 - groups_posted_once        each linked group's transfers were posted together (one posting time),
                             and the transfer that opened it, where marked, is its first
 - transfers_unchanged       each transfer's SHA-256, chained over both accounts' previous transfers,
-                            recomputes from its columns, and each account's chain tip is its last
-                            transfer's: a changed, dropped or reordered transfer breaks the chain
-- transfers_immutable       the triggers refusing UPDATE/DELETE/TRUNCATE are each on their table,
-                            enabled, fire BEFORE those events (per row; TRUNCATE per statement)
+                            recomputes from its columns, and each account's chain tip and posting
+                            clock are its last transfer's: a changed, dropped or reordered transfer
+                            breaks the chain
+- deposits_match_transfers  each posted float deposit's transfer (its id) moves its amount from its
+                            source to its float with its reference, maker and checker; a deposit
+                            not posted has no deposit transfer
+- transfers_immutable       the triggers refusing UPDATE/DELETE/TRUNCATE (and a decided deposit's
+                            change) are each on their table, enabled for every session
+                            (ENABLE ALWAYS), fire BEFORE those events (per row; TRUNCATE per statement)
                             with no WHEN clause, and call the refusing function whose source is
                             the one the migrations installed
 
@@ -58,6 +63,8 @@ class ProtectingTrigger:
 # SHA-256 of vendgate_refuse_change's source (gateway/migrations/0001_base.sql): a migration that
 # redefines the function changes this with it (tests/ledger/test_check.py compares the two).
 REFUSE_CHANGE_SOURCE_SHA256 = "5ec25276efcc438e469ce1f1a22c64d91823d0ac8f4c6fde95a0986dd9bf68c4"
+# SHA-256 of ledger_deposit_decided_once's source (gateway/migrations/0024_protections_in_every_session.sql).
+DEPOSIT_DECIDED_ONCE_SOURCE_SHA256 = "b39e9c0c021e6d66262e5a67c4713cdb9f2b3fcb2d1bf249ef2e98a82c01aa2b"
 IMMUTABILITY_TRIGGERS = (
     ProtectingTrigger("ledger_transfers_immutable", "ledger_transfers", "BEFORE UPDATE OR DELETE FOR EACH ROW",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
@@ -66,6 +73,10 @@ IMMUTABILITY_TRIGGERS = (
     ProtectingTrigger("ledger_accounts_undeletable", "ledger_accounts", "BEFORE DELETE FOR EACH ROW",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
     ProtectingTrigger("ledger_accounts_not_truncated", "ledger_accounts", "BEFORE TRUNCATE FOR EACH STATEMENT",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_deposits_decided_once", "ledger_deposits", "BEFORE UPDATE OR DELETE FOR EACH ROW",
+                      "ledger_deposit_decided_once", DEPOSIT_DECIDED_ONCE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_deposits_not_truncated", "ledger_deposits", "BEFORE TRUNCATE FOR EACH STATEMENT",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
 )
 
@@ -154,9 +165,19 @@ async def check_ledger(conn: Any) -> CheckReport:
         async def unchanged() -> list[str]:
             changed = [f"transfer {r['id']} (seq {r['seq']}): hash does not match its content and chain"
                        for r in await rows(sql.SQL_CHECK_HASHES, limit)]
-            tips = [f"account {r['id']}: chain tip is not the hash of its last transfer"
+            tips = [f"account {r['id']}: chain tip is not the hash of its last transfer" if r["tip_differs"] else
+                    f"account {r['id']}: posting clock at {r['last_transfer_at']}, its last transfer posted at "
+                    f"{r['last_created_at']}"
                     for r in await rows(sql.SQL_CHECK_CHAIN_TIPS, limit)]
             return (changed + tips)[:limit]
+
+        async def deposits() -> list[str]:
+            return [f"deposit {r['id']} is posted but the ledger holds no such deposit under its id"
+                    if r["status"] == "posted" and not r["has_transfer"] else
+                    f"deposit {r['id']} is posted but its transfer differs from it (amount, accounts, reference, "
+                    "maker or checker)" if r["status"] == "posted" else
+                    f"deposit {r['id']} is {r['status']} but the ledger holds its deposit into the float"
+                    for r in await rows(sql.SQL_CHECK_DEPOSITS, limit)]
 
         async def immutable() -> list[str]:
             return (await protecting_trigger_problems(conn, IMMUTABILITY_TRIGGERS))[:limit]
@@ -171,7 +192,10 @@ async def check_ledger(conn: Any) -> CheckReport:
              "each transfer's balances-after follow from the accounts' previous ones, in time order", running),
             ("balances_within_bounds", f"{accounts} balances at or above their lower bounds", bounds),
             ("groups_posted_once", "each linked group's transfers posted together, its first one opening it", groups),
-            ("transfers_unchanged", f"hash chain over {transfers} transfers and {accounts} account tips", unchanged),
+            ("transfers_unchanged",
+             f"hash chain over {transfers} transfers and {accounts} account tips (hash and posting time)", unchanged),
+            ("deposits_match_transfers",
+             "each posted float deposit's transfer as recorded, and none of a deposit not posted", deposits),
             ("transfers_immutable",
              f"{len(IMMUTABILITY_TRIGGERS)} immutability triggers on their tables, enabled, firing on the events "
              "they refuse and calling the refusal the migrations installed", immutable),
@@ -219,8 +243,10 @@ def trigger_problems(expected: ProtectingTrigger, found: Mapping[str, Any]) -> l
         return [f"trigger {name} is missing"]
     problems = []
     enabled = found["tgenabled"]
-    if enabled not in ("O", "A"):  # D: disabled; R: fires only in replication sessions
-        state = {"D": "disabled", "R": "enabled for replication sessions only"}.get(enabled, enabled)
+    if enabled != "A":  # A: fires in every session, whatever its session_replication_role
+        state = {"D": "disabled", "R": "enabled for replication sessions only",
+                 "O": "enabled for ordinary sessions only (one with session_replication_role = replica skips it)",
+                 }.get(enabled, enabled)
         problems.append(f"trigger {name} is {state}")
     fires = describe_firing(found["tgtype"])
     if fires != expected.fires:

@@ -296,19 +296,40 @@ SELECT t.id, t.seq
  ORDER BY t.seq
  LIMIT $1"""
 
-# Each account's stored chain tip is the hash of its last transfer (NULL without transfers).
+# Each account's stored chain tip is the hash of its last transfer, and its posting clock that
+# transfer's time (both NULL without transfers). A clock moved ahead would date every later
+# posting of the account after it (a posting is never stamped before its accounts' last).
 SQL_CHECK_CHAIN_TIPS = """
 WITH last AS (
-    SELECT DISTINCT ON (legs.account_id) legs.account_id, legs.hash
-      FROM (SELECT debit_account_id AS account_id, seq, hash FROM ledger_transfers
+    SELECT DISTINCT ON (legs.account_id) legs.account_id, legs.hash, legs.created_at
+      FROM (SELECT debit_account_id AS account_id, seq, hash, created_at FROM ledger_transfers
             UNION ALL
-            SELECT credit_account_id, seq, hash FROM ledger_transfers) legs
+            SELECT credit_account_id, seq, hash, created_at FROM ledger_transfers) legs
      ORDER BY legs.account_id, legs.seq DESC)
-SELECT a.id, a.chain_hash, last.hash AS last_hash
+SELECT a.id, a.chain_hash IS DISTINCT FROM last.hash AS tip_differs, a.last_transfer_at,
+       last.created_at AS last_created_at
   FROM ledger_accounts a
   LEFT JOIN last ON last.account_id = a.id
- WHERE a.chain_hash IS DISTINCT FROM last.hash
+ WHERE a.chain_hash IS DISTINCT FROM last.hash OR a.last_transfer_at IS DISTINCT FROM last.created_at
  ORDER BY a.id
+ LIMIT $1"""
+
+# Each float deposit against the ledger. A posted one's transfer (the deposit's id) is a deposit
+# of its amount from its source to its float, its reference, maker and checker in its metadata;
+# a deposit not posted (pending, rejected, refused) has no deposit into its float under its id.
+SQL_CHECK_DEPOSITS = """
+SELECT d.id, d.status, t.id IS NOT NULL AS has_transfer
+  FROM ledger_deposits d
+  LEFT JOIN ledger_transfers t ON t.id = d.id
+ WHERE CASE WHEN d.status = 'posted' THEN
+                t.id IS NULL OR t.kind <> 'deposit' OR t.debit_account_id <> d.source_account_id
+                OR t.credit_account_id <> d.float_account_id OR t.amount_minor <> d.amount_minor
+                OR t.currency <> d.currency
+                OR t.metadata ->> 'external_ref' IS DISTINCT FROM d.external_ref
+                OR t.metadata ->> 'maker' IS DISTINCT FROM d.maker
+                OR t.metadata ->> 'checker' IS DISTINCT FROM d.checker
+            ELSE t.id IS NOT NULL AND t.kind = 'deposit' AND t.credit_account_id = d.float_account_id END
+ ORDER BY d.requested_at, d.id
  LIMIT $1"""
 
 # One digest over every account's chain tip: record it to notice a rewrite of the whole history.

@@ -21,7 +21,12 @@ from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
-from tests.ledger.test_check import ALL_INVARIANTS, installed_source_sha256, vendgate_ledger_check
+from tests.ledger.test_check import (
+    ALL_INVARIANTS,
+    installed_source_sha256,
+    refused_in_replica_mode,
+    vendgate_ledger_check,
+)
 
 VEND_INVARIANTS = {"vend_records_referenced", "vend_records_consistent", "vend_records_protected"}
 
@@ -148,6 +153,8 @@ async def test_a_protecting_trigger_moved_weakened_or_emptied_is_found(paid: tup
     await conn.execute("DROP TRIGGER meters_keys_fixed ON meters")
     await conn.execute("CREATE TRIGGER meters_keys_fixed BEFORE UPDATE OF meter_number ON meters FOR EACH ROW "
                        "WHEN (false) EXECUTE FUNCTION vendgate_refuse_key_change()")
+    for table in ("tokens", "meters"):  # a trigger created anew fires in ordinary sessions only
+        await conn.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {table}_keys_fixed")
     assert await broken(conn) == {"vend_records_protected": [
         "trigger meters_keys_fixed fires WHEN false, not WHEN OLD.meter_number IS DISTINCT FROM NEW.meter_number",
         "trigger receipts_undeletable is on meters, not on receipts",
@@ -197,4 +204,14 @@ async def test_the_keys_records_name_never_change(paid: tuple[asyncpg.Connection
     await conn.execute("UPDATE vend_transactions SET reprints = reprints + 1")
     await conn.execute("UPDATE tokens SET status = 'voided'")
     await conn.execute("UPDATE terminals SET status = 'blocked'")
+    assert await broken(conn) == {}
+
+
+@pytest.mark.parametrize("statement", ["DELETE FROM receipts", "UPDATE tokens SET meter_number = '99999999'",
+                                       "DELETE FROM vend_transactions"])
+async def test_a_session_in_replica_mode_is_refused_as_any_other(paid: tuple[asyncpg.Connection, str],
+                                                                 statement: str) -> None:
+    # Before, no protecting trigger fired in such a session.
+    conn, url = paid
+    await refused_in_replica_mode(conn, url, statement)
     assert await broken(conn) == {}

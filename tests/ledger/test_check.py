@@ -19,7 +19,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from float_ledger.check import REFUSE_CHANGE_SOURCE_SHA256, check_ledger, describe_firing
+from float_ledger.check import (
+    DEPOSIT_DECIDED_ONCE_SOURCE_SHA256,
+    REFUSE_CHANGE_SOURCE_SHA256,
+    check_ledger,
+    describe_firing,
+)
+from float_ledger.deposits import approve_deposit, reject_deposit, request_deposit
 from float_ledger.errors import LedgerError
 from float_ledger.ledger import post_transfers, reverse_group
 from float_ledger.model import AccountKind, TopUpAccounts, top_up_transfers
@@ -28,7 +34,7 @@ from tests.ledger.conftest import account, transfer
 
 ALL_INVARIANTS = {"transfers_balanced", "transfers_sequenced", "currencies_sum_to_zero", "balances_match_transfers",
                   "running_balances_consistent", "balances_within_bounds", "groups_posted_once",
-                  "transfers_unchanged", "transfers_immutable"}
+                  "transfers_unchanged", "deposits_match_transfers", "transfers_immutable"}
 
 
 @pytest.fixture
@@ -79,7 +85,7 @@ async def broken(conn: Any) -> set[str]:
 async def corrupt(conn: Any, statement: str, *args: Any) -> None:
     await conn.execute("ALTER TABLE ledger_transfers DISABLE TRIGGER ledger_transfers_immutable")
     await conn.execute(statement, *args)
-    await conn.execute("ALTER TABLE ledger_transfers ENABLE TRIGGER ledger_transfers_immutable")
+    await conn.execute("ALTER TABLE ledger_transfers ENABLE ALWAYS TRIGGER ledger_transfers_immutable")
 
 
 async def a_collection(conn: Any) -> Any:
@@ -109,7 +115,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 12 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 13 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
@@ -232,6 +238,123 @@ async def test_a_group_whose_opening_mark_moved_is_found(ledger: Any) -> None:
                         f"(seq {seqs[first]})"]
 
 
+async def test_a_posting_clock_moved_ahead_is_found(ledger: Any) -> None:
+    # Every later posting of the account would be stamped at that time, a year ahead: statements,
+    # balances as of a time and the day's reconciliation would put it on the wrong day.
+    row = await a_collection(ledger)
+    await ledger.execute("UPDATE ledger_accounts SET last_transfer_at = now() + interval '365 days' WHERE id = $1",
+                         row["debit_account_id"])
+    assert await broken(ledger) == {"transfers_unchanged"}
+    [problem] = [p for i in (await check_ledger(ledger)).invariants if i.name == "transfers_unchanged"
+                 for p in i.problems]
+    assert problem.startswith(f"account {row['debit_account_id']}: posting clock at ")
+
+
+async def deposits_of(ledger: Any, *amounts: int) -> list[Any]:
+    """Float deposits of `amounts` (approved where above 1,000) on an account of their own."""
+    source = await account(ledger, AccountKind.float_deposits, "bank", lower_bound_minor=None)
+    float_id = await account(ledger, AccountKind.agent_float, "A-2")
+    made = []
+    for n, amount in enumerate(amounts):
+        result = await request_deposit(ledger, deposit_id=uuid.uuid4(), float_account_id=float_id,
+                                       source_account_id=source, amount_minor=amount, currency="KES",
+                                       external_ref=f"BANK-{n}", maker="alice", approval_threshold_minor=1_000)
+        if amount > 1_000:
+            result = await approve_deposit(ledger, deposit_id=result.deposit.id, checker="bob")
+        made.append(result.deposit)
+    return made
+
+
+async def unprotected(ledger: Any, statement: str, *args: Any) -> None:
+    await ledger.execute("ALTER TABLE ledger_deposits DISABLE TRIGGER ledger_deposits_decided_once")
+    await ledger.execute(statement, *args)
+    await ledger.execute("ALTER TABLE ledger_deposits ENABLE ALWAYS TRIGGER ledger_deposits_decided_once")
+
+
+async def deposit_problems(ledger: Any) -> list[str]:
+    report = await check_ledger(ledger)
+    assert report.broken == ["deposits_match_transfers"]
+    [problems] = [i.problems for i in report.invariants if i.name == "deposits_match_transfers"]
+    return problems
+
+
+async def test_posted_deposits_hold_and_a_decided_one_is_final(ledger: Any) -> None:
+    small, large = await deposits_of(ledger, 500, 5_000)
+    assert (await check_ledger(ledger)).holds
+    for statement in ("UPDATE ledger_deposits SET status = 'rejected', reason = 'x' WHERE id = $1",
+                      "UPDATE ledger_deposits SET amount_minor = 1 WHERE id = $1",
+                      "UPDATE ledger_deposits SET checker = 'carol' WHERE id = $1",
+                      "DELETE FROM ledger_deposits WHERE id = $1"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"is decided|never deleted"):
+            await ledger.execute(statement, large.id)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ledger.execute("TRUNCATE ledger_deposits CASCADE")
+    # Pending, only its decision may be written: not a smaller amount for the checker to approve.
+    pending = (await request_deposit(ledger, deposit_id=uuid.uuid4(), float_account_id=small.float_account_id,
+                                     source_account_id=small.source_account_id, amount_minor=9_000, currency="KES",
+                                     external_ref="BANK-9", maker="alice", approval_threshold_minor=1_000)).deposit
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="only its decision"):
+        await ledger.execute("UPDATE ledger_deposits SET amount_minor = 900 WHERE id = $1", pending.id)
+    assert (await reject_deposit(ledger, deposit_id=pending.id, checker="bob", reason="no bank slip")).deposit.reason
+    assert (await check_ledger(ledger)).holds
+
+
+async def test_a_posted_deposit_marked_rejected_is_found(ledger: Any) -> None:
+    # Rejected, it would free its reference, and the same bank payment could credit the float again.
+    [deposit] = await deposits_of(ledger, 5_000)
+    await unprotected(ledger, "UPDATE ledger_deposits SET status = 'rejected', reason = 'x' WHERE id = $1", deposit.id)
+    assert await deposit_problems(ledger) == [
+        f"deposit {deposit.id} is rejected but the ledger holds its deposit into the float"]
+
+
+@pytest.mark.parametrize("change", ["amount_minor = amount_minor + 1", "checker = 'carol'", "maker = 'mallory'",
+                                    "external_ref = 'BANK-77'"])
+async def test_a_posted_deposit_that_differs_from_its_transfer_is_found(ledger: Any, change: str) -> None:
+    [deposit] = await deposits_of(ledger, 5_000)
+    await unprotected(ledger, f"UPDATE ledger_deposits SET {change} WHERE id = $1", deposit.id)
+    assert await deposit_problems(ledger) == [f"deposit {deposit.id} is posted but its transfer differs from it "
+                                              "(amount, accounts, reference, maker or checker)"]
+
+
+async def test_a_posted_deposit_without_its_transfer_is_found(ledger: Any) -> None:
+    [deposit] = await deposits_of(ledger, 500)
+    await ledger.execute("""
+        INSERT INTO ledger_deposits (id, float_account_id, source_account_id, amount_minor, currency, external_ref,
+                                     maker, status, decided_at)
+        SELECT $2, float_account_id, source_account_id, 700, currency, 'BANK-X', maker, 'posted', now()
+          FROM ledger_deposits WHERE id = $1""", deposit.id, uuid.uuid4())
+    [problem] = await deposit_problems(ledger)
+    assert problem.endswith("is posted but the ledger holds no such deposit under its id")
+
+
+async def refused_in_replica_mode(conn: Any, url: str, statement: str) -> None:
+    """`statement` is refused in a new session of a database set to session_replication_role =
+    replica (set for a database or a role, it is every new session's)."""
+    database = url.rsplit("/", 1)[1]
+    await conn.execute(f'ALTER DATABASE "{database}" SET session_replication_role = replica')
+    other = await asyncpg.connect(url)
+    try:
+        assert await other.fetchval("SHOW session_replication_role") == "replica"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await other.execute(statement)
+    finally:
+        await other.close()
+        await conn.execute(f'ALTER DATABASE "{database}" RESET session_replication_role')
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE ledger_transfers SET metadata = '{}' WHERE kind = 'deposit'",
+    "DELETE FROM ledger_transfers WHERE kind = 'deposit'",
+    "UPDATE ledger_deposits SET status = 'rejected' WHERE status = 'posted'",
+])
+async def test_a_session_in_replica_mode_is_refused_as_any_other(ledger: Any, ledger_url: str,
+                                                                 statement: str) -> None:
+    # Before, no protecting trigger fired in such a session.
+    await deposits_of(ledger, 500)
+    await refused_in_replica_mode(ledger, ledger_url, statement)
+    assert (await check_ledger(ledger)).holds
+
+
 async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
     row = await a_collection(ledger)
     await ledger.execute("ALTER TABLE ledger_accounts DROP CONSTRAINT ledger_accounts_balance_within_bound")
@@ -254,6 +377,12 @@ async def test_a_disabled_trigger_is_found(ledger: Any) -> None:
     await ledger.execute("ALTER TABLE ledger_transfers ENABLE REPLICA TRIGGER ledger_transfers_immutable")
     assert await immutability_problems(ledger) == [
         "trigger ledger_transfers_immutable is enabled for replication sessions only"]
+    # Enabled the default way it fires in ordinary sessions only: one whose session_replication_role
+    # is replica (a database or role setting can make that every new session's) skips it.
+    await ledger.execute("ALTER TABLE ledger_transfers ENABLE TRIGGER ledger_transfers_immutable")
+    assert await immutability_problems(ledger) == [
+        "trigger ledger_transfers_immutable is enabled for ordinary sessions only (one with "
+        "session_replication_role = replica skips it)"]
     await ledger.execute("ALTER TABLE ledger_transfers ENABLE ALWAYS TRIGGER ledger_transfers_immutable")
     assert (await check_ledger(ledger)).holds
     await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
@@ -282,7 +411,7 @@ async def test_a_refusal_replaced_by_a_no_op_is_found(ledger: Any) -> None:
     assert await immutability_problems(ledger) == [
         f"trigger {name} calls public.vendgate_refuse_change, whose source is not the refusal the migrations installed"
         for name in ("ledger_transfers_immutable", "ledger_transfers_not_truncated", "ledger_accounts_undeletable",
-                     "ledger_accounts_not_truncated")]
+                     "ledger_accounts_not_truncated", "ledger_deposits_not_truncated")]
 
 
 @pytest.mark.parametrize(("create", "problem"), [
@@ -311,6 +440,7 @@ async def test_a_refusal_replaced_by_a_no_op_is_found(ledger: Any) -> None:
 async def test_a_trigger_recreated_to_protect_less_is_found(ledger: Any, create: str, problem: str) -> None:
     await ledger.execute("DROP TRIGGER ledger_transfers_immutable ON ledger_transfers")
     await ledger.execute(create)
+    await ledger.execute("ALTER TABLE ledger_transfers ENABLE ALWAYS TRIGGER ledger_transfers_immutable")
     assert await broken(ledger) == {"transfers_immutable"}
     assert await immutability_problems(ledger) == [f"trigger ledger_transfers_immutable {problem}"]
 
@@ -336,6 +466,7 @@ def installed_source_sha256(function: str) -> str:
 
 def test_the_expected_refusal_is_the_one_the_migrations_install() -> None:
     assert installed_source_sha256("vendgate_refuse_change") == REFUSE_CHANGE_SOURCE_SHA256
+    assert installed_source_sha256("ledger_deposit_decided_once") == DEPOSIT_DECIDED_ONCE_SOURCE_SHA256
 
 
 @pytest.mark.parametrize(("tgtype", "words"), [

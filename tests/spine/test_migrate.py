@@ -99,7 +99,8 @@ async def test_a_group_posted_before_0023_takes_no_new_transfer_after_it(empty_d
     after.mkdir()
     for migration in discover():
         name = f"{migration.version:04d}_{migration.name}.sql"
-        write(after, name, migration.sql)
+        if migration.version <= 23:
+            write(after, name, migration.sql)
         if migration.version < 23:
             write(before, name, migration.sql)
     conn = await asyncpg.connect(empty_db)
