@@ -91,12 +91,21 @@ def _check_operator(role: str, name: str) -> None:
         raise InvalidTransfer(f"{role} must name an operator, not only spaces")
 
 
+def _is_odd_space(c: str) -> bool:
+    """White space that compatibility normalisation does not make a space: line and paragraph
+    separators, the Ogham space mark. A reference's key (0020_deposit_ref_spellings.sql) trims and
+    joins only the spaces PostgreSQL's \\s matches, so "REF\\u2029" would be a reference of its own."""
+    return c.isspace() and unicodedata.normalize("NFKC", c) != " "
+
+
 def _check_text(field: str, text: str, chars_max: int) -> None:
     """A reference or a reason: text an operator reads back, so nothing in it may hide."""
     if not 0 < len(text) <= chars_max:
         raise InvalidTransfer(f"{field} must be 1..{chars_max} chars")
     if any(_is_invisible(c) for c in text):
         raise InvalidTransfer(f"{field} may not hold control or invisible characters")
+    if any(_is_odd_space(c) for c in text):
+        raise InvalidTransfer(f"{field} may not hold line or paragraph separators, nor white space other than spaces")
 
 
 def operator_identity(name: str) -> str:

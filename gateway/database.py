@@ -26,13 +26,34 @@ def with_database(url: str, database: str) -> str:
 
 
 def describe(url: str) -> str:
+    """Host, port and database of `url`, never its user or password."""
     parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+    try:
+        port = parts.port or 5432
+        host = parts.hostname or "localhost"
+    except ValueError:  # a port that is no number, an unbalanced [IPv6] host
+        return "an address that is not a valid URL"
+    return f"{host}:{port}{parts.path or ''}"
+
+
+def _check_well_formed(url: str) -> None:
+    """A URL asyncpg would refuse with a ValueError (a port that is no number, an unbalanced
+    [IPv6] host), refused in words that never repeat it: it may hold a password."""
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing it raises ValueError
+    except ValueError:
+        raise DatabaseUnavailable(_MALFORMED) from None
+
+
+_MALFORMED = "the database URL is malformed (its host, port or parameters): see VENDGATE_DATABASE_URL"
 
 
 async def connect(url: str, *, timeout_s: float) -> asyncpg.Connection:
+    _check_well_formed(url)
     try:
         return await asyncpg.connect(url, timeout=timeout_s)
+    except ValueError:
+        raise DatabaseUnavailable(_MALFORMED) from None
     except (OSError, TimeoutError, socket.gaierror, asyncpg.PostgresError,
             asyncpg.InterfaceError) as exc:
         reason = exc.__class__.__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
@@ -63,12 +84,15 @@ async def resolve_url(settings: Settings, *, start_embedded: bool = True) -> str
 
 
 async def create_pool(url: str, settings: Settings, *, size_min: int = 2) -> asyncpg.Pool:
+    _check_well_formed(url)
     try:
         pool = await asyncpg.create_pool(
             url, min_size=min(size_min, settings.database_pool_size_max),
             max_size=settings.database_pool_size_max, timeout=settings.database_connect_timeout_s,
             command_timeout=60,
         )
+    except ValueError:
+        raise DatabaseUnavailable(_MALFORMED) from None
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"cannot reach database at {describe(url)}: {exc}") from None
     assert pool is not None

@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 
 from float_ledger.ledger import create_account
-from float_ledger.model import AccountKind
+from float_ledger.model import AccountKind, amount_minor_max
 from gateway import sql
 from gateway.errors import VendgateError
 from gateway.keystore import KeyStore
@@ -103,6 +103,9 @@ async def ensure_system_accounts(conn: asyncpg.Connection, currency: str) -> dic
     return {kind: await system_account(conn, kind, currency) for kind in SYSTEM_ACCOUNT_KINDS}
 
 
+agent_text_chars_max = 200  # an agent's name and contact (agents.name's CHECK)
+
+
 async def add_agent(
     conn: asyncpg.Connection,
     *,
@@ -121,6 +124,12 @@ async def add_agent(
         raise RegistryError(f"unknown time zone {time_zone!r}") from None
     if not 0 <= commission_rate_bp <= 10_000:
         raise RegistryError("commission rate must be 0..10000 basis points")
+    if not 0 < len(name) <= agent_text_chars_max or not name.strip():
+        raise RegistryError(f"an agent's name is 1..{agent_text_chars_max} characters, not only spaces")
+    if len(contact) > agent_text_chars_max:
+        raise RegistryError(f"an agent's contact is at most {agent_text_chars_max} characters")
+    if not 0 <= low_float_threshold_minor <= amount_minor_max:
+        raise RegistryError(f"the low-float threshold is an amount in minor units, 0..{amount_minor_max}")
     await ensure_system_accounts(conn, currency)
     async with conn.transaction():
         agent_id = int(await conn.fetchval(sql.AGENT_NEXT_ID))

@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VendgateError, LedgerError) as exc:
         print(f"vendgate: error: {exc}", file=sys.stderr)
         return 2
-    except asyncpg.DataError as exc:  # a value the database cannot hold, past the checks above it
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        # A value the database cannot hold or its constraints refuse, past the checks above them;
+        # the message names the constraint, never the row (its DETAIL is not printed).
         print(f"vendgate: error: the database refused a value: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -80,6 +80,32 @@ def test_bad_registry_input_gets_one_line(env: dict[str, str]) -> None:
     assert unknown.returncode == 2 and "no terminal NOPE0000" in unknown.stderr
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("--name", "N" * 201), "name is 1..200 characters"),
+    (("--name", "   "), "not only spaces"),
+    (("--name", "Shop", "--contact", "c" * 201), "contact is at most 200"),
+    (("--name", "Shop", "--low-float-minor", "-1"), "low-float threshold is an amount"),
+], ids=["name too long", "name of spaces", "contact too long", "negative low-float threshold"])
+def test_an_agent_the_database_would_refuse_gets_one_line(env: dict[str, str], args: tuple[str, ...],
+                                                          said: str) -> None:
+    # Before, the database's CHECK refused these with a traceback and exit status 1.
+    refused = vendgate(env, "agent", "add", "--kind", "shop", *args)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-600:]
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("vendgate: error: ") and said in line
+
+
+@pytest.mark.parametrize("url", ["postgresql://vendgate:s3cr3t-pw@localhost:notaport/vendgate",
+                                 "postgresql://vendgate:s3cr3t-pw@[::1/vendgate"], ids=["port", "IPv6 host"])
+def test_a_malformed_database_url_is_one_line_without_its_password(tmp_path: Path, url: str) -> None:
+    result = vendgate({"VENDGATE_DATABASE_URL": url, "VENDGATE_MASTER_KEY": "11" * 32,
+                       "VENDGATE_DATA_DIR": str(tmp_path)}, "float", "pending")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-600:]
+    assert result.stderr.strip().splitlines() == [
+        "vendgate: error: the database URL is malformed (its host, port or parameters): see VENDGATE_DATABASE_URL"]
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
 def test_missing_master_key_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     env = {"VENDGATE_DATABASE_URL": db_url, "VENDGATE_DATA_DIR": str(tmp_path)}
     result = vendgate(env, "terminal", "add", "--id", "P0000009", "--serial", "SN-P9", "--agent", "1")

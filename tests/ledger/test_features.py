@@ -122,6 +122,22 @@ async def test_one_reference_spelled_another_way_does_not_credit_again(db_conn: 
     assert await balance(db_conn, float_id) == 500
 
 
+@pytest.mark.parametrize("spelling", ["BANK-2026-0042\u2029", "BANK-2026-0042\u2028", "\u1680BANK-2026-0042",
+                                      "BANK-2026\u2028-0042"])
+async def test_a_reference_with_white_space_its_key_cannot_trim_is_refused(db_conn: Any, source: int,
+                                                                          spelling: str) -> None:
+    # The key trims and joins only what PostgreSQL's \s matches once NFKC-normalised: a line
+    # separator at the end made "BANK-2026-0042" a second reference, and credited the float twice.
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, 500, external_ref="BANK-2026-0042")
+    await request_deposit(db_conn, **request)
+    with pytest.raises(InvalidTransfer, match="separators"):
+        await deposit_id_for_ref(db_conn, source_account_id=source, external_ref=spelling)
+    with pytest.raises(InvalidTransfer, match="separators"):
+        await request_deposit(db_conn, **(request | {"deposit_id": uuid.uuid4(), "external_ref": spelling}))
+    assert await balance(db_conn, float_id) == 500
+
+
 async def test_a_reference_freed_by_a_rejection_is_freed_in_every_spelling(db_conn: Any, source: int) -> None:
     float_id = await account(db_conn, AccountKind.agent_float)
     request = deposit_request(float_id, source, THRESHOLD + 1, external_ref="CASH-77")
