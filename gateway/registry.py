@@ -211,8 +211,17 @@ async def terminal_key(conn: asyncpg.Connection, keystore: KeyStore, terminal_id
 
 async def set_terminal_status(conn: asyncpg.Connection, terminal_id: str,
                               status: Literal["active", "blocked", "retired"]) -> None:
-    if await conn.fetchval(sql.TERMINAL_SET_STATUS, terminal_id, status) is None:
-        raise RegistryError(f"no terminal {terminal_id}")
+    """Block, unblock or retire a terminal. Retirement is final: the device is out of service
+    and its key with it, so a retired terminal is never made active or blocked again (a device put
+    back into service is registered anew, with a key of its own)."""
+    async with conn.transaction():
+        current = await conn.fetchval(sql.TERMINAL_STATUS_FOR_UPDATE, terminal_id)
+        if current is None:
+            raise RegistryError(f"no terminal {terminal_id}")
+        if current == "retired" and status != "retired":
+            raise RegistryError(f"terminal {terminal_id} is retired, and retirement is final: register the device "
+                                "anew to put it back into service")
+        await conn.execute(sql.TERMINAL_SET_STATUS, terminal_id, status)
 
 
 async def add_tariff(

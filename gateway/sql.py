@@ -31,7 +31,8 @@ SELECT t.*, a.currency, a.float_account_id, a.commission_account_id, a.commissio
        a.low_float_threshold_minor, a.time_zone
 FROM terminals t JOIN agents a USING (agent_id)
 WHERE t.terminal_id = $1"""
-TERMINAL_SET_STATUS = "UPDATE terminals SET status = $2 WHERE terminal_id = $1 RETURNING status"
+TERMINAL_STATUS_FOR_UPDATE = "SELECT status FROM terminals WHERE terminal_id = $1 FOR UPDATE"
+TERMINAL_SET_STATUS = "UPDATE terminals SET status = $2 WHERE terminal_id = $1"
 TERMINAL_STATUSES = "SELECT terminal_id, status, allowed_operations FROM terminals WHERE terminal_id = ANY($1::text[])"
 
 TARIFF_INSERT = """

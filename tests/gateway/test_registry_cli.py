@@ -48,6 +48,17 @@ async def test_agent_and_terminal_add_print_the_key_once_and_seal_it(env: dict[s
     assert duplicate.returncode == 2 and "already registered" in duplicate.stderr
     blocked = vendgate(env, "terminal", "block", "P0000001")
     assert blocked.returncode == 0 and "blocked" in blocked.stdout
+    # Retirement is final: the device and its key are out of service.
+    assert vendgate(env, "terminal", "retire", "P0000001").returncode == 0
+    for action in ("unblock", "block"):
+        again = vendgate(env, "terminal", action, "P0000001")
+        assert again.returncode == 2 and "retirement is final" in again.stderr, again.stderr
+    assert vendgate(env, "terminal", "retire", "P0000001").returncode == 0
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT status FROM terminals WHERE terminal_id = 'P0000001'") == "retired"
+    finally:
+        await conn.close()
 
 
 async def test_a_kiosk_is_registered_without_a_key_to_show(env: dict[str, str], db_url: str) -> None:
