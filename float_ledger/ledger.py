@@ -47,6 +47,7 @@ from float_ledger.model import (
     Transfer,
     TransferColumns,
     TransferKind,
+    amount_minor_max,
     batch_columns,
     check_account,
     commission_transfer,
@@ -123,6 +124,11 @@ async def set_account_blocked(conn: Connection, account_id: int, *, blocked: boo
 
 
 async def set_low_threshold(conn: Connection, account_id: int, *, low_threshold_minor: int | None) -> None:
+    """Set (None: remove) the account's low threshold. A change that puts the balance below it, or
+    no longer below it, writes that event (float_below_threshold, float_restored) as a posting
+    crossing it does, naming no transfer."""
+    if low_threshold_minor is not None and abs(low_threshold_minor) > amount_minor_max:
+        raise InvalidAccount(f"low_threshold_minor {low_threshold_minor} beyond ±{amount_minor_max}")
     if await conn.fetchval(sql.SQL_SET_LOW_THRESHOLD, account_id, low_threshold_minor) is None:
         raise AccountNotFound(f"no ledger account {account_id}")
 

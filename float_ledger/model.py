@@ -416,7 +416,7 @@ class LedgerEvent(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     kind: EventKind
     account_id: int
-    transfer_id: uuid.UUID
+    transfer_id: uuid.UUID | None  # the posting that crossed; None: the threshold was changed across the balance
     balance_minor: int
     threshold_minor: int
     created_at: datetime

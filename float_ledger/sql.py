@@ -29,7 +29,28 @@ SQL_BALANCE = "SELECT balance_minor FROM ledger_accounts WHERE id = $1"
 
 SQL_SET_BLOCKED = "UPDATE ledger_accounts SET blocked = $2 WHERE id = $1 RETURNING id"
 
-SQL_SET_LOW_THRESHOLD = "UPDATE ledger_accounts SET low_threshold_minor = $2 WHERE id = $1 RETURNING id"
+# The account's new threshold ($2, NULL: none) and the event the change causes: below it now and
+# not below the old one (or none), float_below_threshold; below the old one and not the new one,
+# float_restored. The row lock orders it with postings, so the balance it compares is current.
+# Returns no row when the account is missing.
+SQL_SET_LOW_THRESHOLD = """
+WITH old AS (
+    SELECT id, low_threshold_minor AS threshold FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE
+), changed AS (
+    UPDATE ledger_accounts a SET low_threshold_minor = $2::bigint
+      FROM old
+     WHERE a.id = old.id
+    RETURNING a.id, a.balance_minor,
+              old.threshold IS NOT NULL AND a.balance_minor < old.threshold AS was_below,
+              $2::bigint IS NOT NULL AND a.balance_minor < $2::bigint AS is_below, old.threshold AS old_threshold
+), event AS (
+    INSERT INTO ledger_events (kind, account_id, transfer_id, balance_minor, threshold_minor, created_at)
+    SELECT CASE WHEN c.is_below THEN 'float_below_threshold' ELSE 'float_restored' END, c.id, NULL,
+           c.balance_minor, coalesce($2::bigint, c.old_threshold), clock_timestamp()
+      FROM changed c
+     WHERE c.is_below <> c.was_below
+)
+SELECT id FROM changed"""
 
 # Returns no row when the account is missing; ok = false when the balance is below the new bound.
 SQL_SET_LOWER_BOUND = """

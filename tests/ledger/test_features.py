@@ -55,7 +55,7 @@ from float_ledger.model import (
     top_up_transfers,
 )
 from float_ledger.reconciliation import reconcile_agent_day
-from tests.ledger.conftest import CURRENCY, account, transfer
+from tests.ledger.conftest import CURRENCY, account, transfer, visible_events
 
 S = PostStatus
 THRESHOLD = 100_000
@@ -440,6 +440,35 @@ async def test_events_are_read_in_pages(db_conn: Any, source: int) -> None:
     assert [e.kind for e in rest] == [EventKind.float_restored, EventKind.float_below_threshold]
     with pytest.raises(ValueError):
         await events_after(db_conn, limit=0)
+
+
+async def test_a_threshold_changed_across_the_balance_is_a_crossing(db_conn: Any, source: int) -> None:
+    # Raised above the float, the agent is warned at once rather than after the next deposit and
+    # payment; lowered under it (or removed), the warning is lifted; a change on one side, nothing.
+    float_id = await account(db_conn, AccountKind.agent_float, low_threshold_minor=1_000)
+    customer = await account(db_conn, AccountKind.customer_credit)
+    mine = lambda e: e.account_id == float_id  # noqa: E731
+    await post_transfers(db_conn, [transfer(source, float_id, 5_000, kind="deposit")])
+    [restored] = await visible_events(db_conn, None, wanted=mine, at_least=1)  # the deposit's crossing
+    assert restored.kind is EventKind.float_restored and restored.transfer_id is not None
+    start = restored.cursor
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=2_000)  # still below the float: nothing
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=10_000)
+    [below] = await visible_events(db_conn, start, wanted=mine, at_least=1)
+    assert (below.kind, below.transfer_id, below.balance_minor, below.threshold_minor) == (
+        EventKind.float_below_threshold, None, 5_000, 10_000)
+    await post_transfers(db_conn, [transfer(float_id, customer, 100)])  # below before and after: no crossing
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=9_000)  # still above the float: nothing
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=None)
+    events = await visible_events(db_conn, start, wanted=mine, at_least=2)
+    assert [(e.kind, e.transfer_id, e.balance_minor, e.threshold_minor) for e in events] == [
+        (EventKind.float_below_threshold, None, 5_000, 10_000), (EventKind.float_restored, None, 4_900, 9_000)]
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=4_900)  # at the threshold is not below it
+    await set_low_threshold(db_conn, float_id, low_threshold_minor=4_901)
+    events = await visible_events(db_conn, start, wanted=mine, at_least=3)
+    assert [e.kind for e in events][2:] == [EventKind.float_below_threshold]
+    with pytest.raises(InvalidAccount):
+        await set_low_threshold(db_conn, float_id, low_threshold_minor=10**16)
 
 
 # -- reconciliation ---------------------------------------------------------------------------------
