@@ -63,6 +63,8 @@ class ProtectingTrigger:
 # SHA-256 of vendgate_refuse_change's source (gateway/migrations/0001_base.sql): a migration that
 # redefines the function changes this with it (tests/ledger/test_check.py compares the two).
 REFUSE_CHANGE_SOURCE_SHA256 = "5ec25276efcc438e469ce1f1a22c64d91823d0ac8f4c6fde95a0986dd9bf68c4"
+# SHA-256 of vendgate_refuse_key_change's source (gateway/migrations/0014_vend_record_keys.sql).
+REFUSE_KEY_CHANGE_SOURCE_SHA256 = "217c271d97b4ef3c978a78cdc35e99e7cdfe1fb869e177ad7281f273d1e3dfa3"
 # SHA-256 of ledger_deposit_decided_once's source (gateway/migrations/0024_protections_in_every_session.sql).
 DEPOSIT_DECIDED_ONCE_SOURCE_SHA256 = "b39e9c0c021e6d66262e5a67c4713cdb9f2b3fcb2d1bf249ef2e98a82c01aa2b"
 IMMUTABILITY_TRIGGERS = (
@@ -73,6 +75,13 @@ IMMUTABILITY_TRIGGERS = (
     ProtectingTrigger("ledger_accounts_undeletable", "ledger_accounts", "BEFORE DELETE FOR EACH ROW",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
     ProtectingTrigger("ledger_accounts_not_truncated", "ledger_accounts", "BEFORE TRUNCATE FOR EACH STATEMENT",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_accounts_identity_fixed", "ledger_accounts", "BEFORE UPDATE FOR EACH ROW",
+                      "vendgate_refuse_key_change", REFUSE_KEY_CHANGE_SOURCE_SHA256,
+                      key_columns=("id", "kind", "currency", "owner_ref", "created_at")),
+    ProtectingTrigger("ledger_events_immutable", "ledger_events", "BEFORE UPDATE OR DELETE FOR EACH ROW",
+                      "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
+    ProtectingTrigger("ledger_events_not_truncated", "ledger_events", "BEFORE TRUNCATE FOR EACH STATEMENT",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
     ProtectingTrigger("ledger_deposits_decided_once", "ledger_deposits", "BEFORE UPDATE OR DELETE FOR EACH ROW",
                       "ledger_deposit_decided_once", DEPOSIT_DECIDED_ONCE_SOURCE_SHA256),

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any
 
 from float_ledger.check import (
+    REFUSE_KEY_CHANGE_SOURCE_SHA256,
     CheckReport,
     InvariantResult,
     ProtectingTrigger,
@@ -32,11 +33,10 @@ from float_ledger.check import (
     protecting_trigger_problems,
 )
 
-# SHA-256 of the sources of vendgate_refuse_delete (gateway/migrations/0013_vend_records.sql) and
-# vendgate_refuse_key_change (0014_vend_record_keys.sql): a migration that redefines either changes
-# its hash here (tests/gateway/test_records_check.py compares them).
+# SHA-256 of the source of vendgate_refuse_delete (gateway/migrations/0013_vend_records.sql), as
+# float_ledger.check keeps vendgate_refuse_key_change's: a migration that redefines either changes
+# its hash there (tests/gateway/test_records_check.py compares them).
 REFUSE_DELETE_SOURCE_SHA256 = "c8ac8478e6a58de717cdb1ce663fae9197ab2a886baa42c6ab06e4d4c821acea"
-REFUSE_KEY_CHANGE_SOURCE_SHA256 = "217c271d97b4ef3c978a78cdc35e99e7cdfe1fb869e177ad7281f273d1e3dfa3"
 # The columns other records name, per table, as 0014_vend_record_keys.sql lists them.
 RECORD_KEYS = {"terminals": ("terminal_id",), "meters": ("meter_number",),
                "vend_transactions": ("client_txn_id", "terminal_id"),

@@ -10,13 +10,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from float_ledger.check import REFUSE_KEY_CHANGE_SOURCE_SHA256
 from gateway.keystore import KeyStore
-from gateway.records_check import (
-    PROTECTING_TRIGGERS,
-    REFUSE_DELETE_SOURCE_SHA256,
-    REFUSE_KEY_CHANGE_SOURCE_SHA256,
-    check_all,
-)
+from gateway.records_check import PROTECTING_TRIGGERS, REFUSE_DELETE_SOURCE_SHA256, check_all
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode

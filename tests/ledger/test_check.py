@@ -24,6 +24,7 @@ from float_ledger.check import (
     REFUSE_CHANGE_SOURCE_SHA256,
     check_ledger,
     describe_firing,
+    problems_shown_max,
 )
 from float_ledger.deposits import approve_deposit, reject_deposit, request_deposit
 from float_ledger.errors import LedgerError
@@ -355,6 +356,30 @@ async def test_a_session_in_replica_mode_is_refused_as_any_other(ledger: Any, le
     assert (await check_ledger(ledger)).holds
 
 
+@pytest.mark.parametrize("change", ["kind = 'suspense'", "currency = 'UGX'", "owner_ref = 'A-2'",
+                                    "created_at = created_at - interval '1 day'"])
+async def test_what_an_account_is_never_changes(ledger: Any, change: str) -> None:
+    # Reassigned to another owner, an agent's commission account would move its commission into
+    # that agent's reconciliation.
+    payable = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'commission_payable'")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="never change"):
+        await ledger.execute(f"UPDATE ledger_accounts SET {change} WHERE id = $1", payable)
+    # What moves, moves: a flag, a bound, a threshold.
+    await ledger.execute("UPDATE ledger_accounts SET blocked = true, low_threshold_minor = 5 WHERE id = $1", payable)
+    assert (await check_ledger(ledger)).holds
+
+
+async def test_a_low_float_event_stays_as_written(ledger: Any) -> None:
+    float_id = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'agent_float'")
+    await ledger.execute("UPDATE ledger_accounts SET low_threshold_minor = 10 ^ 9 WHERE id = $1", float_id)
+    await ledger.execute("INSERT INTO ledger_events (kind, account_id, transfer_id, balance_minor, threshold_minor, "
+                         "created_at) VALUES ('float_below_threshold', $1, NULL, 1, 2, now())", float_id)
+    for statement in ("UPDATE ledger_events SET balance_minor = 0", "DELETE FROM ledger_events",
+                      "TRUNCATE ledger_events"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="immutable"):
+            await ledger.execute(statement)
+
+
 async def test_a_balance_below_its_bound_is_found(ledger: Any) -> None:
     row = await a_collection(ledger)
     await ledger.execute("ALTER TABLE ledger_accounts DROP CONSTRAINT ledger_accounts_balance_within_bound")
@@ -411,7 +436,8 @@ async def test_a_refusal_replaced_by_a_no_op_is_found(ledger: Any) -> None:
     assert await immutability_problems(ledger) == [
         f"trigger {name} calls public.vendgate_refuse_change, whose source is not the refusal the migrations installed"
         for name in ("ledger_transfers_immutable", "ledger_transfers_not_truncated", "ledger_accounts_undeletable",
-                     "ledger_accounts_not_truncated", "ledger_deposits_not_truncated")]
+                     "ledger_accounts_not_truncated", "ledger_events_immutable", "ledger_events_not_truncated",
+                     "ledger_deposits_not_truncated")][:problems_shown_max]
 
 
 @pytest.mark.parametrize(("create", "problem"), [
