@@ -22,6 +22,7 @@ from float_ledger.model import AccountKind, amount_minor_max
 from gateway import sql
 from gateway.errors import VendgateError
 from gateway.keystore import KeyStore
+from protocol import sts
 
 terminal_key_bytes = 16  # AES-128 strength, as protocol v1 requires at least
 AgentKind = Literal["shop", "property_manager", "village", "mobile_hall", "staff"]
@@ -224,6 +225,9 @@ async def set_terminal_status(conn: asyncpg.Connection, terminal_id: str,
         await conn.execute(sql.TERMINAL_SET_STATUS, terminal_id, status)
 
 
+tariff_code_chars_max = 40  # every receipt states it in full
+
+
 async def add_tariff(
     conn: asyncpg.Connection,
     *,
@@ -236,6 +240,9 @@ async def add_tariff(
     fee_vat_rate_bp: int = 0,
 ) -> None:
     _check_currency(currency)
+    if not 0 < len(tariff_code) <= tariff_code_chars_max or not tariff_code.isprintable() or tariff_code != \
+            tariff_code.strip():
+        raise RegistryError(f"a tariff code is 1..{tariff_code_chars_max} printable characters, no spaces around")
     if valid_from.tzinfo is None:
         raise RegistryError("tariff valid_from must be timezone-aware")
     # A new version keeps the code's currency: the meters on it are paid in their customers' currency.
@@ -291,7 +298,14 @@ async def add_meter(
     sts_key_revision: int | None = None,
     sts_base_year: int | None = None,
 ) -> None:
-    """A customer's meter on a tariff priced in the customer's currency (else no top-up could pay it)."""
+    """A customer's meter on a tariff priced in the customer's currency (else no top-up could pay it);
+    a token meter's number is one STS can carry (an 11- or 13-digit meter number with its check
+    digit, or an 18-digit PAN: sts.meter_pan), else no token could ever be issued to it."""
+    if supply_mode == "sts":
+        try:
+            sts.meter_pan(meter_number)
+        except sts.StsError as exc:
+            raise RegistryError(f"meter {meter_number} cannot take STS tokens: {exc}") from None
     customer_currency = await conn.fetchval(sql.CUSTOMER_CURRENCY, customer_id)
     if customer_currency is None:
         raise RegistryError(f"no customer {customer_id}")

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import msgspec
 
+from float_ledger.currency import format_minor
 from float_ledger.ledger import reverse_group
 from float_ledger.model import AccountKind, PostStatus, Transfer, TransferKind, batch_columns
 from float_ledger.split import DECI_KWH_PER_MWH, AmountTooSmall, Tariff, commission_minor, split_payment
@@ -902,10 +903,12 @@ def _token_random(client_txn_id: str) -> int:
 
 
 def receipt_lines(request: VendRequest, p: _Pending, receipt_number: int, now: datetime) -> list[str]:
+    """The receipt, receipt_line_chars_max wide (a terminal's printer): a longer line goes on over
+    the next lines, never cut."""
     s = p.split
 
     def money(minor: int) -> str:
-        return f"{minor // 100}.{minor % 100:02d} {request.currency}"
+        return format_minor(minor, request.currency)
 
     lines = [
         f"RECEIPT {request.terminal_id}-{receipt_number:06d}",
@@ -919,7 +922,8 @@ def receipt_lines(request: VendRequest, p: _Pending, receipt_number: int, now: d
         f"UNITS {s.units_deci_kwh // 10}.{s.units_deci_kwh % 10} kWh",
         f"TARIFF {p.tariff.tariff_code}",
     ]
-    return [line[:receipt_line_chars_max] for line in lines]
+    width = receipt_line_chars_max
+    return [line[start:start + width] for line in lines for start in range(0, max(len(line), 1), width)]
 
 
 def now_utc() -> datetime:

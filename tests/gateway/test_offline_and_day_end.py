@@ -138,6 +138,20 @@ async def test_the_registry_makes_no_meter_a_top_up_could_not_pay(running: Runni
                                  tariff_code="RAND-2")
         assert await conn.fetchval("SELECT count(*) FROM meters WHERE meter_number LIKE '88000000001_'") == 1
         assert await conn.fetchval("SELECT count(*) FROM tariffs WHERE tariff_code = 'RAND-2'") == 2
+        # A token meter's number must be one a token can carry: 11 or 13 digits with their check
+        # digit, or an 18-digit PAN. Before, it was registered, and every top-up declined UNKNOWN_METER.
+        sts_fields = {"customer_id": rand, "supply_mode": "sts", "tariff_code": "RAND-2",
+                      "sts_supply_group_code": "123456", "sts_tariff_index": "01", "sts_key_revision": 1,
+                      "sts_base_year": 2014}
+        for number in ("100000000019", "91000000001", "1234567890123"):
+            with pytest.raises(registry.RegistryError, match="cannot take STS tokens"):
+                await registry.add_meter(conn, meter_number=number, **sts_fields)
+        await registry.add_meter(conn, meter_number="91000000017", **sts_fields)
+        # A tariff code is bounded: every receipt states it whole.
+        for code in ("T" * 41, " RAND-3", "RAND\n3"):
+            with pytest.raises(registry.RegistryError, match=r"tariff code is 1\.\.40"):
+                await registry.add_tariff(conn, tariff_code=code, valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+                                          currency="ZAR", energy_price_minor_per_mwh=1, energy_vat_rate_bp=0)
 
 
 async def test_a_reversal_counts_on_the_day_it_was_processed_not_its_originals(running: Running) -> None:

@@ -138,14 +138,14 @@ async def test_a_token_meter_without_a_tid_left_is_declined_and_its_debt_share_s
     async with running.pool.acquire() as conn:
         customer, debt_id = await shop_with_indebted_customer(conn, running, terminal="K0000001",
                                                               account="TID00001", debt_minor=100)
-        await registry.add_meter(conn, meter_number="91000000001", customer_id=customer, supply_mode="sts",
+        await registry.add_meter(conn, meter_number="91000000009", customer_id=customer, supply_mode="sts",
                                  tariff_code=DEMO_TARIFF, sts_supply_group_code=DEMO_SUPPLY_GROUP,
                                  sts_tariff_index="01", sts_key_revision=1, sts_base_year=1993)
         await registry.add_meter(conn, meter_number="91000000002", customer_id=customer, supply_mode="smart",
                                  tariff_code=DEMO_TARIFF)
     old, smart = (VendRequest(kind="topup", client_txn_id=f"K0000001-{TODAY}-00000{n}", terminal_id="K0000001",
                               meter_number=number, amount_minor=1_000, currency="EUR")
-                  for n, number in ((1, "91000000001"), (2, "91000000002")))
+                  for n, number in ((1, "91000000009"), (2, "91000000002")))
     service = VendingService(running.keystore)
     async with running.pool.acquire() as conn:
         async with conn.transaction():
