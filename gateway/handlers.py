@@ -224,6 +224,13 @@ class Handlers:
                                 amount_minor=a.amount_minor, currency=a.currency, tender=str(a.tender_type),
                                 taken_at=a.taken_at) for a in message.advices]
         outcomes = await asyncio.gather(*(self.committer.submit(r) for r in requests))
+        for request, outcome in zip(requests, outcomes, strict=True):  # one line per payment, as for a top-up
+            log.info("advice", terminal_id=context.terminal_id, agent_id=context.agent_id,
+                     client_txn_id=request.client_txn_id, meter_number=request.meter_number,
+                     amount_minor=request.amount_minor, currency=request.currency,
+                     taken_at=request.taken_at.isoformat() if request.taken_at else None,
+                     response_code=ResponseCode(outcome.response_code).name, receipt_number=outcome.receipt_number,
+                     token=redact_token(outcome.tokens[0]) if outcome.tokens else None)
         results = [
             AdviceOutcome(client_transaction_id=a.client_transaction_id, response_code=ResponseCode(o.response_code),
                           receipt_number=receipt_text(context.terminal_id, o.receipt_number)

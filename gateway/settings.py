@@ -1,6 +1,7 @@
 """Settings: one frozen, typed object read from VENDGATE_* variables and an optional TOML file.
 
-Precedence: environment variable > TOML file (VENDGATE_CONFIG or --config) > default.
+Precedence: environment variable > TOML file (VENDGATE_CONFIG or --config) > default. An
+empty variable counts as not set.
 Every default is safe: listeners bind to loopback, the database is the embedded one.
 Unknown VENDGATE_* names are refused, so a typo never silently falls back to a default.
 """
@@ -19,7 +20,8 @@ from gateway.errors import SettingsError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+# A wait, in seconds: bounded (an infinite one would wait for ever on a peer that never answers).
+TimeoutSeconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 ENV_PREFIX = "VENDGATE_"
 # Variables read by tools around the server rather than by the server itself.
@@ -31,7 +33,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     database_url: str | None = None
     data_dir: str = ".vendgate"
     database_name: str = "vendgate"
-    database_connect_timeout_s: PositiveFloat = 10.0
+    database_connect_timeout_s: TimeoutSeconds = 10.0
     database_pool_size_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pos_host: str = "127.0.0.1"
@@ -42,7 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     http_port: Port = 7780
     # The prepayment engine's event endpoint; unset: events wait in the outbox.
     engine_url: str | None = None
-    engine_timeout_s: PositiveFloat = 5.0
+    engine_timeout_s: TimeoutSeconds = 5.0
     # A float deposit above this many minor units waits for a second operator (`vendgate float
     # approve`); 0: every deposit does.
     deposit_approval_threshold_minor: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -91,7 +93,9 @@ def load_settings(
         key = name[len(ENV_PREFIX) :].lower()
         if key not in _FIELDS:
             raise SettingsError(f"unknown variable {name}")
-        values[key] = raw if raw != "" else None
+        if raw == "":
+            continue  # an empty variable is not set: the file's value or the default stands
+        values[key] = raw
         source[key] = name
 
     try:

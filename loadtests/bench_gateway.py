@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -89,7 +90,8 @@ def percentile_ms(sorted_seconds: list[float], fraction: float) -> float | None:
     """The nearest-rank percentile of sorted latencies in seconds, in milliseconds."""
     if not sorted_seconds:
         return None
-    rank = min(len(sorted_seconds) - 1, max(0, round(fraction * len(sorted_seconds) + 0.5) - 1))
+    # Nearest rank: the ceil(fraction * n)-th value (the p99 of 100 values is the 99th, not the largest).
+    rank = min(len(sorted_seconds) - 1, max(0, math.ceil(fraction * len(sorted_seconds) - 1e-9) - 1))
     return round(sorted_seconds[rank] * 1000, 2)
 
 
@@ -457,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = run_in_deployment("vendgate-bench-gateway-", lambda deployment: bench(args, deployment), keep=args.keep)
     print(json.dumps(summary), flush=True)
-    return 0
+    # Figures of a run whose gateway failed, or whose ledger no longer holds, are no result.
+    return 0 if summary["ledger_check"]["holds"] and summary["gateway_exit_code"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.time() - started, 1),
     })
     ledger_ok = summary.get("ledger_check", {"holds": True})["holds"]
-    passed = summary["locust_exit_code"] == 0 and ratio <= args.fail_ratio_max and ledger_ok
+    gateway_ok = summary.get("gateway_exit_code", 0) == 0  # a local gateway that failed, or outlived its stop bound
+    passed = summary["locust_exit_code"] == 0 and ratio <= args.fail_ratio_max and ledger_ok and gateway_ok
     summary["passed"] = passed
     log(f"{summary['requests']} requests, {summary['failures']} failures (ratio {ratio:.4%}, max "
         f"{args.fail_ratio_max:.4%}); HTML report {summary['html_report']}")

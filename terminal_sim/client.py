@@ -16,6 +16,7 @@ from datetime import date
 from typing import TypeVar
 
 from protocol.codes import ResponseCode
+from protocol.errors import ProtocolError
 from protocol.messages import (
     Advice,
     AdviceBatchRequest,
@@ -45,7 +46,7 @@ from protocol.messages import (
     TopUpRequest,
     TopUpResult,
 )
-from protocol.session import MessageReceived, TerminalSession
+from protocol.session import MessageReceived, TerminalSession, TerminalState
 
 reply_timeout_s = 30.0
 connect_timeout_s = 10.0
@@ -54,6 +55,7 @@ connect_timeout_s = 10.0
 write_timeout_s = 30.0
 close_timeout_s = 5.0
 retries_max = 5
+busy_pause_s = 0.2  # after SYSTEM_BUSY, growing with each attempt
 read_chunk_bytes = 16_384
 R = TypeVar("R", bound=ServerMessage)
 
@@ -132,9 +134,23 @@ class PosTerminal:
         except (TimeoutError, OSError):  # a peer not reading, or the link already broken
             writer.transport.abort()
 
+    async def connect(self) -> LogonAccepted:
+        """Log on, again after a lost link (up to retries_max times), as a terminal on GPRS does."""
+        for attempt in range(retries_max + 1):
+            try:
+                return await self.logon()
+            except (LinkLost, ConnectionError, TimeoutError):
+                await self.close()
+                if attempt == retries_max:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")
+
     async def logoff(self) -> None:
-        if self._session is not None:
-            with contextlib.suppress(LinkLost, TerminalRefused, ConnectionError):
+        """Say goodbye when the session is still good; close the connection whatever happened."""
+        session = self._session
+        if session is not None and session.state is TerminalState.READY:
+            with contextlib.suppress(LinkLost, TerminalRefused, ConnectionError, TimeoutError, ProtocolError):
                 await self._exchange(LogoffRequest(), LogoffReply)
         await self.close()
 
@@ -179,7 +195,9 @@ class PosTerminal:
                     return event.message
 
     async def _request(self, message: TerminalMessage, expected: type[R]) -> R:
-        """Send with reconnect-and-retry on a lost link; the same message (same id) every time."""
+        """Send with reconnect-and-retry on a lost link, and again after a pause on SYSTEM_BUSY
+        (docs/protocol.md: repeat it with the same client transaction id); the same message (same
+        id) every time."""
         for attempt in range(retries_max + 1):
             try:
                 if self._session is None:
@@ -190,9 +208,19 @@ class PosTerminal:
                 if attempt == retries_max:
                     raise
                 self.retries += 1
+            except TerminalRefused as refused:
+                if refused.response_code is not ResponseCode.SYSTEM_BUSY or attempt == retries_max:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(busy_pause_s * (attempt + 1))
         raise AssertionError("unreachable")
 
     # -- operations ----------------------------------------------------------------------------
+
+    @property
+    def last_sequence(self) -> int:
+        """The sequence of the last transaction id this terminal made."""
+        return self._sequence
 
     def next_transaction_id(self) -> ClientTransactionId:
         assert self.business_date is not None, "log on first"

@@ -71,7 +71,8 @@ class KioskSummary(msgspec.Struct, kw_only=True):
 
     @property
     def ok(self) -> bool:
-        return self.inconsistencies == 0
+        """No inconsistent reply, and the gateway answered at least one payment."""
+        return self.inconsistencies == 0 and self.approved + self.declined > 0
 
 
 async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, duration_s: float, *,
@@ -110,7 +111,11 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
             elif reply.response_code is ResponseCode.APPROVED:
                 summary.approved += 1
                 key = f"{txn.terminal_id}/{txn.business_date}/{txn.terminal_sequence}"
-                if not reply.receipt_number:
+                if (reply.client_transaction_id, reply.amount_minor, reply.currency) != (txn, amount_minor, currency):
+                    inconsistent(f"{kiosk.kiosk_id}: sequence {txn.terminal_sequence} approved as "
+                                 f"{reply.client_transaction_id.terminal_sequence} for {reply.amount_minor} "
+                                 f"{reply.currency}, {amount_minor} {currency} paid")
+                elif not reply.receipt_number:
                     inconsistent(f"{kiosk.kiosk_id}: approved without a receipt")
                 elif receipts.setdefault(reply.receipt_number, key) != key:
                     inconsistent(f"{kiosk.kiosk_id}: receipt {reply.receipt_number} given to two payments")

@@ -2,27 +2,36 @@
 
 Each terminal logs on, then loops: look up a meter, top up, now and then a float inquiry, a
 reprint or a reversal, with think time between. Payments whose reply was lost are retried with
-the same transaction id. The summary counts outcomes and latency, and flags inconsistencies: an
-approved reply without a receipt, a receipt number given to two payments, a retry answered
-differently, or a protocol error.
+the same transaction id (and after SYSTEM_BUSY); one never answered is reversed (NO_REPLY), as
+docs/protocol.md asks of a terminal. The summary counts outcomes and latency (nearest rank), and
+flags inconsistencies: an approved reply for another transaction, amount or currency, or without
+a receipt, a receipt number given to two payments, a retry answered differently. A protocol
+error is counted, never a crash. The run is bounded: terminals still waiting stop_grace_s after
+it are cut off, their payments counted unresolved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import msgspec
 
+from protocol import limits
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
+from protocol.messages import ClientTransactionId, ReversalReason, TopUpResult
 from terminal_sim.client import LinkLost, LinkModel, PosTerminal, TerminalRefused
 
 sim_terminals_max = 5_000
 think_time_s = (0.05, 0.5)
+stop_grace_s = 5.0  # after the run, for replies still on their way
+sequence_per_second = 10  # transaction ids a run may use per terminal and second of the day
+sequence_headroom = 100_000  # ids left for a run started late in the day
 
 
 class SimSummary(msgspec.Struct, kw_only=True):
@@ -34,6 +43,9 @@ class SimSummary(msgspec.Struct, kw_only=True):
     protocol_errors: int = 0
     inconsistencies: int = 0
     retries: int = 0
+    # Payments whose outcome the terminal never learnt and whose NO_REPLY reversal got no answer
+    # either (or that were cut off at the end of the run): the back office settles them.
+    unresolved: int = 0
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     approved_amount_minor: int = 0
@@ -41,7 +53,8 @@ class SimSummary(msgspec.Struct, kw_only=True):
 
     @property
     def ok(self) -> bool:
-        return self.protocol_errors == 0 and self.inconsistencies == 0
+        """No protocol error, no inconsistent reply, and the gateway answered at least one payment."""
+        return self.protocol_errors == 0 and self.inconsistencies == 0 and self.approved + self.declined > 0
 
 
 @dataclass
@@ -51,37 +64,89 @@ class _State:
     summary: SimSummary | None = None
     notes: list[str] = field(default_factory=list)
 
+    def inconsistent(self, note: str) -> None:
+        assert self.summary is not None
+        self.summary.inconsistencies += 1
+        self.notes.append(note)
+
+
+_last_used: dict[str, int] = {}  # terminal id -> the last sequence a run of this process used
+
+
+def first_sequence(now: datetime | None = None) -> int:
+    """Where each terminal's sequence starts: later runs on a business day start higher, so a run
+    never repeats an earlier run's transaction ids (its payments would be answered from the stored
+    replies, and no money would move)."""
+    moment = now or datetime.now(UTC)
+    seconds = moment.hour * 3600 + moment.minute * 60 + moment.second
+    return min(seconds * sequence_per_second, limits.terminal_sequence_max - sequence_headroom)
+
+
+def _mismatch(result: TopUpResult, txn: ClientTransactionId, amount: int, currency: str) -> str | None:
+    """Why an approved reply is not the answer to this request (None: it is)."""
+    if result.client_transaction_id != txn:
+        return f"reply for {result.client_transaction_id.as_key()} to {txn.as_key()}"
+    if result.amount_minor != amount or result.currency != currency:
+        return f"{txn.as_key()} approved for {result.amount_minor} {result.currency}, {amount} {currency} paid"
+    if result.receipt_number is None:
+        return f"{txn.as_key()} approved without a receipt"
+    return None
+
+
+async def _settle_unanswered(terminal: PosTerminal, txn: ClientTransactionId, amount: int, currency: str,
+                             summary: SimSummary) -> None:
+    """A top-up whose reply never came: reverse it (NO_REPLY), as docs/protocol.md asks, so the
+    customer is not charged for a payment the agent could not confirm."""
+    try:
+        reversed_ = await terminal.reverse(txn, amount, currency, ReversalReason.NO_REPLY)
+    except (LinkLost, ConnectionError, TimeoutError, TerminalRefused):
+        summary.unresolved += 1
+        return
+    if reversed_.response_code not in (ResponseCode.APPROVED, ResponseCode.ORIGINAL_NOT_FOUND):
+        summary.unresolved += 1
+
 
 async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str, deadline: float,
                         state: _State, rng: random.Random, reversal_every: int) -> None:
     summary = state.summary
     assert summary is not None
     n = 0
+    in_flight: ClientTransactionId | None = None
     try:
-        await terminal.logon()
+        await terminal.connect()
         while time.monotonic() < deadline:
             n += 1
             meter = rng.choice(meters)
             amount = rng.choice((500, 1_000, 2_000, 5_000))
             started = time.monotonic()
-            txn = terminal.next_transaction_id()
+            txn = in_flight = terminal.next_transaction_id()
             try:
                 result = await terminal.top_up(meter, amount, currency, txn=txn)
             except (LinkLost, ConnectionError, TimeoutError):
                 summary.errors += 1
+                await _settle_unanswered(terminal, txn, amount, currency, summary)
+                in_flight = None
                 continue
+            except TerminalRefused as refused:
+                if refused.response_code is not ResponseCode.SYSTEM_BUSY:
+                    raise
+                summary.errors += 1  # busy after every repeat: the payment was not applied
+                in_flight = None
+                continue
+            in_flight = None
             state.latencies_s.append(time.monotonic() - started)
             if result.response_code is ResponseCode.APPROVED:
                 summary.approved += 1
                 summary.approved_amount_minor += amount
                 key = txn.as_key()
                 summary.approved_txn_ids.append(key)
-                if result.receipt_number is None or state.receipts.setdefault(result.receipt_number, key) != key:
-                    summary.inconsistencies += 1
-                    state.notes.append(f"receipt {result.receipt_number} reused by {key}")
+                if (why := _mismatch(result, txn, amount, currency)) is not None:
+                    state.inconsistent(why)
+                elif state.receipts.setdefault(result.receipt_number or "", key) != key:
+                    state.inconsistent(f"receipt {result.receipt_number} reused by {key}")
                 if n % reversal_every == 0:
                     # The agent keyed it in error: reverse, and make sure a repeat says the same.
-                    reversed_ = await terminal.reverse(txn, amount, currency)
+                    reversed_ = await terminal.reverse(txn, amount, currency, ReversalReason.AGENT_CANCELLED)
                     if reversed_.response_code is ResponseCode.APPROVED:
                         summary.approved -= 1
                         summary.approved_amount_minor -= amount
@@ -89,8 +154,7 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
                 elif n % 7 == 0:
                     again = await terminal.top_up(meter, amount, currency, txn=txn)
                     if again != result:
-                        summary.inconsistencies += 1
-                        state.notes.append(f"retry of {key} answered differently")
+                        state.inconsistent(f"retry of {key} answered differently")
             else:
                 summary.declined += 1
             if n % 5 == 0:
@@ -105,29 +169,57 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
             state.notes.append(f"{terminal.terminal_id}: {refused}")
     except (LinkLost, ConnectionError, TimeoutError):
         summary.errors += 1
+    except asyncio.CancelledError:
+        if in_flight is not None:  # cut off at the end of the run with a payment unanswered
+            summary.unresolved += 1
+        await terminal.close()
+        raise
     finally:
         summary.retries += terminal.retries
-        await terminal.logoff()
+    await terminal.logoff()
 
 
 async def run_simulation(*, host: str, port: int, terminals: list[tuple[str, bytes]], meters: list[str],
-                         currency: str, duration_s: float, link: LinkModel, seed: int = 1,
+                         currency: str, duration_s: float, link: LinkModel, seed: int | None = None,
                          reversal_every: int = 25) -> tuple[SimSummary, list[str]]:
+    """Run the terminals for duration_s; those still waiting on a reply stop_grace_s later are cut
+    off. `seed` makes the choices repeatable; the transaction ids start from first_sequence()."""
     if not 0 < len(terminals) <= sim_terminals_max:
         raise ValueError(f"1..{sim_terminals_max} terminals")
     state = _State(summary=SimSummary(terminals=len(terminals), duration_s=duration_s))
     deadline = time.monotonic() + duration_s
     rng = random.Random(seed)
+    start = first_sequence()
     tasks = []
-    for index, (tid, key) in enumerate(terminals):
-        terminal = PosTerminal(tid, key, host, port, link=link, rng=random.Random(seed * 100_003 + index),
-                               last_sequence=rng.randrange(0, 500_000))
-        tasks.append(_run_terminal(terminal, meters, currency, deadline, state, random.Random(index), reversal_every))
-    await asyncio.gather(*tasks)
+    used: list[PosTerminal] = []
+    for tid, key in terminals:
+        # On from the clock, and past what an earlier run of this process used (within a second).
+        terminal = PosTerminal(tid, key, host, port, link=link, rng=random.Random(rng.getrandbits(64)),
+                               last_sequence=max(start, _last_used.get(tid, 0)))
+        used.append(terminal)
+        tasks.append(asyncio.ensure_future(_run_terminal(terminal, meters, currency, deadline, state,
+                                                         random.Random(rng.getrandbits(64)), reversal_every)))
+    try:
+        _, late = await asyncio.wait(tasks, timeout=duration_s + stop_grace_s)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for terminal in used:
+        _last_used[terminal.terminal_id] = terminal.last_sequence
     summary = state.summary
     assert summary is not None
+    if late:
+        state.notes.append(f"{len(late)} terminals still waiting {stop_grace_s:.0f} s after the run: cut off")
     if state.latencies_s:
-        ordered = sorted(state.latencies_s)
-        summary.latency_p50_ms = round(statistics.median(ordered) * 1000, 2)
-        summary.latency_p99_ms = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2)
+        summary.latency_p50_ms = round(nearest_rank(state.latencies_s, 0.50) * 1000, 2)
+        summary.latency_p99_ms = round(nearest_rank(state.latencies_s, 0.99) * 1000, 2)
     return summary, state.notes
+
+
+def nearest_rank(values: list[float], fraction: float) -> float:
+    """The `fraction` quantile by nearest rank: the smallest value with at least that share of
+    the values at or below it (the p99 of 100 values is the 99th)."""
+    assert values and 0 < fraction <= 1
+    ordered = sorted(values)
+    return ordered[max(math.ceil(fraction * len(ordered)), 1) - 1]

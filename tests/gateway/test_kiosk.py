@@ -43,7 +43,7 @@ from protocol.messages import (
 )
 from protocol.session import MessageReceived, TerminalSession
 from terminal_sim.client import PosTerminal
-from terminal_sim.kiosk import Kiosk, client_ssl_context, run_kiosks
+from terminal_sim.kiosk import Kiosk, KioskSummary, client_ssl_context, run_kiosks
 from tests.gateway.conftest import Running
 
 KIOSK_ID = "K0000001"
@@ -171,18 +171,12 @@ async def test_kiosk_simulator_pays_and_finds_every_retry_answered_the_same(kios
     assert summary.inconsistencies == 0 and summary.ok, summary.notes
 
 
-async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
-    # A gateway that numbers every reply anew, even for a repeated transaction id: the simulator
-    # must count each such retry as an inconsistency, not as a second payment.
-    numbers = iter(range(1, 1_000))
-
+async def kiosk_sim_against(reply_for: Callable[[TopUpRequest], TopUpResult]) -> KioskSummary:
+    """run_kiosks against an endpoint answering each top-up with reply_for(request)."""
     async def answer(request: web.Request) -> web.Response:
         message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
         assert isinstance(message, TopUpRequest)
-        reply = TopUpResult(client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
-                            currency=message.currency, amount_minor=message.amount_minor,
-                            receipt_number=f"{KIOSK_ID}-{next(numbers):06d}", energy_minor=message.amount_minor)
-        return web.Response(body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
+        return web.Response(body=encode_kiosk_message(reply_for(message)), content_type=CONTENT_TYPE)
 
     app = web.Application()
     app.router.add_post(KIOSK_PATH, answer)
@@ -193,12 +187,33 @@ async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
     try:
         port = runner.addresses[0][1]
         client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
-        summary = await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=2)
+        return await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=2)
     finally:
         await runner.cleanup()
+
+
+async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
+    # A gateway that numbers every reply anew, even for a repeated transaction id: the simulator
+    # must count each such retry as an inconsistency, not as a second payment.
+    numbers = iter(range(1, 1_000))
+    summary = await kiosk_sim_against(lambda message: TopUpResult(
+        client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
+        currency=message.currency, amount_minor=message.amount_minor,
+        receipt_number=f"{KIOSK_ID}-{next(numbers):06d}", energy_minor=message.amount_minor))
     assert summary.approved >= 2
     assert summary.inconsistencies == summary.approved // 2 and not summary.ok
     assert "answered differently" in summary.notes[0]
+
+
+async def test_kiosk_simulator_flags_an_approved_amount_that_is_not_the_one_paid() -> None:
+    def wrong(message: TopUpRequest) -> TopUpResult:  # the split adds up, to ten times what was paid
+        return TopUpResult(client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
+                           currency=message.currency, amount_minor=message.amount_minor * 10,
+                           receipt_number=f"{KIOSK_ID}-{message.client_transaction_id.terminal_sequence:06d}",
+                           energy_minor=message.amount_minor * 10)
+
+    summary = await kiosk_sim_against(wrong)
+    assert summary.approved >= 2 and summary.inconsistencies >= summary.approved and not summary.ok
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -32,6 +32,10 @@ def test_environment_values_are_converted() -> None:
         ({"VENDGATE_POS_PORT": "70000"}, "VENDGATE_POS_PORT"),
         ({"VENDGATE_LOG_LEVEL": "loud"}, "VENDGATE_LOG_LEVEL"),
         ({"VENDGATE_NO_SUCH_THING": "1"}, "unknown variable VENDGATE_NO_SUCH_THING"),
+        # A wait is bounded: an infinite one would hang on a peer that never answers.
+        ({"VENDGATE_DATABASE_CONNECT_TIMEOUT_S": "inf"}, "VENDGATE_DATABASE_CONNECT_TIMEOUT_S"),
+        ({"VENDGATE_ENGINE_TIMEOUT_S": "nan"}, "VENDGATE_ENGINE_TIMEOUT_S"),
+        ({"VENDGATE_ENGINE_TIMEOUT_S": "0"}, "VENDGATE_ENGINE_TIMEOUT_S"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], message: str) -> None:
@@ -44,6 +48,16 @@ def test_toml_file_then_environment_wins(tmp_path: Path) -> None:
     config.write_text('pos_port = 7001\nkiosk_port = 7002\n')
     settings = load_settings(environ={"VENDGATE_POS_PORT": "7003"}, config_file=config)
     assert (settings.pos_port, settings.kiosk_port) == (7003, 7002)
+
+
+def test_an_empty_variable_is_not_set(tmp_path: Path) -> None:
+    # Before, VENDGATE_DATABASE_URL= overrode the file's URL with none, and vendgate quietly ran
+    # on the embedded database instead.
+    config = tmp_path / "vendgate.toml"
+    config.write_text('database_url = "postgresql://db.example/vendgate"\npos_port = 7001\n')
+    settings = load_settings(environ={"VENDGATE_DATABASE_URL": "", "VENDGATE_POS_PORT": ""}, config_file=config)
+    assert (settings.database_url, settings.pos_port) == ("postgresql://db.example/vendgate", 7001)
+    assert load_settings(environ={"VENDGATE_POS_PORT": ""}).pos_port == load_settings(environ={}).pos_port
 
 
 def test_toml_unknown_key_and_bad_syntax(tmp_path: Path) -> None:
