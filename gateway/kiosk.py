@@ -52,12 +52,16 @@ def kiosk_app(gateway: Gateway) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # All from the head, before any of the body is read: a kiosk refused (a revoked or unknown
+        # certificate, a blocked or retired kiosk, a body declared too large) gets its answer at
+        # once, and never holds a connection slot by not sending the body it announced.
         if (declared := _declared_too_large(request)) is not None:
-            return declared  # before kiosk_request reads the body
-        return await gateway.kiosk_request(request, lambda: _authenticated(request, handler))
+            return declared
+        return await gateway.kiosk_request(request, lambda: _refusal(request), lambda: handler(request))
 
-    async def _authenticated(request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _refusal(request: web.Request) -> web.Response | None:
+        """Why this request's certificate or kiosk may not be served (None: it may, and
+        request[KIOSK_KEY] names the kiosk)."""
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
         if not der:
@@ -70,7 +74,7 @@ def kiosk_app(gateway: Gateway) -> web.Application:
         if row["status"] != "active":
             return _refuse(ResponseCode.TERMINAL_BLOCKED, f"kiosk {row['status']}", 403)
         request[KIOSK_KEY] = row["terminal_id"]
-        return await handler(request)
+        return None
 
     async def message(request: web.Request) -> web.Response:
         kiosk_id = request[KIOSK_KEY]

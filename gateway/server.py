@@ -54,9 +54,15 @@ kiosk_handshake_timeout_s = 10.0  # accept to a finished TLS handshake, client c
 # clients keep idle connections (aiohttp's 15 s), so a kiosk reusing one does not meet the close.
 kiosk_idle_timeout_s = 30.0
 kiosk_connection_lifetime_s = 300.0  # then closed after the request in hand: a slow sender cannot keep a slot
+kiosk_body_timeout_s = 10.0  # an accepted kiosk's request body, from its head on
 kiosk_close_grace_s = 35.0  # for that request to be answered (a payment may take 30 s), then dropped
 kiosk_tls_shutdown_timeout_s = 5.0  # for the peer's TLS close, so a closed connection frees its slot
 kiosk_runner_shutdown_timeout_s = 5.0  # at shutdown, after kiosk requests in flight were waited for
+# The ops listener (/metrics, /healthz, /readyz): a connection idle this long, or whose request head
+# is not in by then, is closed (aiohttp's default is an hour); at shutdown its handlers get this
+# long, so a scraper that stops reading its answers cannot hold the gateway past its stop bound.
+ops_idle_timeout_s = 15.0
+ops_shutdown_timeout_s = 2.0
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
@@ -131,7 +137,7 @@ class _KioskHandler(RequestHandler):
     def __init__(self, manager: Server, *, closed: asyncio.Future[None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._closed = closed
-        self.requests_in_hand = 0  # read whole and not yet answered (Gateway.kiosk_request)
+        self.requests_in_hand = 0  # its head in and not yet answered (Gateway.kiosk_request)
         self.close_after_reply = False  # the connection's lifetime is over: its next reply is its last
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -205,7 +211,8 @@ class Gateway:
 
     async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None
                          ) -> web.TCPSite:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=ops_idle_timeout_s,
+                               shutdown_timeout=ops_shutdown_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)  # type: ignore[arg-type]
         await site.start()
@@ -347,20 +354,30 @@ class Gateway:
                 await asyncio.wait_for(self._pos_server.wait_closed(), 5)
         log.info("gateway_stopped")
 
-    async def kiosk_request(self, request: web.Request,
+    async def kiosk_request(self, request: web.Request, refusal: Callable[[], Awaitable[web.StreamResponse | None]],
                             respond: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """A kiosk request, once its body is in, until its answer: shutdown and the lifetime bound wait for it.
+        """A kiosk request, from its head to its answer: shutdown and the lifetime bound wait for it.
 
-        The body is read first (at most kiosk_body_bytes_max), so a kiosk that never finishes
-        sending one holds up neither; the connection's lifetime bound cuts it off.
+        `refusal` (the certificate and the kiosk's status) runs on the head alone: a refused kiosk
+        is answered before any of its body is read, so one that never sends the body it announced
+        holds nothing. An accepted kiosk's body must be in within kiosk_body_timeout_s (else 408),
+        so a slow sender holds up shutdown no longer than that.
         """
-        await request.read()
         kiosk = request.protocol
         assert isinstance(kiosk, _KioskHandler), "kiosk requests come through the kiosk listener alone"
         self.kiosk_requests_in_flight += 1
         kiosk.requests_in_hand += 1
         try:
-            response = await respond()
+            response = await refusal()
+            if response is None:
+                try:
+                    await asyncio.wait_for(request.read(), kiosk_body_timeout_s)
+                except TimeoutError:
+                    response = web.Response(status=408, content_type="text/plain",
+                                            text=f"request body not received within {kiosk_body_timeout_s:.0f} s")
+                    response.force_close()
+                else:
+                    response = await respond()
         finally:
             self.kiosk_requests_in_flight -= 1
             kiosk.requests_in_hand -= 1

@@ -24,6 +24,7 @@ import uvloop
 from aiohttp import web
 
 from gateway import registry
+from gateway import server as server_module
 from gateway.ca import CertificateAuthority
 from gateway.cli.commands.ca_cmds import SQL_CERT_REVOKE, issue_kiosk_certificate
 from gateway.seeding import meter_number, terminal_id
@@ -704,3 +705,40 @@ def test_listening_sockets_pass_over_a_family_the_machine_lacks_but_not_every_on
     with pytest.raises(OSError) as taken:  # a port in use is the operator's to know, at once
         listening_sockets("127.0.0.1", 7443)
     assert taken.value.errno == errno.EADDRINUSE
+
+
+async def test_a_revoked_certificate_is_refused_without_waiting_for_its_body(
+        kiosk_setup: dict[str, object]) -> None:
+    """A revoked certificate (or a blocked kiosk's) gets its 403 once the head is in: a peer
+    that then withholds the body must not keep a kiosk slot for kiosk_connection_lifetime_s."""
+    reader, writer = await _tls_connection(kiosk_setup, "revoked")
+    try:
+        writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                     + CONTENT_TYPE.encode() + b"\r\nContent-Length: 100\r\n\r\n")  # the body never comes
+        await writer.drain()
+        started = time.monotonic()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        except TimeoutError:
+            raise AssertionError(f"no answer {time.monotonic() - started:.1f} s after the head of a revoked "
+                                 "certificate's request: it holds its slot until the body comes") from None
+        assert head.lower().startswith(b"http/1.1 403")
+    finally:
+        writer.close()
+
+
+async def test_an_accepted_kiosk_that_withholds_its_body_gets_408_within_the_bound(
+        kiosk_setup: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted in flight from its head on (shutdown waits for it), so its body has a deadline.
+    monkeypatch.setattr(server_module, "kiosk_body_timeout_s", 0.5)
+    reader, writer = await _tls_connection(kiosk_setup, "good")
+    try:
+        writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                     + CONTENT_TYPE.encode() + b"\r\nContent-Length: 100\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.lower().startswith(b"http/1.1 408") and b"connection: close" in head.lower()
+    finally:
+        writer.close()
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway) and gateway.kiosk_requests_in_flight == 0

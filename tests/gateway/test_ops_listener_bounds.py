@@ -1,0 +1,70 @@
+"""Unauthenticated peers of the /metrics, /healthz, /readyz listener are bounded like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import pytest
+
+from gateway.server import Gateway, ops_idle_timeout_s, shutdown_grace_s
+from gateway.settings import load_settings
+from tests.gateway.conftest import Running
+
+
+@pytest.mark.timeout(90)
+async def test_a_peer_that_never_finishes_its_request_head_is_cut_off(running: Running) -> None:
+    """Slowloris on the operations port: a request line that never ends must not hold a socket
+    (and a task) for aiohttp's default keep-alive of an hour; the kiosk listener's idle bound is
+    30 s, the POS listener's logon deadline 15 s."""
+    port = running.gateway.http_port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: ops\r\nX-Slow: ")  # the head never ends
+        await writer.drain()
+        started = time.monotonic()
+        try:
+            data = await asyncio.wait_for(reader.read(65536), ops_idle_timeout_s + 10)
+        except TimeoutError:
+            raise AssertionError(f"still open after {time.monotonic() - started:.0f} s") from None
+        assert data == b"" or data.startswith(b"HTTP/1.1 4")
+    finally:
+        writer.close()
+
+
+@pytest.mark.timeout(90)
+async def test_shutdown_is_not_held_up_by_a_metrics_peer_that_does_not_read(running: Running) -> None:
+    """A scraper that pipelines GET /metrics and reads none of the answers: once the replies fill
+    its socket, the handler waits on a drain with no bound, and shutdown waits for it (twice the
+    ops runner's default 60 s shutdown_timeout), far beyond serve_until_signalled's
+    shutdown_grace_s + 10 (the POS listener bounds such a peer by write_drain_timeout_s)."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.http_port))
+        await asyncio.sleep(0.1)
+        server = gateway._runners[0].server
+        assert server is not None
+        for handler in server.connections:  # a slow link's small kernel buffer, as in test_sessions_cut_off
+            handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for _ in range(50):  # pipelined requests, never a byte read
+            with contextlib.suppress(BlockingIOError, OSError):
+                for _ in range(100):
+                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: ops\r\n\r\n")
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(gateway.stop(), shutdown_grace_s + 10)
+        except TimeoutError:
+            raise AssertionError(f"shutdown not done after {time.monotonic() - started:.0f} s") from None
+    finally:
+        sock.close()
