@@ -19,6 +19,7 @@ import secrets
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -189,6 +190,7 @@ class Gateway:
         self.relay = OutboxRelay(pool, settings.engine_url, timeout_s=settings.engine_timeout_s) \
             if settings.engine_url else None
         self._watch_task: asyncio.Task[None] | None = None
+        self._terminal_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -530,7 +532,11 @@ class Gateway:
             conn.busy = True
             started = time.perf_counter()
             try:
-                reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
+                # One request in flight per terminal, however often it logs on: a request on a
+                # newer session waits for the replaced session's one to be served (a repeat of it
+                # then gets its stored outcome), so a key used on many sockets cannot multiply them.
+                async with self._terminal_turn(conn.terminal_id):
+                    reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
             finally:
                 conn.busy = False
             self.metrics.observe_request(type(message).__name__,
@@ -577,6 +583,13 @@ class Gateway:
             conn.writer.transport.abort()  # closes the socket on the loop's next turn, with what is unsent
             log.warning("close_timed_out", terminal_id=conn.terminal_id)
             await asyncio.wait([closed], timeout=abort_close_timeout_s)
+
+    def _terminal_turn(self, terminal_id: str) -> asyncio.Lock:
+        """The lock a terminal's requests are served under (kept while any session holds or awaits it)."""
+        lock = self._terminal_locks.get(terminal_id)
+        if lock is None:
+            lock = self._terminal_locks[terminal_id] = asyncio.Lock()
+        return lock
 
     async def _send_final(self, conn: _Connection, code: ResponseCode, detail: str) -> None:
         with contextlib.suppress(Exception):

@@ -87,9 +87,10 @@ class LinkLost(Exception):
 class TerminalRefused(Exception):
     """The gateway closed the session with an error (blocked, bad key, protocol error)."""
 
-    def __init__(self, response_code: ResponseCode, detail: str) -> None:
+    def __init__(self, response_code: ResponseCode, detail: str, *, closing: bool = False) -> None:
         super().__init__(f"{response_code.name}: {detail}")
         self.response_code = response_code
+        self.closing = closing  # the gateway closed the connection with it
 
 
 class PosTerminal:
@@ -171,7 +172,7 @@ class PosTerminal:
         if isinstance(reply, ErrorReply):
             if reply.connection_closing:
                 await self.close()
-            raise TerminalRefused(reply.response_code, reply.detail)
+            raise TerminalRefused(reply.response_code, reply.detail, closing=reply.connection_closing)
         if self.link.reply_loss_probability and self.rng.random() < self.link.reply_loss_probability:
             await self.close()
             raise LinkLost("reply lost")
@@ -209,7 +210,9 @@ class PosTerminal:
                     raise
                 self.retries += 1
             except TerminalRefused as refused:
-                if refused.response_code is not ResponseCode.SYSTEM_BUSY or attempt == retries_max:
+                # A closing SYSTEM_BUSY (replaced by a newer logon, a shutdown) ends the session:
+                # what to do next is the caller's.
+                if refused.response_code is not ResponseCode.SYSTEM_BUSY or refused.closing or attempt == retries_max:
                     raise
                 self.retries += 1
                 await asyncio.sleep(busy_pause_s * (attempt + 1))

@@ -31,6 +31,7 @@ from protocol.messages import (
     ReversalRequest,
     ReversalResult,
     TenderType,
+    TopUpResult,
 )
 from protocol.session import MessageReceived, ServerState, TerminalSession, TerminalState
 from terminal_sim.client import PosTerminal, TerminalRefused
@@ -502,3 +503,47 @@ async def test_a_session_replaced_by_a_newer_logon_is_told_so(running: Running) 
     finally:
         await old.close()
         await new.logoff()
+
+
+async def test_one_request_per_terminal_is_in_flight_however_often_it_logs_on(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, each new logon replaced the session and added a request of its own: five logons
+    # with one key held five of that terminal's requests in flight while commits were slow.
+    gateway, n = running.gateway, 282
+    serving = {"now": 0, "most": 0}
+    handle = gateway.handlers.handle
+
+    async def counted(terminal: str, message: object, context: object) -> object:
+        if terminal != terminal_id(n):
+            return await handle(terminal, message, context)  # type: ignore[arg-type]
+        serving["now"] += 1
+        serving["most"] = max(serving["most"], serving["now"])
+        try:
+            return await handle(terminal, message, context)  # type: ignore[arg-type]
+        finally:
+            serving["now"] -= 1
+
+    monkeypatch.setattr(gateway.handlers, "handle", counted)
+    terminals = [pos(running, n) for _ in range(4)]
+    payments = []
+    async with running.pool.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")  # commits stall
+            for k, term in enumerate(terminals):
+                await term.logon()  # replaces the previous session, whose request stays in flight
+                txn = ClientTransactionId(terminal_id=term.terminal_id, terminal_sequence=900 + k,
+                                          business_date=term.business_date)
+                payments.append(asyncio.create_task(term.top_up(meter_number(23), 1_000, "EUR", txn=txn)))
+                await asyncio.sleep(0.2)
+            assert len([c for c in gateway._connections if c.terminal_id == terminal_id(n) and c.busy]) == 4
+            assert serving["now"] == 1  # one served, the newer sessions' requests wait their turn
+        finally:
+            await lock.rollback()
+    outcomes = await asyncio.gather(*payments, return_exceptions=True)
+    assert serving["most"] == 1
+    # The replaced sessions were told goodbye; the newest one's payment is answered.
+    assert isinstance(outcomes[-1], TopUpResult) and outcomes[-1].response_code is ResponseCode.APPROVED
+    for term in terminals:
+        await term.close()
