@@ -64,6 +64,7 @@ kiosk_runner_shutdown_timeout_s = 5.0  # at shutdown, after kiosk requests in fl
 # long, so a scraper that stops reading its answers cannot hold the gateway past its stop bound.
 ops_idle_timeout_s = 15.0
 ops_shutdown_timeout_s = 2.0
+readyz_probe_interval_s = 1.0  # /readyz reuses the last database probe for this long
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
 frame_deadline_s = 30.0
@@ -191,6 +192,9 @@ class Gateway:
             if settings.engine_url else None
         self._watch_task: asyncio.Task[None] | None = None
         self._terminal_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._ready_lock = asyncio.Lock()
+        self._ready = False
+        self._ready_probed_at = -readyz_probe_interval_s
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -606,6 +610,21 @@ class Gateway:
 
     # -- operations endpoints ----------------------------------------------------------------
 
+    async def _database_ready(self) -> bool:
+        """Whether the database answers: probed at most once per readyz_probe_interval_s, one probe
+        at a time, so a flood of /readyz takes no more than one of the pool's connections from
+        payments."""
+        async with self._ready_lock:
+            if time.monotonic() - self._ready_probed_at >= readyz_probe_interval_s:
+                try:
+                    async with self.pool.acquire(timeout=2) as conn:
+                        await conn.fetchval("SELECT 1", timeout=2)
+                    self._ready = True
+                except Exception:
+                    self._ready = False
+                self._ready_probed_at = time.monotonic()
+            return self._ready
+
     def _ops_app(self) -> web.Application:
         app = web.Application(client_max_size=1024)
 
@@ -619,10 +638,7 @@ class Gateway:
         async def readyz(_: web.Request) -> web.Response:
             if self._stopping:
                 return web.json_response({"status": "stopping"}, status=503)
-            try:
-                async with self.pool.acquire(timeout=2) as conn:
-                    await conn.fetchval("SELECT 1", timeout=2)
-            except Exception:
+            if not await self._database_ready():
                 return web.json_response({"status": "database unavailable"}, status=503)
             return web.json_response({"status": "ready", "sessions": len(self._connections),
                                       "queued": self.committer.queued})
