@@ -5,10 +5,10 @@ exactly when its payment does. The relay takes the oldest undelivered events (FO
 LOCKED, so two gateways share the work without sending one event twice at once), POSTs them as
 one JSON document and marks them delivered on a 2xx. Anything else leaves them for the next
 round with a growing pause. The engine deduplicates by event_id (delivery is at least once).
-An event is taken only once every earlier event of its payment is delivered, so a reversal
-never reaches the engine before its payment: not when the payment's event was refused or
-parked, nor while another gateway's relay is sending it. Events of different payments are
-independent and may arrive in any order across relays.
+A reversal's event is taken only once its payment's event is delivered, so a reversal never
+reaches the engine before its payment: not when the payment's event was refused or parked, nor
+while another gateway's relay is sending it. Events of different payments are independent and
+may arrive in any order across relays.
 """
 
 from __future__ import annotations

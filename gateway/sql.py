@@ -127,14 +127,16 @@ RETURNING reversal_txn_id"""
 OUTBOX_INSERT_MANY = """
 INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
-# The oldest undelivered events not parked ($2 attempts), each only once every earlier event of its
-# payment is delivered: a reversal never overtakes its payment, refused, parked or being sent by
-# another relay (outbox_pending_by_txn, 0026).
+# The oldest undelivered events not parked ($2 attempts); a reversal's only once its payment's
+# event is delivered, so it never overtakes it (refused, parked or being sent by another relay).
+# Only a reversal looks back, over the undelivered events before it (outbox_pending): the payment
+# path writes no index for it.
 OUTBOX_PENDING = """
 SELECT o.event_id, o.kind, o.client_txn_id, o.meter_number, o.payload FROM outbox o
 WHERE o.delivered_at IS NULL AND o.attempts < $2
-  AND NOT EXISTS (SELECT 1 FROM outbox e
-                   WHERE e.client_txn_id = o.client_txn_id AND e.event_id < o.event_id AND e.delivered_at IS NULL)
+  AND (o.kind <> 'payment_reversed'
+       OR NOT EXISTS (SELECT 1 FROM outbox e
+                       WHERE e.delivered_at IS NULL AND e.event_id < o.event_id AND e.client_txn_id = o.client_txn_id))
 ORDER BY o.event_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"""
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
