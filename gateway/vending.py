@@ -768,6 +768,8 @@ class VendingService:
             return decline(request, ResponseCode.NOT_PERMITTED, f"cannot reverse: {refused[0]}")
         await conn.execute(sql.REVERSAL_INSERT, original_id, request.client_txn_id, request.terminal_id,
                            request.reason, True)
+        await conn.execute(sql.DAILY_TOTAL_GIVE_BACK, original["terminal_id"], original["business_date"],
+                           int(original["amount_minor"]))
         await conn.execute(sql.TOKEN_VOID, original_id)
         await conn.execute(sql.OUTBOX_INSERT_MANY, ["payment_reversed"], [original_id], [original["meter_number"]],
                            [msgspec.json.encode({"client_txn_id": original_id,
