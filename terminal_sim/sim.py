@@ -13,8 +13,10 @@ it are cut off, their payments counted unresolved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +52,8 @@ class SimSummary(msgspec.Struct, kw_only=True):
     latency_p99_ms: float = 0.0
     approved_amount_minor: int = 0
     approved_txn_ids: list[str] = []
+    # Stopped early by SIGINT: no payment started after it, those in flight had stop_grace_s.
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -63,6 +67,7 @@ class _State:
     receipts: dict[str, str] = field(default_factory=dict)  # receipt number -> txn id
     summary: SimSummary | None = None
     notes: list[str] = field(default_factory=list)
+    deadline: float = 0.0  # time.monotonic() after which no terminal starts a payment
 
     def inconsistent(self, note: str) -> None:
         assert self.summary is not None
@@ -106,15 +111,15 @@ async def _settle_unanswered(terminal: PosTerminal, txn: ClientTransactionId, am
         summary.unresolved += 1
 
 
-async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str, deadline: float,
-                        state: _State, rng: random.Random, reversal_every: int) -> None:
+async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str, state: _State,
+                        rng: random.Random, reversal_every: int) -> None:
     summary = state.summary
     assert summary is not None
     n = 0
     in_flight: ClientTransactionId | None = None
     try:
         await terminal.connect()
-        while time.monotonic() < deadline:
+        while time.monotonic() < state.deadline:
             n += 1
             meter = rng.choice(meters)
             amount = rng.choice((500, 1_000, 2_000, 5_000))
@@ -181,13 +186,17 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
 
 async def run_simulation(*, host: str, port: int, terminals: list[tuple[str, bytes]], meters: list[str],
                          currency: str, duration_s: float, link: LinkModel, seed: int | None = None,
-                         reversal_every: int = 25) -> tuple[SimSummary, list[str]]:
+                         reversal_every: int = 25, stop_on_sigint: bool = False) -> tuple[SimSummary, list[str]]:
     """Run the terminals for duration_s; those still waiting on a reply stop_grace_s later are cut
-    off. `seed` makes the choices repeatable; the transaction ids start from first_sequence()."""
+    off. `seed` makes the choices repeatable; the transaction ids start from first_sequence().
+
+    With stop_on_sigint (in the main thread), SIGINT ends the run early the same way: no payment starts
+    after it, the payments in flight get stop_grace_s, and the summary covers what was done."""
     if not 0 < len(terminals) <= sim_terminals_max:
         raise ValueError(f"1..{sim_terminals_max} terminals")
-    state = _State(summary=SimSummary(terminals=len(terminals), duration_s=duration_s))
-    deadline = time.monotonic() + duration_s
+    started = time.monotonic()
+    state = _State(summary=SimSummary(terminals=len(terminals), duration_s=duration_s),
+                   deadline=started + duration_s)
     rng = random.Random(seed)
     start = first_sequence()
     tasks = []
@@ -197,14 +206,37 @@ async def run_simulation(*, host: str, port: int, terminals: list[tuple[str, byt
         terminal = PosTerminal(tid, key, host, port, link=link, rng=random.Random(rng.getrandbits(64)),
                                last_sequence=max(start, _last_used.get(tid, 0)))
         used.append(terminal)
-        tasks.append(asyncio.ensure_future(_run_terminal(terminal, meters, currency, deadline, state,
+        tasks.append(asyncio.ensure_future(_run_terminal(terminal, meters, currency, state,
                                                          random.Random(rng.getrandbits(64)), reversal_every)))
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handling_sigint = False
+    if stop_on_sigint:
+        try:
+            loop.add_signal_handler(signal.SIGINT, interrupted.set)
+            handling_sigint = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signals here
+            pass
+    finished = asyncio.ensure_future(asyncio.wait(tasks))
+    stop = asyncio.ensure_future(interrupted.wait())
     try:
-        _, late = await asyncio.wait(tasks, timeout=duration_s + stop_grace_s)
+        await asyncio.wait((finished, stop), timeout=duration_s + stop_grace_s, return_when=asyncio.FIRST_COMPLETED)
+        if interrupted.is_set() and not finished.done():
+            state.deadline = 0.0
+            state.summary.interrupted = True  # type: ignore[union-attr]
+            state.notes.append(f"interrupted after {time.monotonic() - started:.1f} s: no new payments, "
+                               f"those in flight given {stop_grace_s:.0f} s")
+            await asyncio.wait((finished,), timeout=stop_grace_s)
+        late = [task for task in tasks if not task.done()]
     finally:
+        if handling_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
+        stop.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await finished
     for terminal in used:
         _last_used[terminal.terminal_id] = terminal.last_sequence
     summary = state.summary

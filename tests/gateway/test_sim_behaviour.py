@@ -178,7 +178,8 @@ async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) 
 
 @pytest.mark.timeout(60)
 async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Ctrl-C while the terminals wait for a slow gateway's reply: exit 130, no traceback."""
+    """Ctrl-C while the terminals wait for a slow gateway's reply: exit 130 with the summary of the
+    run so far, no traceback."""
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1 << 20)
         await asyncio.sleep(3600)
@@ -195,7 +196,7 @@ async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_pa
         await asyncio.sleep(3)
         proc.send_signal(signal.SIGINT)
         try:
-            _out, err = await asyncio.wait_for(proc.communicate(), 20)
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -204,6 +205,9 @@ async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_pa
         server.close()
     assert b"Traceback" not in err, err.decode()[-600:]
     assert proc.returncode == 130
+    summary = msgspec.json.decode(out.decode().strip().splitlines()[-1])
+    assert summary["interrupted"] is True and summary["terminals"] == 3, summary
+    assert summary["approved"] == 0 and not summary["approved_txn_ids"]
 
 
 # -- what the simulator checks in a reply ----------------------------------------------------------

@@ -31,9 +31,11 @@ def handle(args: argparse.Namespace, settings: Settings) -> int:
     summary, notes = run(run_simulation(
         host=args.host or settings.pos_host, port=args.port or settings.pos_port, terminals=terminals,
         meters=[meter_number(n) for n in range(1, args.meters + 1)], currency=DEMO_CURRENCY,
-        duration_s=args.duration, link=LINKS[args.link]))
+        duration_s=args.duration, link=LINKS[args.link], stop_on_sigint=True))
     for note in notes[:20]:
         print(f"note: {note}")
     printable = msgspec.structs.replace(summary, approved_txn_ids=[])
     print(msgspec.json.encode(printable).decode())
+    if summary.interrupted:
+        return 130  # as for any command stopped by Ctrl-C, with the summary of what it did
     return 0 if summary.ok else 1
