@@ -64,6 +64,10 @@ kiosk_runner_shutdown_timeout_s = 5.0  # at shutdown, after kiosk requests in fl
 # long, so a scraper that stops reading its answers cannot hold the gateway past its stop bound.
 ops_idle_timeout_s = 15.0
 ops_shutdown_timeout_s = 2.0
+# Connections to the ops listener at once; one more is answered 503 and closed. Scrapers and
+# probes need a few; a peer opening hundreds must not take the process's descriptors.
+ops_connections_max = 64
+_OPS_FULL_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 readyz_probe_interval_s = 1.0  # /readyz reuses the last database probe for this long
 read_chunk_bytes = 16_384
 idle_timeout_s = 300.0
@@ -129,6 +133,32 @@ class Limits:
     kiosk_handshake_timeout_s: float = kiosk_handshake_timeout_s
     kiosk_idle_timeout_s: float = kiosk_idle_timeout_s
     kiosk_connection_lifetime_s: float = kiosk_connection_lifetime_s
+    ops_connections_max: int = ops_connections_max
+
+
+class _OpsHandler(RequestHandler):
+    """aiohttp's request handler for one ops connection, holding one of its listener's slots until lost."""
+
+    __slots__ = ("_live",)
+
+    def __init__(self, manager: Server, *, live: set[RequestHandler], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._live = live
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._live.discard(self)
+
+
+class _OpsFull(asyncio.Protocol):
+    """A connection past the ops listener's cap: told so, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_OPS_FULL_REPLY)
+        transport.close()
 
 
 class _KioskHandler(RequestHandler):
@@ -184,6 +214,8 @@ class Gateway:
         self._kiosk_listeners: list[socket.socket] = []
         self._kiosk_accept_tasks: list[asyncio.Task[None]] = []
         self._kiosk_connections: set[asyncio.Task[None]] = set()
+        self._ops_server: asyncio.AbstractServer | None = None
+        self._ops_connections: set[RequestHandler] = set()
         self.kiosk_requests_in_flight = 0  # see kiosk_request(); shutdown waits for them as for POS requests
         self.http_port: int | None = None
         self._stopping = False
@@ -207,23 +239,38 @@ class Gateway:
             self._serve_pos, self.settings.pos_host, self.settings.pos_port, limit=read_chunk_bytes,
             backlog=1024)
         self.pos_port = self._pos_server.sockets[0].getsockname()[1]
-        self.http_port = self._site_port(
-            await self._start_app(self._ops_app(), self.settings.http_host, self.settings.http_port))
+        self.http_port = await self._start_ops_listener(self._ops_app(), self.settings.http_host,
+                                                        self.settings.http_port)
         if self._kiosk_ssl is not None:
             from gateway.kiosk import kiosk_app
 
             await self._start_kiosk_listener(kiosk_app(self))
         log.info("gateway_started", pos_port=self.pos_port, kiosk_port=self.kiosk_port, http_port=self.http_port)
 
-    async def _start_app(self, app: web.Application, host: str, port: int, ssl_context: object = None
-                         ) -> web.TCPSite:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=ops_idle_timeout_s,
-                               shutdown_timeout=ops_shutdown_timeout_s)
+    async def _start_ops_listener(self, app: web.Application, host: str, port: int) -> int:
+        """The ops listener, accepting at most limits.ops_connections_max connections at once;
+        returns its port. Its own server, so each accepted connection is counted from the start."""
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=ops_shutdown_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)  # type: ignore[arg-type]
-        await site.start()
         self._runners.append(runner)
-        return site
+        server = runner.server
+        assert server is not None, "the runner is set up"
+        loop = asyncio.get_running_loop()
+        live = self._ops_connections
+
+        def connection() -> asyncio.BaseProtocol:
+            # Open while stopping too: /readyz then answers 503 "stopping", and /metrics is scraped.
+            if len(live) >= self.limits.ops_connections_max:
+                self.metrics.connections_refused.labels("ops_capacity").inc()
+                return _OpsFull()
+            # As the runner's server would make it, with the ops idle bound as its keep-alive (it
+            # runs from the accept to the first request's head too).
+            handler = _OpsHandler(server, live=live, loop=loop, access_log=None, keepalive_timeout=ops_idle_timeout_s)
+            live.add(handler)
+            return handler
+
+        self._ops_server = await loop.create_server(connection, host, port, backlog=1024)
+        return int(self._ops_server.sockets[0].getsockname()[1])
 
     async def _start_kiosk_listener(self, app: web.Application) -> None:
         """The kiosk listener accepts connections itself, so it can count them from the accept on.
@@ -308,12 +355,6 @@ class Gateway:
         finally:
             self.metrics.sessions_open.labels("kiosk").dec()
 
-    @staticmethod
-    def _site_port(site: web.TCPSite) -> int:
-        sockets = getattr(site._server, "sockets", None)  # asyncio.Server or uvloop's Server
-        assert sockets, "the site is listening"
-        return int(sockets[0].getsockname()[1])
-
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, say goodbye to idle sessions, close."""
         if self._stopping:
@@ -343,6 +384,8 @@ class Gateway:
         goodbyes = [asyncio.create_task(self._goodbye(conn)) for conn in list(self._connections)]
         if goodbyes:
             await asyncio.wait(goodbyes, timeout=goodbye_drain_s + 1)
+        if self._ops_server is not None:
+            self._ops_server.close()  # the runner's cleanup closes the connections still open
         for runner in self._runners:
             await runner.cleanup()
         for task in list(self._kiosk_connections):  # a handshake still running when the runner closed

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.server import Gateway, ops_idle_timeout_s, shutdown_grace_s
+from gateway.server import Gateway, Limits, ops_idle_timeout_s, shutdown_grace_s
 from gateway.settings import load_settings
 from tests.gateway.conftest import Running
 
@@ -97,4 +97,39 @@ async def test_a_flood_of_readiness_probes_takes_one_database_connection(running
         assert acquired["n"] <= 2  # one probe (the low-float watch may take one); before, each took one
     finally:
         monkeypatch.undo()
+        await gateway.stop()
+
+
+async def test_the_ops_listener_serves_at_most_its_connection_cap(running: Running) -> None:
+    """A peer holding many idle connections to the ops port: past the cap each new one is answered
+    503 and closed at once (before, every one held a descriptor and a handler for up to
+    ops_idle_timeout_s); one freed slot serves the next scraper."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore, limits=Limits(ops_connections_max=3))
+    await gateway.start()
+    held = []
+    try:
+        for _ in range(3):
+            held.append(await asyncio.open_connection("127.0.0.1", gateway.http_port))
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: ops\r\n\r\n")
+        refused = await asyncio.wait_for(reader.read(), 5)  # answered and closed: read() meets the end
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 503 "), refused
+        refusals = gateway.metrics.registry.get_sample_value("vendgate_connections_refused_total",
+                                                             {"reason": "ops_capacity"})
+        assert refusals == 1.0
+        _, first = held.pop(0)
+        first.close()
+        await first.wait_closed()
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n")
+        served = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert served.startswith(b"HTTP/1.1 200 ") and b'"ok"' in served, served
+    finally:
+        for _, held_writer in held:
+            held_writer.close()
         await gateway.stop()
