@@ -8,11 +8,12 @@ only a POS terminal logs on with its key (a kiosk's record holds one it never us
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from datetime import datetime
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 import msgspec
@@ -107,6 +108,27 @@ async def ensure_system_accounts(conn: asyncpg.Connection, currency: str) -> dic
 agent_text_chars_max = 200  # an agent's name and contact (agents.name's CHECK)
 
 
+# Names the time zone path holds that are no agent's zone: the host's own (its days would move
+# with the machine) and the placeholder that has no offset.
+_NOT_AGENT_ZONES = frozenset({"localtime", "Factory"})
+
+
+def _check_time_zone(time_zone: str) -> None:
+    """An IANA zone name as the tz database lists it (posix/... and right/... copies, posixrules
+    and the host's localtime are refused): business days are worked out from it in Python."""
+    if time_zone in _NOT_AGENT_ZONES or time_zone not in available_time_zones():
+        raise RegistryError(f"unknown time zone {time_zone!r}: an IANA name such as Africa/Nairobi")
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RegistryError(f"unknown time zone {time_zone!r}") from None
+
+
+@functools.cache
+def available_time_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
 async def add_agent(
     conn: asyncpg.Connection,
     *,
@@ -119,10 +141,7 @@ async def add_agent(
     time_zone: str = "UTC",
 ) -> Agent:
     _check_currency(currency)
-    try:
-        ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise RegistryError(f"unknown time zone {time_zone!r}") from None
+    _check_time_zone(time_zone)
     if not 0 <= commission_rate_bp <= 10_000:
         raise RegistryError("commission rate must be 0..10000 basis points")
     if not 0 < len(name) <= agent_text_chars_max or not name.strip():

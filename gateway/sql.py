@@ -148,20 +148,27 @@ SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max
 FROM terminals t
 CROSS JOIN LATERAL (SELECT * FROM agents a WHERE a.agent_id = t.agent_id LIMIT 1) a
 WHERE t.terminal_id = ANY($1::text[])"""
-# The same, with what each terminal has approved so far on its agent's business day at $2, and its
-# last receipt number (the batch numbers its receipts from there; vend_commit_topups moves the counter).
+# The same, with each terminal's last receipt number (the batch numbers its receipts from there;
+# vend_commit_topups moves the counter) and what it approved on the days around $2: its agent's
+# business day at $2 is one of the UTC date's day before, day or day after (offsets lie within
+# -12 and +14 hours). Which one is worked out in Python (vending.business_date), the one source of
+# business days: PostgreSQL's time zone data may be another version than Python's, and it reads
+# some names (CET, EET, MET, WET) as fixed abbreviations.
 TERMINALS_FOR_VEND_WITH_TOTALS = """
 SELECT t.terminal_id, t.status, t.allowed_operations, t.txn_min_minor, t.txn_max_minor, t.daily_limit_minor,
        t.agent_id, a.currency, a.float_account_id, a.commission_account_id, a.commission_rate_bp, a.time_zone,
-       t.receipt_seq,
-       ($2::timestamptz AT TIME ZONE a.time_zone)::date AS business_date,
-       coalesce(d.approved_minor, 0) AS approved_today_minor
+       t.receipt_seq, ($2::timestamptz AT TIME ZONE 'UTC')::date AS utc_date,
+       d.approved_day_before_minor, d.approved_utc_day_minor, d.approved_day_after_minor
 FROM terminals t
 CROSS JOIN LATERAL (SELECT * FROM agents a WHERE a.agent_id = t.agent_id LIMIT 1) a
-LEFT JOIN LATERAL (
-    SELECT d.approved_minor FROM terminal_daily_totals d
-    WHERE d.terminal_id = t.terminal_id AND d.business_date = ($2::timestamptz AT TIME ZONE a.time_zone)::date LIMIT 1
-) d ON true
+CROSS JOIN LATERAL (
+    SELECT coalesce(max(d.approved_minor) FILTER (WHERE d.business_date < u.day), 0) AS approved_day_before_minor,
+           coalesce(max(d.approved_minor) FILTER (WHERE d.business_date = u.day), 0) AS approved_utc_day_minor,
+           coalesce(max(d.approved_minor) FILTER (WHERE d.business_date > u.day), 0) AS approved_day_after_minor
+    FROM (SELECT ($2::timestamptz AT TIME ZONE 'UTC')::date AS day) u
+    JOIN terminal_daily_totals d
+      ON d.terminal_id = t.terminal_id AND d.business_date BETWEEN u.day - 1 AND u.day + 1
+) d
 WHERE t.terminal_id = ANY($1::text[])"""
 
 ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts WHERE id = ANY($1::bigint[])"

@@ -431,6 +431,12 @@ class VendingService:
         known, terminals, meters = (
             [dict(zip(names, values, strict=True)) for values in records]
             for names, records in zip(self._read_columns, groups, strict=True))
+        for row in terminals:
+            # The agent's business day, and what the terminal approved on it (read for the days around it).
+            day = row["business_date"] = business_date(now, row["time_zone"])
+            around = (row.pop("approved_day_before_minor"), row.pop("approved_utc_day_minor"),
+                      row.pop("approved_day_after_minor"))
+            row["approved_today_minor"] = around[(day - row.pop("utc_date")).days + 1]
         return known, terminals, meters
 
     def _guard(self, request: VendRequest, terminal: asyncpg.Record | None, meter: asyncpg.Record | None,

@@ -84,7 +84,8 @@ async def test_a_kiosk_is_registered_without_a_key_to_show(env: dict[str, str], 
 def test_bad_registry_input_gets_one_line(env: dict[str, str]) -> None:
     zone = vendgate(env, "agent", "add", "--name", "X", "--kind", "shop", "--time-zone", "Mars/Olympus")
     assert zone.returncode == 2
-    assert zone.stderr.strip().splitlines() == ["vendgate: error: unknown time zone 'Mars/Olympus'"]
+    assert zone.stderr.strip().splitlines() == [
+        "vendgate: error: unknown time zone 'Mars/Olympus': an IANA name such as Africa/Nairobi"]
     bad_id = vendgate(env, "terminal", "add", "--id", "p-1", "--serial", "S", "--agent", "1")
     assert bad_id.returncode == 2 and "8 characters" in bad_id.stderr
     unknown = vendgate(env, "terminal", "block", "NOPE0000")

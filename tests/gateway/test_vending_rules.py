@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
 
 from float_ledger.ledger import balance, post_transfers
 from float_ledger.model import AccountKind, Transfer
+from float_ledger.reconciliation import reconcile_agent_day
 from gateway import registry
 from gateway.committer import Committer
 from gateway.seeding import DEMO_SUPPLY_GROUP, DEMO_TARIFF, meter_number
@@ -202,3 +205,44 @@ async def test_the_engine_is_told_when_an_advice_was_taken_in_utc(running: Runni
                                                  advice.client_txn_id))
     assert payload["taken_at"] == "2026-03-01T08:00:00+00:00"
     assert payload["paid_at"].endswith("+00:00")
+
+
+async def test_a_payment_is_recorded_on_the_business_day_the_reconciliation_counts_it_on(running: Running) -> None:
+    """One source of business days. CET is an IANA zone with summer time (what the reconciliation
+    and the terminal's session use); PostgreSQL reads 'CET' as the fixed +01:00 abbreviation, so a
+    day worked out in SQL put a summer night's payment on the day before: at the terminal's end of
+    day and against the daily limit it counted on one day, in `float reconcile` on the next."""
+    at = datetime(2031, 7, 1, 22, 30, tzinfo=UTC)  # 00:30 on 2 July in Central European summer time
+    async with running.pool.acquire() as conn:
+        agent = await registry.add_agent(conn, kind="shop", name="Night shop", currency="EUR", time_zone="CET")
+        await fund(conn, agent, 10_000)
+        await registry.add_terminal(conn, running.keystore, terminal_id="N0000001", serial="NSN1",
+                                    agent_id=agent.agent_id)
+        # The ledger stamps a posting no earlier than its accounts' last one: stamped at `at`.
+        await conn.execute("UPDATE ledger_accounts SET last_transfer_at = $1", at)
+        request = VendRequest(kind="topup", client_txn_id="N0000001-20310702-000001", terminal_id="N0000001",
+                              meter_number=meter_number(26), amount_minor=1_000, currency="EUR")
+        [outcome] = await VendingService(running.keystore).process_batch(conn, [request], at)
+        assert outcome.response_code == ResponseCode.APPROVED
+        recorded = await conn.fetchval("SELECT business_date FROM vend_transactions WHERE client_txn_id = $1",
+                                       request.client_txn_id)
+        counted = await conn.fetchval("SELECT business_date FROM terminal_daily_totals WHERE terminal_id = $1",
+                                      "N0000001")
+        day = await reconcile_agent_day(conn, float_account_id=agent.float_account_id, business_day=recorded,
+                                        time_zone=agent.time_zone)
+    assert recorded == counted == date(2031, 7, 2)
+    assert (day.collections_count, day.collections_minor) == (1, 1_000)
+
+
+@pytest.mark.parametrize("time_zone", ["localtime", "posixrules", "Factory", "right/Europe/London",
+                                       "posix/Africa/Nairobi", "Mars/Olympus"])
+async def test_an_agent_needs_a_time_zone_of_the_tz_database_not_a_copy_or_the_hosts(
+        running: Running, time_zone: str) -> None:
+    """localtime moves with the machine that reads it; right/ zones count leap seconds; posix/ and
+    posixrules are copies under other names; PostgreSQL knows none of them."""
+    async with running.pool.acquire() as conn:
+        with pytest.raises(registry.RegistryError, match="unknown time zone"):
+            await registry.add_agent(conn, kind="shop", name="Zone shop", currency="EUR", time_zone=time_zone)
+        added = await registry.add_agent(conn, kind="shop", name="Zone shop", currency="EUR",
+                                         time_zone="Pacific/Chatham")
+    assert added.time_zone == "Pacific/Chatham"
