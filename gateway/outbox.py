@@ -1,10 +1,18 @@
 """The outbox relay: payment events go to the prepayment engine, at least once, in order.
 
 Events are written in the payment's own transaction (gateway/vending.py), so an event exists
-exactly when its payment does. The relay takes the oldest undelivered events (FOR UPDATE SKIP
-LOCKED, so two gateways share the work without sending one event twice at once), POSTs them as
-one JSON document and marks them delivered on a 2xx. Anything else leaves them for the next
-round with a growing pause. The engine deduplicates by event_id (delivery is at least once).
+exactly when its payment does. The relay takes the oldest undelivered events that no other
+relay holds (a session advisory lock per event, so two gateways share the work without sending
+one event twice at once, and no database transaction stays open while the engine is called),
+POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
+event_id (delivery is at least once).
+
+What the engine's answer means: 2xx, delivered; another 4xx (not 408 or 429), refused: the batch
+is retried event by event at once, and an event refused event_attempts_max times is parked (dead
+letter) so the rest flow on; no answer, a timeout, 408, 429 or 5xx, unavailable: the round ends
+and the next comes after a growing pause, nothing counted against the events, so an outage of
+any length parks nothing.
+
 A reversal's event is taken only once its payment's event is delivered, so a reversal never
 reaches the engine before its payment: not when the payment's event was refused or parked, nor
 while another gateway's relay is sending it. Events of different payments are independent and
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 
 import aiohttp
@@ -26,9 +35,17 @@ from gateway.jsonlog import get_logger
 events_per_post_max = 100
 # An event the engine refuses this many times is parked (dead letter) so the rest flow on.
 event_attempts_max = 20
+# Answers that say the engine cannot take anything now, whatever was sent: nothing is counted.
+_UNAVAILABLE_STATUSES = frozenset({408, 429})
 poll_interval_s = 0.2
 backoff_s_max = 30.0
 log = get_logger("vendgate.outbox")
+
+
+class Answer(enum.Enum):
+    DELIVERED = "delivered"
+    REFUSED = "refused"  # the engine answered and will not take these events as they are
+    UNAVAILABLE = "unavailable"  # no answer, or an answer about the engine, not the events
 
 
 class OutboxRelay:
@@ -68,39 +85,58 @@ class OutboxRelay:
             await asyncio.sleep(pause_s)
 
     async def deliver_once(self) -> int:
-        """Send one batch; the number delivered, 0 when nothing waited, -1 when the engine refused.
+        """Send one batch; the number delivered, 0 when nothing waited, -1 when none was delivered
+        (the engine refused or was unavailable: the relay pauses before the next round).
 
         A refused batch is retried event by event at once, so one event the engine cannot take
-        does not hold back the others; an event refused event_attempts_max times is parked.
+        does not hold back the others; should the engine become unavailable meanwhile, the round
+        ends there. Only a refusal counts an attempt against an event.
         """
         assert self._session is not None
-        async with self._pool.acquire(timeout=10) as conn, conn.transaction():
-            rows = await conn.fetch(sql.OUTBOX_PENDING, events_per_post_max, event_attempts_max)
-            if not rows:
-                return 0
-            events = [{"event_id": int(r["event_id"]), "kind": r["kind"], "client_txn_id": r["client_txn_id"],
-                       "meter_number": r["meter_number"], "payload": json.loads(r["payload"])} for r in rows]
-            delivered: list[int] = []
-            refused: list[int] = []
-            if await self._post(events):
-                delivered = [e["event_id"] for e in events]
-            elif len(events) == 1:
-                refused = [events[0]["event_id"]]
-            else:
-                for event in events:
-                    (delivered if await self._post([event]) else refused).append(event["event_id"])
-            if delivered:
-                await conn.execute(sql.OUTBOX_MARK_DELIVERED, delivered)
-            if refused:
-                await conn.execute(sql.OUTBOX_MARK_ATTEMPT, refused)
-                log.warning("engine_refused", events=len(refused))
+        async with self._pool.acquire(timeout=10) as conn:
+            try:
+                rows = await conn.fetch(sql.OUTBOX_PENDING, events_per_post_max, event_attempts_max)
+                if not rows:
+                    return 0
+                events = [{"event_id": int(r["event_id"]), "kind": r["kind"], "client_txn_id": r["client_txn_id"],
+                           "meter_number": r["meter_number"], "payload": json.loads(r["payload"])} for r in rows]
+                delivered: list[int] = []
+                refused: list[int] = []
+                answer = await self._post(events)
+                if answer is Answer.DELIVERED:
+                    delivered = [e["event_id"] for e in events]
+                elif answer is Answer.UNAVAILABLE:
+                    log.warning("engine_unavailable", events=len(events))
+                elif len(events) == 1:
+                    refused = [events[0]["event_id"]]
+                else:
+                    for event in events:
+                        answer = await self._post([event])
+                        if answer is Answer.UNAVAILABLE:
+                            log.warning("engine_unavailable", events=len(events) - len(delivered) - len(refused))
+                            break
+                        (delivered if answer is Answer.DELIVERED else refused).append(event["event_id"])
+                if delivered:
+                    await conn.execute(sql.OUTBOX_MARK_DELIVERED, delivered)
+                if refused:
+                    await conn.execute(sql.OUTBOX_MARK_ATTEMPT, refused)
+                    log.warning("engine_refused", events=len(refused))
+            finally:
+                # (A connection that broke took its locks with it; the pool's reset would release them too.)
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await conn.execute(sql.OUTBOX_RELEASE)
         self.delivered += len(delivered)
         return len(delivered) if delivered else -1
 
-    async def _post(self, events: list[dict[str, object]]) -> bool:
+    async def _post(self, events: list[dict[str, object]]) -> Answer:
         assert self._session is not None
         try:
             async with self._session.post(self._url, json={"events": events}) as response:
-                return 200 <= response.status < 300
+                status = response.status
         except (aiohttp.ClientError, TimeoutError):
-            return False
+            return Answer.UNAVAILABLE
+        if 200 <= status < 300:
+            return Answer.DELIVERED
+        if status >= 500 or status in _UNAVAILABLE_STATUSES or status < 400:
+            return Answer.UNAVAILABLE
+        return Answer.REFUSED

@@ -131,13 +131,20 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
 # event is delivered, so it never overtakes it (refused, parked or being sent by another relay).
 # Only a reversal looks back, over the undelivered events before it (outbox_pending): the payment
 # path writes no index for it.
+# The oldest undelivered events that no other relay holds. Each one returned is held by this
+# session's advisory lock on its event id (the two-int4 form, which nothing else in vendgate
+# uses) until the round ends (pg_advisory_unlock_all): no transaction stays open while the engine
+# is called. (A lock may also be taken on a row that a later condition rejects; the round's
+# unlock releases it.)
 OUTBOX_PENDING = """
 SELECT o.event_id, o.kind, o.client_txn_id, o.meter_number, o.payload FROM outbox o
 WHERE o.delivered_at IS NULL AND o.attempts < $2
   AND (o.kind <> 'payment_reversed'
        OR NOT EXISTS (SELECT 1 FROM outbox e
                        WHERE e.delivered_at IS NULL AND e.event_id < o.event_id AND e.client_txn_id = o.client_txn_id))
-ORDER BY o.event_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"""
+  AND pg_try_advisory_lock((o.event_id >> 31)::integer, (o.event_id & 2147483647)::integer)
+ORDER BY o.event_id LIMIT $1"""
+OUTBOX_RELEASE = "SELECT pg_advisory_unlock_all()"
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
 
