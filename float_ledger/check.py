@@ -9,14 +9,17 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 - currencies_sum_to_zero    per currency, the stored balances sum to zero
 - balances_match_transfers  each stored balance = its credits - its debits
 - running_balances_consistent  each transfer's balance-after = the account's previous one + the
-                            amount, and an account's transfers never go back in time
-- balances_within_bounds    no balance below its lower bound
+                            amount, an account's transfers never go back in time, and none is
+                            dated before its accounts were opened
+- balances_within_bounds    no balance below its lower bound, and no agent's float below 0 (nor
+                            with a bound that would let it go there)
 - groups_posted_once        each linked group's transfers were posted together (one posting time),
                             and the transfer that opened it, where marked, is its first
 - transfers_unchanged       each transfer's SHA-256, chained over both accounts' previous transfers,
                             recomputes from its columns, and each account's chain tip and posting
                             clock are its last transfer's: a changed, dropped or reordered transfer
-                            breaks the chain
+                            breaks the chain; the hash functions are each defined once, with the
+                            source the migrations installed
 - deposits_match_transfers  each posted float deposit's transfer (its id) moves its amount from its
                             source to its float with its reference, maker and checker; a deposit
                             not posted has no deposit transfer
@@ -67,6 +70,14 @@ REFUSE_CHANGE_SOURCE_SHA256 = "5ec25276efcc438e469ce1f1a22c64d91823d0ac8f4c6fde9
 REFUSE_KEY_CHANGE_SOURCE_SHA256 = "217c271d97b4ef3c978a78cdc35e99e7cdfe1fb869e177ad7281f273d1e3dfa3"
 # SHA-256 of ledger_deposit_decided_once's source (gateway/migrations/0024_protections_in_every_session.sql).
 DEPOSIT_DECIDED_ONCE_SOURCE_SHA256 = "b39e9c0c021e6d66262e5a67c4713cdb9f2b3fcb2d1bf249ef2e98a82c01aa2b"
+# SHA-256 of "<language>:<source>" of each function the hash chain is recomputed with
+# (gateway/migrations/0002_ledger.sql): a migration that redefines one changes it here
+# (tests/ledger/test_check.py compares them).
+HASH_FUNCTIONS_SOURCE_SHA256 = {
+    "ledger_genesis_hash": "a12f5264d404f26977abfa6a4cd047b178576a6801260829dee5d20a28f581f8",
+    "ledger_transfer_content_hash": "78442feb474f0fa7a81840ed65d850be324e8f9b01fef68f557653723f15e764",
+    "ledger_transfer_hash": "f5e689a570bae291a30b8a89635b1fc808a33969d2478cd8e8edc1f1accc4f3e",
+}
 IMMUTABILITY_TRIGGERS = (
     ProtectingTrigger("ledger_transfers_immutable", "ledger_transfers", "BEFORE UPDATE OR DELETE FOR EACH ROW",
                       "vendgate_refuse_change", REFUSE_CHANGE_SOURCE_SHA256),
@@ -152,7 +163,9 @@ async def check_ledger(conn: Any) -> CheckReport:
                     f"expected {r['expected']}"
                     + ("" if r["previous_created_at"] is None or r["created_at"] >= r["previous_created_at"]
                        else f", posted at {r['created_at']} before its predecessor ({r['previous_created_at']})")
-                    for r in await rows(sql.SQL_CHECK_RUNNING_BALANCES, limit)]
+                    for r in await rows(sql.SQL_CHECK_RUNNING_BALANCES, limit)] + [
+                    f"transfer {r['id']}: posted at {r['created_at']}, before account {r['account_id']} was opened "
+                    f"({r['opened_at']})" for r in await rows(sql.SQL_CHECK_BEFORE_OPENING, limit)]
 
         async def groups() -> list[str]:
             problems = []
@@ -169,16 +182,20 @@ async def check_ledger(conn: Any) -> CheckReport:
 
         async def bounds() -> list[str]:
             return [f"account {r['id']}: balance {r['balance_minor']} below bound {r['lower_bound_minor']}"
+                    if r["lower_bound_minor"] is not None and r["balance_minor"] < r["lower_bound_minor"] else
+                    f"agent float {r['id']}: balance {r['balance_minor']}, bound {r['lower_bound_minor']} "
+                    "(a float is never below 0)"
                     for r in await rows(sql.SQL_CHECK_BOUNDS, limit)]
 
         async def unchanged() -> list[str]:
+            functions = await hash_function_problems(conn)
             changed = [f"transfer {r['id']} (seq {r['seq']}): hash does not match its content and chain"
                        for r in await rows(sql.SQL_CHECK_HASHES, limit)]
             tips = [f"account {r['id']}: chain tip is not the hash of its last transfer" if r["tip_differs"] else
                     f"account {r['id']}: posting clock at {r['last_transfer_at']}, its last transfer posted at "
                     f"{r['last_created_at']}"
                     for r in await rows(sql.SQL_CHECK_CHAIN_TIPS, limit)]
-            return (changed + tips)[:limit]
+            return (functions + changed + tips)[:limit]
 
         async def deposits() -> list[str]:
             return [f"deposit {r['id']} is posted but the ledger holds no such deposit under its id"
@@ -198,11 +215,15 @@ async def check_ledger(conn: Any) -> CheckReport:
             ("currencies_sum_to_zero", f"balances sum to zero in each currency ({currencies})", currency_sums),
             ("balances_match_transfers", f"{accounts} stored balances equal credits minus debits", balance_sums),
             ("running_balances_consistent",
-             "each transfer's balances-after follow from the accounts' previous ones, in time order", running),
-            ("balances_within_bounds", f"{accounts} balances at or above their lower bounds", bounds),
+             "each transfer's balances-after follow from the accounts' previous ones, in time order, none "
+             "before its accounts were opened", running),
+            ("balances_within_bounds", f"{accounts} balances at or above their lower bounds, agents' floats at or "
+             "above 0", bounds),
             ("groups_posted_once", "each linked group's transfers posted together, its first one opening it", groups),
             ("transfers_unchanged",
-             f"hash chain over {transfers} transfers and {accounts} account tips (hash and posting time)", unchanged),
+             f"hash chain over {transfers} transfers and {accounts} account tips (hash and posting time), "
+             f"recomputed with the {len(HASH_FUNCTIONS_SOURCE_SHA256)} hash functions the migrations installed",
+             unchanged),
             ("deposits_match_transfers",
              "each posted float deposit's transfer as recorded, and none of a deposit not posted", deposits),
             ("transfers_immutable",
@@ -213,6 +234,19 @@ async def check_ledger(conn: Any) -> CheckReport:
         digest = await conn.fetchval(sql.SQL_LEDGER_DIGEST)
     return CheckReport(transfers=int(transfers), accounts=int(accounts), currencies=int(currencies),
                        digest_hex=bytes(digest).hex(), invariants=results)
+
+
+async def hash_function_problems(conn: Any) -> list[str]:
+    """Why the functions the chain is recomputed with are not the ones the migrations installed."""
+    problems = []
+    for r in await conn.fetch(sql.SQL_CHECK_HASH_FUNCTIONS, list(HASH_FUNCTIONS_SOURCE_SHA256)):
+        if r["source_sha256"] is None:
+            problems.append(f"hash function {r['name']} is missing")
+        elif r["definitions"] != 1:
+            problems.append(f"hash function {r['name']} is defined {r['definitions']} times (one may shadow it)")
+        elif r["source_sha256"] != HASH_FUNCTIONS_SOURCE_SHA256[r["name"]]:
+            problems.append(f"hash function {r['name']} is not the one the migrations installed")
+    return problems
 
 
 async def protecting_trigger_problems(conn: Any, triggers: Sequence[ProtectingTrigger]) -> list[str]:

@@ -284,11 +284,39 @@ HAVING min(created_at) <> max(created_at) OR count(*) FILTER (WHERE opens_group)
  ORDER BY min(seq)
  LIMIT $1"""
 
+# Every balance at or above its bound; and an agent's float never below 0 whatever its bound says
+# (the bound is a column like any other: set to NULL or below 0, it would let the float go under).
 SQL_CHECK_BOUNDS = """
-SELECT id, balance_minor, lower_bound_minor FROM ledger_accounts
- WHERE lower_bound_minor IS NOT NULL AND balance_minor < lower_bound_minor
+SELECT id, kind, balance_minor, lower_bound_minor FROM ledger_accounts
+ WHERE (lower_bound_minor IS NOT NULL AND balance_minor < lower_bound_minor)
+    OR (kind = 'agent_float' AND (balance_minor < 0 OR lower_bound_minor IS NULL OR lower_bound_minor < 0))
  ORDER BY id
  LIMIT $1"""
+
+# A transfer posted before one of its accounts was opened: the posting function stamps a transfer
+# no earlier than its accounts' last posting, and an account's opening time never changes.
+SQL_CHECK_BEFORE_OPENING = """
+SELECT t.id, t.created_at, CASE WHEN d.created_at >= c.created_at THEN d.id ELSE c.id END AS account_id,
+       greatest(d.created_at, c.created_at) AS opened_at
+  FROM ledger_transfers t
+  JOIN ledger_accounts d ON d.id = t.debit_account_id
+  JOIN ledger_accounts c ON c.id = t.credit_account_id
+ WHERE t.created_at < greatest(d.created_at, c.created_at)
+ ORDER BY t.seq
+ LIMIT $1"""
+
+# The hash functions SQL_CHECK_HASHES recomputes the chain with ($1), as the catalog has them: how
+# many functions of that name there are in any schema, and the source of the one the check's
+# statements resolve, to compare with what the migrations installed (a replaced one could answer
+# each transfer's stored hash and so hide any change).
+SQL_CHECK_HASH_FUNCTIONS = """
+SELECT n.name,
+       (SELECT count(*) FROM pg_proc p WHERE p.proname = n.name) AS definitions,
+       (SELECT encode(sha256(convert_to(l.lanname || ':' || p.prosrc, 'UTF8')), 'hex')
+          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.oid = to_regproc(n.name)) AS source_sha256
+  FROM unnest($1::text[]) WITH ORDINALITY AS n(name, position)
+ ORDER BY n.position"""
 
 # Recompute each transfer's hash from its columns and the previous hash of both its accounts.
 SQL_CHECK_HASHES = """

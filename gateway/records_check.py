@@ -8,9 +8,10 @@ so this verifies what the keys would have:
                             payment and a terminal, every token a payment and a meter
 - vend_records_consistent   receipt numbers run 1, 2, 3, ... per terminal up to its counter with no
                             gap; every approved payment (top-up or advice) has its receipt, one
-                            collection of its amount in its ledger group and its
-                            event for the prepayment engine; a declined one has no receipt and no
-                            group
+                            collection of its amount naming it in its ledger group and its event for
+                            the prepayment engine, of its meter, amount and currency; a declined one
+                            has no receipt and no group; an approved reversal and its reversals row
+                            (the payment found) name each other
 - vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
                             tables are each on their table, enabled, fire on the events they refuse
                             (a key change: an UPDATE of the key columns, WHEN one of them changes),
@@ -41,7 +42,9 @@ REFUSE_DELETE_SOURCE_SHA256 = "c8ac8478e6a58de717cdb1ce663fae9197ab2a886baa42c6a
 RECORD_KEYS = {"terminals": ("terminal_id",), "meters": ("meter_number",),
                "vend_transactions": ("client_txn_id", "terminal_id"),
                "receipts": ("terminal_id", "receipt_number", "client_txn_id"),
-               "tokens": ("client_txn_id", "meter_number")}
+               "tokens": ("client_txn_id", "meter_number"),
+               # (0028_reversals_protected.sql)
+               "reversals": ("original_txn_id", "reversal_txn_id", "terminal_id", "original_found")}
 PROTECTING_TRIGGERS = tuple(
     trigger
     for table, keys in RECORD_KEYS.items()
@@ -91,15 +94,21 @@ UNION ALL
                      CASE WHEN r.receipt_number IS DISTINCT FROM v.receipt_number OR r.terminal_id <> v.terminal_id
                           THEN 'receipt ' || coalesce(v.receipt_number::text, 'none') || ' not on record' END,
                      CASE WHEN c.n IS DISTINCT FROM 1 THEN coalesce(c.n, 0) || ' collections of its amount' END,
-                     CASE WHEN o.client_txn_id IS NULL THEN 'no event for the prepayment engine' END)
+                     CASE WHEN o.client_txn_id IS NULL THEN 'no event of its meter and amount for the prepayment engine'
+                     END)
    FROM vend_transactions v
    LEFT JOIN receipts r ON r.client_txn_id = v.client_txn_id
    -- Joined, not looked up per payment: the outbox has no index on the payment's id.
-   LEFT JOIN (SELECT DISTINCT e.client_txn_id FROM outbox e WHERE e.kind = 'payment_received') o
-          ON o.client_txn_id = v.client_txn_id
+   LEFT JOIN (SELECT DISTINCT e.client_txn_id, e.meter_number, e.payload ->> 'amount_minor' AS amount_minor,
+                     e.payload ->> 'currency' AS currency
+                FROM outbox e WHERE e.kind = 'payment_received') o
+          ON o.client_txn_id = v.client_txn_id AND o.meter_number IS NOT DISTINCT FROM v.meter_number
+         AND o.amount_minor = v.amount_minor::text AND o.currency = v.currency
+   -- The collection names its payment: a group is one payment's, never shared.
    LEFT JOIN LATERAL (SELECT count(*) AS n FROM ledger_transfers l
                        WHERE v.group_id IS NOT NULL AND l.group_id = v.group_id AND l.kind = 'collection'
-                         AND l.amount_minor = v.amount_minor) c ON true
+                         AND l.amount_minor = v.amount_minor
+                         AND l.metadata ->> 'client_txn_id' = v.client_txn_id) c ON true
   WHERE v.kind IN ('topup', 'advice') AND v.response_code = 0
     AND (r.receipt_number IS DISTINCT FROM v.receipt_number OR r.terminal_id <> v.terminal_id
          OR c.n IS DISTINCT FROM 1 OR o.client_txn_id IS NULL)
@@ -112,6 +121,22 @@ UNION ALL
     AND (v.group_id IS NOT NULL OR v.receipt_number IS NOT NULL
          OR EXISTS (SELECT 1 FROM receipts r WHERE r.client_txn_id = v.client_txn_id))
   ORDER BY v.client_txn_id LIMIT $1)"""
+# An approved reversal's record and its reversals row (the tombstone barring the payment) name
+# each other, the payment found; a reversals row saying the payment was found and reversed has
+# its approved reversal record. Joined, not looked up: reversals has no index on reversal_txn_id.
+SQL_REVERSALS_INCONSISTENT = """
+SELECT 'reversal ' || coalesce(v.client_txn_id, r.reversal_txn_id) || ': '
+       || CASE WHEN r.reversal_txn_id IS NULL THEN 'approved, but no reversal of its payment is on record'
+               WHEN v.client_txn_id IS NULL THEN 'on record for payment ' || r.original_txn_id
+                                                 || ', but no approved reversal made it'
+               ELSE 'on record for payment ' || r.original_txn_id || ' by terminal ' || r.terminal_id
+                    || ', made by ' || v.terminal_id END AS problem
+  FROM (SELECT client_txn_id, terminal_id FROM vend_transactions
+         WHERE kind = 'reversal' AND response_code = 0) v
+  FULL JOIN (SELECT * FROM reversals WHERE original_found) r ON r.reversal_txn_id = v.client_txn_id
+ WHERE r.reversal_txn_id IS NULL OR v.client_txn_id IS NULL OR r.terminal_id <> v.terminal_id
+ ORDER BY 1
+ LIMIT $1"""
 SQL_COUNTS = """
 SELECT (SELECT count(*) FROM vend_transactions) AS payments, (SELECT count(*) FROM receipts) AS receipts,
        (SELECT count(*) FROM tokens) AS tokens"""
@@ -123,6 +148,7 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
         counts = await conn.fetchrow(SQL_COUNTS)
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
         inconsistent = [r["problem"] for r in await conn.fetch(SQL_INCONSISTENT, problems_shown_max)]
+        inconsistent += [r["problem"] for r in await conn.fetch(SQL_REVERSALS_INCONSISTENT, problems_shown_max)]
         triggers = await protecting_trigger_problems(conn, PROTECTING_TRIGGERS)
     return [
         InvariantResult("vend_records_referenced",
@@ -131,8 +157,9 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
                         unreferenced[:problems_shown_max]),
         InvariantResult("vend_records_consistent",
                         "receipts gap-free per terminal up to its counter; every approved payment with its receipt, "
-                        "one collection of its amount and its engine event; no declined payment with a receipt "
-                        "or a ledger group",
+                        "one collection of its amount naming it and its engine event of that meter and amount; no "
+                        "declined payment with a receipt or a ledger group; every approved reversal with its "
+                        "reversal record and every reversal record with its approved reversal",
                         inconsistent[:problems_shown_max]),
         InvariantResult("vend_records_protected",
                         f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes on their "

@@ -108,8 +108,10 @@ async def test_a_receipt_gap_and_payments_out_of_step_with_ledger_and_outbox_are
     await conn.execute("UPDATE vend_transactions SET response_code = 10 WHERE client_txn_id = $1", payments[2])
     assert await broken(conn) == {"vend_records_consistent": [
         f"terminal {terminal_id(3)}: receipt counter {seq}, {seq - 1} receipts, highest {seq - 1}",
-        f"payment {payments[0]}: approved with no event for the prepayment engine",
-        f"payment {payments[1]}: approved with 0 collections of its amount",
+        f"payment {payments[0]}: approved with no event of its meter and amount for the prepayment engine",
+        # (the engine was told of the amount collected, not of the one recorded now)
+        f"payment {payments[1]}: approved with 0 collections of its amount, no event of its meter and amount for "
+        "the prepayment engine",
         f"payment {payments[2]}: declined (10) but has a ledger group",
     ]}
     status, stdout, _ = await vendgate_ledger_check(url)
@@ -211,3 +213,61 @@ async def test_a_session_in_replica_mode_is_refused_as_any_other(paid: tuple[asy
     conn, url = paid
     await refused_in_replica_mode(conn, url, statement)
     assert await broken(conn) == {}
+
+
+async def reversed_payment(conn: asyncpg.Connection, keystore: KeyStore) -> tuple[str, str]:
+    """One of the paid top-ups, reversed: (its id, its terminal)."""
+    original, terminal = await conn.fetchrow(
+        "SELECT client_txn_id, terminal_id FROM vend_transactions ORDER BY client_txn_id LIMIT 1")
+    [reversed_] = await VendingService(keystore).process_batch(conn, [VendRequest(
+        kind="reversal", client_txn_id=f"{original}/R", terminal_id=terminal, original_txn_id=original,
+        amount_minor=2_000, currency="EUR", reason="no reply")], datetime.now(UTC))
+    assert reversed_.response_code == ResponseCode.APPROVED
+    return original, terminal
+
+
+@pytest.mark.parametrize("change", ["original_found = NOT original_found", "reversal_txn_id = 'OTHER/R'",
+                                    "terminal_id = 'ZZZZ0001'", "original_txn_id = 'NOPE-1'"])
+async def test_a_reversal_record_never_changes(paid: tuple[asyncpg.Connection, str], change: str) -> None:
+    """The reversals row is the tombstone that bars a payment for ever (0028_reversals_protected.sql)."""
+    conn, _ = paid
+    await reversed_payment(conn, KeyStore(secrets.token_bytes(32)))
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="the keys of reversals rows never change"):
+        await conn.execute(f"UPDATE reversals SET {change}")
+    for statement in ("DELETE FROM reversals", "TRUNCATE reversals"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="rows of reversals are never deleted"):
+            await conn.execute(statement)
+    await conn.execute("UPDATE reversals SET reason = reason")  # nothing the record names
+    assert await broken(conn) == {}
+
+
+async def test_an_approved_reversal_whose_record_is_gone_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    """Deleted with its trigger disabled: the payment could be reversed again under another id, and a
+    second payment_reversed event went to the engine."""
+    conn, _ = paid
+    original, _ = await reversed_payment(conn, KeyStore(secrets.token_bytes(32)))
+    await conn.execute("ALTER TABLE reversals DISABLE TRIGGER reversals_undeletable")
+    await conn.execute("DELETE FROM reversals WHERE original_txn_id = $1", original)
+    await conn.execute("ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_undeletable")
+    assert await broken(conn) == {"vend_records_consistent": [
+        f"reversal {original}/R: approved, but no reversal of its payment is on record"]}
+
+
+async def test_two_payments_naming_one_ledger_group_are_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    """group_id is no key: B pointing at A's group left B's money in a group no payment names, and
+    reversing B would have undone A's."""
+    conn, _ = paid
+    a, b = await conn.fetch("SELECT client_txn_id, group_id FROM vend_transactions ORDER BY client_txn_id LIMIT 2")
+    await conn.execute("UPDATE vend_transactions SET group_id = $2 WHERE client_txn_id = $1",
+                       b["client_txn_id"], a["group_id"])
+    assert await broken(conn) == {"vend_records_consistent": [
+        f"payment {b['client_txn_id']}: approved with 0 collections of its amount"]}
+
+
+async def test_an_engine_event_for_another_amount_is_found(paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    txn = await conn.fetchval("SELECT client_txn_id FROM vend_transactions ORDER BY client_txn_id LIMIT 1")
+    await conn.execute("UPDATE outbox SET payload = jsonb_set(payload, '{amount_minor}', '1') "
+                       "WHERE client_txn_id = $1 AND kind = 'payment_received'", txn)
+    assert await broken(conn) == {"vend_records_consistent": [
+        f"payment {txn}: approved with no event of its meter and amount for the prepayment engine"]}

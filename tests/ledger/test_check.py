@@ -21,6 +21,7 @@ import pytest
 
 from float_ledger.check import (
     DEPOSIT_DECIDED_ONCE_SOURCE_SHA256,
+    HASH_FUNCTIONS_SOURCE_SHA256,
     REFUSE_CHANGE_SOURCE_SHA256,
     check_ledger,
     describe_firing,
@@ -507,3 +508,85 @@ async def test_the_check_runs_in_its_own_transaction(ledger: Any) -> None:
     async with ledger.transaction():
         with pytest.raises(LedgerError, match="outside"):
             await check_ledger(ledger)
+
+
+# -- corruptions that left the chain's own checks satisfied -----------------------------------------
+
+
+async def test_a_replaced_hash_function_is_found_and_cannot_hide_a_changed_transfer(ledger: Any) -> None:
+    """One CREATE OR REPLACE that answers each stored transfer's own hash made every later change
+    invisible, no hash recomputed."""
+    await ledger.execute("""
+        CREATE OR REPLACE FUNCTION ledger_transfer_hash(
+            prev_debit_hash bytea, prev_credit_hash bytea, content_hash bytea, seq bigint,
+            debit_balance_after_minor bigint, credit_balance_after_minor bigint, created_at timestamptz
+        ) RETURNS bytea LANGUAGE sql STABLE AS $$
+            SELECT coalesce((SELECT t.hash FROM ledger_transfers t WHERE t.seq = $4),
+                            sha256($1 || $2 || $3 || int8send($4) || int8send($5) || int8send($6)
+                                   || timestamptz_send($7)))
+        $$""")
+    collection = await a_collection(ledger)
+    await corrupt(ledger, "UPDATE ledger_transfers SET metadata = metadata || '{\"terminal_id\": \"T-9\"}' "
+                          "WHERE id = $1", collection["id"])
+    report = await check_ledger(ledger)
+    assert report.broken == ["transfers_unchanged"]
+    [invariant] = [i for i in report.invariants if i.name == "transfers_unchanged"]
+    assert invariant.problems[0] == "hash function ledger_transfer_hash is not the one the migrations installed"
+
+
+async def test_a_hash_function_shadowed_by_another_definition_is_found(ledger: Any) -> None:
+    await ledger.execute("CREATE SCHEMA shadow")
+    await ledger.execute("CREATE FUNCTION shadow.ledger_genesis_hash(account_id bigint) RETURNS bytea "
+                         "LANGUAGE sql AS $$ SELECT '\\x00'::bytea $$")
+    report = await check_ledger(ledger)
+    [invariant] = [i for i in report.invariants if i.name == "transfers_unchanged"]
+    assert invariant.problems == ["hash function ledger_genesis_hash is defined 2 times (one may shadow it)"]
+
+
+async def test_a_transfer_dated_before_its_accounts_were_opened_is_found(ledger: Any) -> None:
+    """Inserted with its hash made by the database's own functions, and its accounts' balances,
+    tips and clocks set to follow it: every other invariant holds."""
+    source = await account(ledger, AccountKind.float_deposits, "bank-x", lower_bound_minor=None)
+    float_id = await account(ledger, AccountKind.agent_float, "A-9")
+    await ledger.execute("""
+        WITH t AS (
+            SELECT gen_random_uuid() AS id, nextval('ledger_transfer_seq') AS seq,
+                   now() - interval '30 days' AS created_at)
+        INSERT INTO ledger_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency, kind,
+                                      group_id, metadata, debit_balance_after_minor, credit_balance_after_minor,
+                                      created_at, hash)
+        SELECT t.id, t.seq, $1, $2, 7000, 'KES', 'deposit', NULL, '{}', -7000, 7000, t.created_at,
+               ledger_transfer_hash(ledger_genesis_hash($1), ledger_genesis_hash($2),
+                                    ledger_transfer_content_hash(t.id, $1, $2, 7000, 'KES', 'deposit', NULL, '{}'),
+                                    t.seq, -7000, 7000, t.created_at)
+          FROM t""", source, float_id)
+    await ledger.execute("""
+        UPDATE ledger_accounts a SET balance_minor = CASE WHEN a.id = $1 THEN -7000 ELSE 7000 END,
+               chain_hash = t.hash, last_transfer_at = t.created_at
+          FROM ledger_transfers t WHERE t.debit_account_id = $1 AND a.id IN ($1, $2)""", source, float_id)
+    assert await broken(ledger) == {"running_balances_consistent"}
+
+
+@pytest.mark.parametrize("bound", [None, -1_000_000])
+async def test_an_agent_float_let_below_zero_is_found(ledger: Any, bound: int | None) -> None:
+    """A float's bound is a column like any other: lowered, the ledger let the float go under."""
+    float_id = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'agent_float'")
+    credit_id = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'customer_credit'")
+    await ledger.execute("UPDATE ledger_accounts SET lower_bound_minor = $2 WHERE id = $1", float_id, bound)
+    assert await broken(ledger) == {"balances_within_bounds"}  # the bound alone is wrong already
+    [result] = await post_transfers(ledger, [transfer(float_id, credit_id, 1_000_000)])
+    assert result.status.posted
+    report = await check_ledger(ledger)
+    assert report.broken == ["balances_within_bounds"]
+    [invariant] = [i for i in report.invariants if i.name == "balances_within_bounds"]
+    assert "a float is never below 0" in invariant.problems[0]
+
+
+def test_the_expected_hash_functions_are_the_ones_the_migrations_install() -> None:
+    for name, expected in HASH_FUNCTIONS_SOURCE_SHA256.items():
+        pattern = re.compile(rf"FUNCTION {name}\(.*?\) RETURNS bytea\s+LANGUAGE (\w+) [A-Z ]+AS \$\$(.*?)\$\$;",
+                             re.DOTALL)
+        bodies = [m for path in sorted(MIGRATIONS.glob("*.sql")) for m in pattern.findall(path.read_text())]
+        assert bodies, f"no migration defines {name}"
+        language, body = bodies[-1]
+        assert hashlib.sha256(f"{language}:{body}".encode()).hexdigest() == expected, name
