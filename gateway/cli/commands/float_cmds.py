@@ -142,7 +142,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     shown = actions.add_parser("balance", help="an agent's float now, or as of a time")
     shown.add_argument("--agent", required=True, type=_agent_id)
-    shown.add_argument("--at", type=_aware_time, help="ISO 8601 time with its UTC offset")
+    shown.add_argument("--at", type=_aware_time,
+                       help="ISO 8601 time with its UTC offset; the balance after every transfer at or before it "
+                            "(a day's opening float, in `float reconcile`, leaves out those at its midnight)")
     shown.set_defaults(handler=handle_balance)
 
     page = actions.add_parser("statement", help="an agent's float movements in posting order, a page at a time")
