@@ -40,7 +40,10 @@ from float_ledger.check import (
 REFUSE_DELETE_SOURCE_SHA256 = "c8ac8478e6a58de717cdb1ce663fae9197ab2a886baa42c6ab06e4d4c821acea"
 # The columns other records name, per table, as 0014_vend_record_keys.sql lists them.
 RECORD_KEYS = {"terminals": ("terminal_id",), "meters": ("meter_number",),
-               "vend_transactions": ("client_txn_id", "terminal_id"),
+               # All but the reprint count (0028_reversals_protected.sql): the record is final.
+               "vend_transactions": ("client_txn_id", "terminal_id", "kind", "agent_id", "request_sha256",
+                                     "response_code", "meter_number", "amount_minor", "currency", "group_id",
+                                     "receipt_number", "business_date", "reply", "created_at"),
                "receipts": ("terminal_id", "receipt_number", "client_txn_id"),
                "tokens": ("client_txn_id", "meter_number"),
                # (0028_reversals_protected.sql)

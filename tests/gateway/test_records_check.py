@@ -103,9 +103,11 @@ async def test_a_receipt_gap_and_payments_out_of_step_with_ledger_and_outbox_are
     # The engine never told of a payment; a payment recorded for another amount than was collected;
     # a payment recorded as declined that moved money.
     await conn.execute("DELETE FROM outbox WHERE client_txn_id = $1", payments[0])
+    await conn.execute("ALTER TABLE vend_transactions DISABLE TRIGGER vend_transactions_keys_fixed")
     await conn.execute("UPDATE vend_transactions SET amount_minor = amount_minor + 1 WHERE client_txn_id = $1",
                        payments[1])
     await conn.execute("UPDATE vend_transactions SET response_code = 10 WHERE client_txn_id = $1", payments[2])
+    await conn.execute("ALTER TABLE vend_transactions ENABLE ALWAYS TRIGGER vend_transactions_keys_fixed")
     assert await broken(conn) == {"vend_records_consistent": [
         f"terminal {terminal_id(3)}: receipt counter {seq}, {seq - 1} receipts, highest {seq - 1}",
         f"payment {payments[0]}: approved with no event of its meter and amount for the prepayment engine",
@@ -191,6 +193,10 @@ def test_the_expected_refusals_are_the_ones_the_migrations_install() -> None:
 @pytest.mark.parametrize(("table", "change"), [
     ("terminals", "terminal_id = 'ZZZZ0001'"), ("meters", "meter_number = '99999999'"),
     ("vend_transactions", "terminal_id = 'ZZZZ0001'"), ("vend_transactions", "client_txn_id = client_txn_id || 'X'"),
+    # A payment's record is final but for its reprints: its outcome, amount, group and day too.
+    ("vend_transactions", "response_code = 10"), ("vend_transactions", "amount_minor = amount_minor + 1"),
+    ("vend_transactions", "group_id = NULL"), ("vend_transactions", "business_date = business_date - 1"),
+    ("vend_transactions", "reply = '\\x00'"), ("vend_transactions", "kind = 'advice'"),
     ("receipts", "receipt_number = receipt_number + 1000"), ("receipts", "client_txn_id = 'NOPE-1'"),
     ("tokens", "meter_number = '99999999'"), ("tokens", "client_txn_id = 'NOPE-1'")])
 async def test_the_keys_records_name_never_change(paid: tuple[asyncpg.Connection, str], table: str,
@@ -258,8 +264,13 @@ async def test_two_payments_naming_one_ledger_group_are_found(paid: tuple[asyncp
     reversing B would have undone A's."""
     conn, _ = paid
     a, b = await conn.fetch("SELECT client_txn_id, group_id FROM vend_transactions ORDER BY client_txn_id LIMIT 2")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="the keys of vend_transactions rows never change"):
+        await conn.execute("UPDATE vend_transactions SET group_id = $2 WHERE client_txn_id = $1",
+                           b["client_txn_id"], a["group_id"])
+    await conn.execute("ALTER TABLE vend_transactions DISABLE TRIGGER vend_transactions_keys_fixed")
     await conn.execute("UPDATE vend_transactions SET group_id = $2 WHERE client_txn_id = $1",
                        b["client_txn_id"], a["group_id"])
+    await conn.execute("ALTER TABLE vend_transactions ENABLE ALWAYS TRIGGER vend_transactions_keys_fixed")
     assert await broken(conn) == {"vend_records_consistent": [
         f"payment {b['client_txn_id']}: approved with 0 collections of its amount"]}
 
