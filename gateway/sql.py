@@ -182,15 +182,10 @@ ACCOUNT_BALANCES = "SELECT id AS account_id, balance_minor FROM ledger_accounts 
 TXN_GET = f"""
 SELECT client_txn_id, kind, terminal_id, request_sha256, response_code, group_id, receipt_number, reply,
        {_FLOAT_REMAINING},
-       meter_number, amount_minor, currency, created_at, reprints, business_date
+       meter_number, amount_minor, currency, created_at, reprints
 FROM vend_transactions v WHERE client_txn_id = $1"""
 TXN_COUNT_REPRINT = "UPDATE vend_transactions SET reprints = reprints + 1 WHERE client_txn_id = $1"
 TXN_IS_REVERSED = "SELECT original_found FROM reversals WHERE original_txn_id = $1"
-# A reversed payment no longer counts against its terminal's daily total, on the day it counted.
-DAILY_TOTAL_GIVE_BACK = """
-UPDATE terminal_daily_totals
-SET approved_count = greatest(approved_count - 1, 0), approved_minor = greatest(approved_minor - $3, 0)
-WHERE terminal_id = $1 AND business_date = $2"""
 
 # Transaction-scoped advisory locks on client transaction ids, taken in one sorted order.
 LOCK_TXN_IDS = """

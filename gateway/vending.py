@@ -753,6 +753,9 @@ class VendingService:
         if await conn.fetch(sql.REVERSALS_GET_MANY, [original_id]):
             return decline(request, ResponseCode.ALREADY_REVERSED, "already reversed")
         original = await conn.fetchrow(sql.TXN_GET, original_id)
+        if original is not None and original["kind"] not in ("topup", "advice"):
+            # A reversal's own id is no payment's: nothing to undo, no tombstone (no payment can carry it).
+            return decline(request, ResponseCode.ORIGINAL_NOT_FOUND, "no approved payment with that id")
         if original is None or original["response_code"] != ResponseCode.APPROVED:
             # Unknown (or declined) original: acknowledge and leave a tombstone, so an original
             # that arrives later is refused and never applied.
@@ -774,8 +777,6 @@ class VendingService:
             return decline(request, ResponseCode.NOT_PERMITTED, f"cannot reverse: {refused[0]}")
         await conn.execute(sql.REVERSAL_INSERT, original_id, request.client_txn_id, request.terminal_id,
                            request.reason, True)
-        await conn.execute(sql.DAILY_TOTAL_GIVE_BACK, original["terminal_id"], original["business_date"],
-                           int(original["amount_minor"]))
         await conn.execute(sql.TOKEN_VOID, original_id)
         await conn.execute(sql.OUTBOX_INSERT_MANY, ["payment_reversed"], [original_id], [original["meter_number"]],
                            [msgspec.json.encode({"client_txn_id": original_id,

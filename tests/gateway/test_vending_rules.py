@@ -91,32 +91,40 @@ async def test_a_refused_payment_does_not_count_against_the_daily_limit(running:
     assert later == [ResponseCode.LIMIT_EXCEEDED]  # 300 approved today + 701 > 1,000, read from the stored totals
 
 
-async def test_a_reversed_payment_no_longer_counts_against_the_daily_limit(running: Running) -> None:
-    """The terminal never learnt the outcome, so the customer pays again: the reversed payment
-    must not hold that second payment over the daily limit."""
+async def test_a_reversed_payment_still_counts_against_the_daily_limit_and_a_reversal_is_no_payment(
+        running: Running) -> None:
+    """A reversed payment's token may already be on the meter: the daily limit bounds what a
+    terminal issues, reversals included. A second reversal naming the first one's id is refused
+    (no payment has that id) and leaves no event for the engine."""
     async with running.pool.acquire() as conn:
         agent = await registry.add_agent(conn, kind="shop", name="Reversal limit test", currency="EUR")
         await fund(conn, agent, 10_000)
         await registry.add_terminal(conn, running.keystore, terminal_id="L0000002", serial="LSN2",
                                     agent_id=agent.agent_id, daily_limit_minor=1_500)
 
-    def topup(n: int) -> VendRequest:
+    def topup(n: int, amount: int) -> VendRequest:
         return VendRequest(kind="topup", client_txn_id=f"L0000002-{TODAY}-00000{n}", terminal_id="L0000002",
-                           meter_number=meter_number(26), amount_minor=1_000, currency="EUR")
+                           meter_number=meter_number(26), amount_minor=amount, currency="EUR")
 
-    lost = topup(1)
-    assert await run_batch(running, [lost]) == [ResponseCode.APPROVED]
-    assert await run_batch(running, [topup(2)]) == [ResponseCode.LIMIT_EXCEEDED]  # 1,000 + 1,000 > 1,500
+    lost = topup(1, 1_000)
+    assert await run_batch(running, [lost, topup(2, 500)]) == [ResponseCode.APPROVED] * 2
     reversal = VendRequest(kind="reversal", client_txn_id=f"{lost.client_txn_id}/R", terminal_id="L0000002",
                            amount_minor=1_000, currency="EUR", original_txn_id=lost.client_txn_id, reason="no reply")
     assert await run_batch(running, [reversal]) == [ResponseCode.APPROVED]
-    assert await run_batch(running, [reversal]) == [ResponseCode.APPROVED]  # a repeat gives nothing back twice
+    of_the_reversal = VendRequest(kind="reversal", client_txn_id=f"{reversal.client_txn_id}/R",
+                                  terminal_id="L0000002", amount_minor=1_000, currency="EUR",
+                                  original_txn_id=reversal.client_txn_id, reason="no reply")
+    assert await run_batch(running, [of_the_reversal]) == [ResponseCode.ORIGINAL_NOT_FOUND]
+    assert await run_batch(running, [topup(3, 1)]) == [ResponseCode.LIMIT_EXCEEDED]  # 1,500 issued today
     async with running.pool.acquire() as conn:
-        totals = await conn.fetchrow("SELECT approved_count, approved_minor FROM terminal_daily_totals "
-                                     "WHERE terminal_id = 'L0000002'")
-    assert (totals["approved_count"], totals["approved_minor"]) == (0, 0)
-    assert await run_batch(running, [topup(3)]) == [ResponseCode.APPROVED]
-    assert await run_batch(running, [topup(4)]) == [ResponseCode.LIMIT_EXCEEDED]  # the new payment counts
+        events = await conn.fetch("SELECT kind, client_txn_id FROM outbox WHERE client_txn_id LIKE 'L0000002-%' "
+                                  "ORDER BY event_id")
+        tombstones = await conn.fetchval("SELECT count(*) FROM reversals WHERE original_txn_id = $1",
+                                         reversal.client_txn_id)
+    assert [(e["kind"], e["client_txn_id"]) for e in events] == [
+        ("payment_received", lost.client_txn_id), ("payment_received", f"L0000002-{TODAY}-000002"),
+        ("payment_reversed", lost.client_txn_id)]
+    assert tombstones == 0
 
 
 async def test_receipts_stay_gap_free_across_a_reversal_in_the_batch(running: Running) -> None:
