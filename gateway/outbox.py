@@ -7,11 +7,12 @@ one event twice at once, and no database transaction stays open while the engine
 POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
 event_id (delivery is at least once).
 
-What the engine's answer means: 2xx, delivered; another 4xx (not 408 or 429), refused: the batch
-is retried event by event at once, and an event refused event_attempts_max times is parked (dead
-letter) so the rest flow on; no answer, a timeout, 408, 429 or 5xx, unavailable: the round ends
-and the next comes after a growing pause, nothing counted against the events, so an outage of
-any length parks nothing.
+What the engine's answer means: 2xx, delivered; 400, 409, 413 or 422, refused: the batch is
+retried event by event at once, and an event refused event_attempts_max times is parked (dead
+letter) so the rest flow on; anything else (no answer, a timeout, a redirect, which is never
+followed, 401, 403, 404, 429, 5xx), unavailable: the round ends and the next comes after a
+growing pause, nothing counted against the events, so an outage or a misconfiguration of any
+length parks nothing.
 
 A reversal's event is taken only once its payment's event is delivered, so a reversal never
 reaches the engine before its payment: not when the payment's event was refused or parked, nor
@@ -35,8 +36,11 @@ from gateway.jsonlog import get_logger
 events_per_post_max = 100
 # An event the engine refuses this many times is parked (dead letter) so the rest flow on.
 event_attempts_max = 20
-# Answers that say the engine cannot take anything now, whatever was sent: nothing is counted.
-_UNAVAILABLE_STATUSES = frozenset({408, 429})
+# The answers that refuse what was sent (a bad event, or a batch too large): only these count an
+# attempt against an event. Any other answer but a 2xx says nothing of the events (the engine is
+# down, busy, moved, or the URL or its credentials are wrong): nothing is counted, and the events
+# wait, however long that lasts.
+_REFUSING_STATUSES = frozenset({400, 409, 413, 422})
 poll_interval_s = 0.2
 backoff_s_max = 30.0
 log = get_logger("vendgate.outbox")
@@ -131,12 +135,16 @@ class OutboxRelay:
     async def _post(self, events: list[dict[str, object]]) -> Answer:
         assert self._session is not None
         try:
-            async with self._session.post(self._url, json={"events": events}) as response:
+            # A redirect is not followed: aiohttp would turn the POST into a GET without the events,
+            # and a 2xx page at the new address would mark them delivered.
+            async with self._session.post(self._url, json={"events": events}, allow_redirects=False) as response:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError):
             return Answer.UNAVAILABLE
         if 200 <= status < 300:
             return Answer.DELIVERED
-        if status >= 500 or status in _UNAVAILABLE_STATUSES or status < 400:
-            return Answer.UNAVAILABLE
-        return Answer.REFUSED
+        if status in _REFUSING_STATUSES:
+            return Answer.REFUSED
+        if 300 <= status < 400:
+            log.warning("engine_redirected", status=status)
+        return Answer.UNAVAILABLE

@@ -67,6 +67,10 @@ ops_shutdown_timeout_s = 2.0
 # Connections to the ops listener at once; one more is answered 503 and closed. Scrapers and
 # probes need a few; a peer opening hundreds must not take the process's descriptors.
 ops_connections_max = 64
+# An ops connection is dropped this long after its accept, whatever it is doing: the idle bound
+# cuts only a connection waiting for a request, and one whose peer stopped reading its answers
+# waits on the write without end, holding its slot (scrapers open another).
+ops_connection_lifetime_s = 60.0
 _OPS_FULL_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 readyz_probe_interval_s = 1.0  # /readyz reuses the last database probe for this long
 read_chunk_bytes = 16_384
@@ -134,21 +138,32 @@ class Limits:
     kiosk_idle_timeout_s: float = kiosk_idle_timeout_s
     kiosk_connection_lifetime_s: float = kiosk_connection_lifetime_s
     ops_connections_max: int = ops_connections_max
+    ops_connection_lifetime_s: float = ops_connection_lifetime_s
 
 
 class _OpsHandler(RequestHandler):
-    """aiohttp's request handler for one ops connection, holding one of its listener's slots until lost."""
+    """aiohttp's request handler for one ops connection, holding one of its listener's slots until
+    lost, and dropped lifetime_s after the accept."""
 
-    __slots__ = ("_live",)
+    __slots__ = ("_expiry", "_lifetime_s", "_live")
 
-    def __init__(self, manager: Server, *, live: set[RequestHandler], **kwargs: Any) -> None:
+    def __init__(self, manager: Server, *, live: set[RequestHandler], lifetime_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._live = live
+        self._lifetime_s = lifetime_s
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # abort, not close: a close waits for the unsent answers a peer that does not read never takes.
+        self._expiry = asyncio.get_running_loop().call_later(self._lifetime_s, transport.abort)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
             super().connection_lost(exc)
         finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
             self._live.discard(self)
 
 
@@ -265,7 +280,8 @@ class Gateway:
                 return _OpsFull()
             # As the runner's server would make it, with the ops idle bound as its keep-alive (it
             # runs from the accept to the first request's head too).
-            handler = _OpsHandler(server, live=live, loop=loop, access_log=None, keepalive_timeout=ops_idle_timeout_s)
+            handler = _OpsHandler(server, live=live, lifetime_s=self.limits.ops_connection_lifetime_s, loop=loop,
+                                  access_log=None, keepalive_timeout=ops_idle_timeout_s)
             live.add(handler)
             return handler
 

@@ -134,16 +134,22 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
 # The oldest undelivered events that no other relay holds. Each one returned is held by this
 # session's advisory lock on its event id (the two-int4 form, which nothing else in vendgate
 # uses) until the round ends (pg_advisory_unlock_all): no transaction stays open while the engine
-# is called. (A lock may also be taken on a row that a later condition rejects; the round's
-# unlock releases it.)
+# is called. The lock is tried only on the $1 oldest waiting events (the CTE is evaluated first,
+# whatever the plan: a filter beside the scan would take a lock per waiting event, and a backlog
+# of tens of thousands would fill the shared lock table); while another relay holds those, this
+# one finds nothing and waits for its next round.
 OUTBOX_PENDING = """
-SELECT o.event_id, o.kind, o.client_txn_id, o.meter_number, o.payload FROM outbox o
-WHERE o.delivered_at IS NULL AND o.attempts < $2
-  AND (o.kind <> 'payment_reversed'
-       OR NOT EXISTS (SELECT 1 FROM outbox e
-                       WHERE e.delivered_at IS NULL AND e.event_id < o.event_id AND e.client_txn_id = o.client_txn_id))
-  AND pg_try_advisory_lock((o.event_id >> 31)::integer, (o.event_id & 2147483647)::integer)
-ORDER BY o.event_id LIMIT $1"""
+WITH oldest AS MATERIALIZED (
+    SELECT o.event_id, o.kind, o.client_txn_id, o.meter_number, o.payload FROM outbox o
+    WHERE o.delivered_at IS NULL AND o.attempts < $2
+      AND (o.kind <> 'payment_reversed'
+           OR NOT EXISTS (SELECT 1 FROM outbox e
+                           WHERE e.delivered_at IS NULL AND e.event_id < o.event_id
+                             AND e.client_txn_id = o.client_txn_id))
+    ORDER BY o.event_id LIMIT $1)
+SELECT * FROM oldest
+WHERE pg_try_advisory_lock((event_id >> 31)::integer, (event_id & 2147483647)::integer)
+ORDER BY event_id"""
 OUTBOX_RELEASE = "SELECT pg_advisory_unlock_all()"
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"

@@ -133,3 +133,51 @@ async def test_the_ops_listener_serves_at_most_its_connection_cap(running: Runni
         for _, held_writer in held:
             held_writer.close()
         await gateway.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_scrapers_that_stop_reading_do_not_hold_the_ops_cap(running: Running) -> None:
+    """A scraper that asks for /metrics and stops reading waits on the write with no bound, and the
+    idle bound never cuts a connection with a request in hand: before the connection lifetime,
+    ops_connections_max of them made every /healthz and /readyz answer 503 for good."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore,
+                      limits=Limits(ops_connections_max=2, ops_connection_lifetime_s=3.0))
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stalled = []
+    try:
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", gateway.http_port))
+            stalled.append(sock)
+        await asyncio.sleep(0.1)
+        server = gateway._runners[0].server
+        assert server is not None
+        for handler in server.connections:  # a slow link's small kernel buffer
+            handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for _ in range(50):  # pipelined scrapes, never a byte read
+            for sock in stalled:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    for _ in range(100):
+                        sock.send(b"GET /metrics HTTP/1.1\r\nHost: ops\r\n\r\n")
+            await asyncio.sleep(0.02)
+
+        async def healthz() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n")
+            try:
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+
+        assert (await healthz()).startswith(b"HTTP/1.1 503 ")  # both slots held by the stalled scrapers
+        await asyncio.sleep(4)  # past the connection lifetime
+        answer = await healthz()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        for sock in stalled:
+            sock.close()
+        await gateway.stop()

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from float_ledger.ledger import set_low_threshold
-from gateway.outbox import OutboxRelay, event_attempts_max
+from gateway.outbox import OutboxRelay, event_attempts_max, events_per_post_max
 from gateway.seeding import meter_number, terminal_id
 from protocol.codes import ResponseCode
 from terminal_sim.client import PosTerminal
@@ -41,10 +41,13 @@ async def fake_engine(fail_first: int = 0, refuse: Callable[[list[dict[str, Any]
     return runner, url, received
 
 
-async def engine_endpoint(handler: Callable[[web.Request], Any]) -> tuple[web.AppRunner, str]:
-    """An engine's /events endpoint on a free port, answering with `handler`: its runner and URL."""
+async def engine_endpoint(handler: Callable[[web.Request], Any],
+                          *more: web.RouteDef) -> tuple[web.AppRunner, str]:
+    """An engine's POST /events endpoint (and `more` routes) on a free port, answering with
+    `handler`: its runner and the endpoint's URL."""
     app = web.Application()
     app.router.add_post("/events", handler)
+    app.add_routes(more)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -152,6 +155,22 @@ async def test_a_parked_payment_holds_back_its_reversal_and_nothing_else(running
         assert {kind for txn, kind in sent if txn == key} == set()
 
 
+def relay_to(running: Running, url: str, *, timeout_s: float) -> OutboxRelay:
+    """A relay whose rounds the test runs itself (deliver_once), not started."""
+    relay = OutboxRelay(running.pool, url, timeout_s=timeout_s)
+    relay._session = aiohttp.ClientSession(timeout=relay._timeout)
+    return relay
+
+
+async def paid_top_up(running: Running, terminal: int, meter: int, amount_minor: int) -> str:
+    """One approved top-up from its own terminal session: its transaction id."""
+    pos = await paying_terminal(running, terminal)
+    paid = await pos.top_up(meter_number(meter), amount_minor, "EUR")
+    assert paid.response_code is ResponseCode.APPROVED
+    await pos.logoff()
+    return paid.client_transaction_id.as_key()
+
+
 def a_port_nobody_listens_on() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,8 +181,7 @@ async def test_an_engine_outage_parks_no_payment(running: Running) -> None:
     """Unreachable for event_attempts_max rounds (about 7 minutes of backoff): before, every event
     waiting then was parked for good, and those meters were never re-armed."""
     runner, url, received = await fake_engine()
-    relay = OutboxRelay(running.pool, f"http://127.0.0.1:{a_port_nobody_listens_on()}/events", timeout_s=2)
-    relay._session = aiohttp.ClientSession(timeout=relay._timeout)
+    relay = relay_to(running, f"http://127.0.0.1:{a_port_nobody_listens_on()}/events", timeout_s=2)
     try:
         pos = await paying_terminal(running, 253)
         paid = [await pos.top_up(meter_number(23), amount, "EUR") for amount in (1_600, 1_700)]
@@ -194,18 +212,14 @@ async def test_a_hung_engine_does_not_hold_back_the_ledgers_low_float_events(run
         return web.Response(status=503)
 
     runner, url = await engine_endpoint(hung)
-    relay = OutboxRelay(running.pool, url, timeout_s=3)
-    relay._session = aiohttp.ClientSession(timeout=relay._timeout)
+    relay = relay_to(running, url, timeout_s=3)
     try:
-        pos = await paying_terminal(running, 254)
-        assert (await pos.top_up(meter_number(24), 1_100, "EUR")).response_code is ResponseCode.APPROVED
-        await pos.logoff()
+        await paid_top_up(running, 254, 24, 1_100)
         round_ = asyncio.create_task(relay.deliver_once())
         await asyncio.sleep(0.3)  # the relay is now waiting on the engine
         async with running.pool.acquire() as conn:
             # A second relay finds nothing to take: the waiting round still holds its event.
-            other = OutboxRelay(running.pool, url, timeout_s=1)
-            other._session = aiohttp.ClientSession(timeout=other._timeout)
+            other = relay_to(running, url, timeout_s=1)
             try:
                 assert await other.deliver_once() == 0
             finally:
@@ -221,5 +235,78 @@ async def test_a_hung_engine_does_not_hold_back_the_ledgers_low_float_events(run
         assert await round_ == -1  # cut at the timeout: unavailable, nothing counted
     finally:
         release.set()
+        await relay.stop()
+        await runner.cleanup()
+
+
+async def test_an_engine_that_redirects_is_not_marked_delivered(running: Running) -> None:
+    """aiohttp would follow a 302 by turning the POST into a GET without the events, and a 2xx page
+    at the new address (a moved endpoint's landing page, a login page) marked them delivered: the
+    engine never heard of the payment. A redirect is not followed: the events wait, uncounted."""
+    received: list[dict[str, Any]] = []
+
+    async def events(request: web.Request) -> web.Response:
+        received.extend((await request.json())["events"])
+        return web.json_response({"ok": True})
+
+    async def moved(_: web.Request) -> web.Response:
+        raise web.HTTPFound("/v2/events")
+
+    async def landing(_: web.Request) -> web.Response:
+        return web.Response(text="the engine moved to /v2/events")
+
+    runner, url = await engine_endpoint(moved, web.get("/v2/events", landing), web.post("/v2/events", events))
+    relay = relay_to(running, url, timeout_s=2)
+    try:
+        key = await paid_top_up(running, 255, 25, 900)
+        for _ in range(3):
+            assert await relay.deliver_once() == -1
+        async with running.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT delivered_at, attempts FROM outbox WHERE client_txn_id = $1", key)
+        assert (row["delivered_at"], row["attempts"]) == (None, 0)
+        relay._url = url.replace("/events", "/v2/events")  # the operator points the relay at the new address
+        await drain(relay)
+        assert key in {e["client_txn_id"] for e in received}
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+
+
+async def test_a_misconfigured_engine_url_parks_nothing(running: Running) -> None:
+    """404 (a wrong path) or 401/403 (wrong credentials) say nothing of the events: counted as
+    refusals, about 7 minutes of misconfiguration would have parked every waiting event."""
+    async def not_found(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    runner, url = await engine_endpoint(not_found)
+    relay = relay_to(running, url, timeout_s=2)
+    try:
+        key = await paid_top_up(running, 256, 26, 950)
+        for _ in range(event_attempts_max + 1):
+            assert await relay.deliver_once() == -1
+        async with running.pool.acquire() as conn:
+            attempts = await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", key)
+        assert attempts == 0
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+
+
+async def test_a_backlog_after_an_outage_is_delivered_a_batch_at_a_time(running: Running) -> None:
+    """The advisory lock is tried on the oldest events_per_post_max waiting events only. Before, it
+    was a filter beside the scan: a round locked every waiting event, and a backlog of 40,000 filled
+    PostgreSQL's shared lock table ("out of shared memory"), so nothing was delivered again."""
+    runner, url, received = await fake_engine()
+    relay = relay_to(running, url, timeout_s=2)
+    async with running.pool.acquire() as conn:
+        # What payments wrote while the engine was away (the relay reads only these columns).
+        await conn.execute("INSERT INTO outbox (kind, client_txn_id, meter_number, payload) "
+                           "SELECT 'payment_received', 'BACKLOG-' || g, 'm', '{}' FROM generate_series(1, 40000) g")
+    try:
+        assert await relay.deliver_once() == events_per_post_max
+        assert len(received) == events_per_post_max
+    finally:
+        async with running.pool.acquire() as conn:
+            await conn.execute("UPDATE outbox SET delivered_at = now() WHERE client_txn_id LIKE 'BACKLOG-%'")
         await relay.stop()
         await runner.cleanup()
