@@ -50,6 +50,7 @@ from float_ledger.model import (
     amount_minor_max,
     batch_columns,
     check_account,
+    check_float_bound,
     commission_transfer,
     events_page_size_max,
     reversal_group_id_for,
@@ -99,7 +100,7 @@ async def create_account(conn: Connection, *, kind: AccountKind, currency: str, 
                          lower_bound_minor: int | None = 0, low_threshold_minor: int | None = None) -> int:
     """A new account at balance 0. lower_bound_minor None: unbounded (may go negative without limit)."""
     check_account(currency=currency, owner_ref=owner_ref, lower_bound_minor=lower_bound_minor,
-                  low_threshold_minor=low_threshold_minor)
+                  low_threshold_minor=low_threshold_minor, kind=AccountKind(kind))
     account_id = await conn.fetchval(sql.SQL_CREATE_ACCOUNT, AccountKind(kind).value, currency, owner_ref,
                                      lower_bound_minor, low_threshold_minor)
     return int(account_id)
@@ -134,10 +135,12 @@ async def set_low_threshold(conn: Connection, account_id: int, *, low_threshold_
 
 
 async def set_lower_bound(conn: Connection, account_id: int, *, lower_bound_minor: int | None) -> None:
-    """Change a bound (e.g. grant a credit limit: -limit). Refused when the balance is already below it."""
+    """Change a bound (e.g. grant a credit limit: -limit). Refused when the balance is already below
+    it, and for an agent's float, whose bound stays 0."""
     record = await conn.fetchrow(sql.SQL_SET_LOWER_BOUND, account_id, lower_bound_minor)
     if record is None:
         raise AccountNotFound(f"no ledger account {account_id}")
+    check_float_bound(record["kind"], lower_bound_minor)
     if not record["ok"]:
         raise InvalidAccount(f"account {account_id} balance {record['balance_minor']} is below {lower_bound_minor}")
 

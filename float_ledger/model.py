@@ -222,8 +222,10 @@ def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
 
 
 def check_account(*, currency: str, owner_ref: str, lower_bound_minor: int | None,
-                  low_threshold_minor: int | None) -> None:
-    """An account starts at balance 0, so its lower bound cannot be above 0."""
+                  low_threshold_minor: int | None, kind: AccountKind | None = None) -> None:
+    """An account starts at balance 0, so its lower bound cannot be above 0; an agent's float is
+    never below 0, so its bound is 0."""
+    check_float_bound(kind, lower_bound_minor)
     if not CURRENCY_PATTERN.match(currency):
         raise InvalidAccount(f"currency {currency!r} is not an ISO 4217 code")
     if not 0 < len(owner_ref) <= owner_ref_chars_max:
@@ -232,6 +234,12 @@ def check_account(*, currency: str, owner_ref: str, lower_bound_minor: int | Non
         raise InvalidAccount(f"lower_bound_minor {lower_bound_minor} not in -{amount_minor_max}..0")
     if low_threshold_minor is not None and abs(low_threshold_minor) > amount_minor_max:
         raise InvalidAccount(f"low_threshold_minor {low_threshold_minor} beyond ±{amount_minor_max}")
+
+
+def check_float_bound(kind: AccountKind | str | None, lower_bound_minor: int | None) -> None:
+    """A prepaid float can never go negative (`vendgate ledger check` reports one that could)."""
+    if kind == AccountKind.agent_float and lower_bound_minor != 0:
+        raise InvalidAccount(f"an agent's float is never below 0: its lower bound is 0, not {lower_bound_minor}")
 
 
 def derived_id(base: uuid.UUID, role: str) -> uuid.UUID:

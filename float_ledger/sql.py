@@ -54,13 +54,14 @@ SELECT id FROM changed"""
 
 # Returns no row when the account is missing; ok = false when the balance is below the new bound.
 SQL_SET_LOWER_BOUND = """
-WITH target AS (SELECT id, balance_minor FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE),
+WITH target AS (SELECT id, kind, balance_minor FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE),
      changed AS (
          UPDATE ledger_accounts a SET lower_bound_minor = $2::bigint
            FROM target
           WHERE a.id = target.id AND ($2::bigint IS NULL OR target.balance_minor >= $2::bigint)
+            AND (target.kind <> 'agent_float' OR $2::bigint = 0)
          RETURNING a.id)
-SELECT target.balance_minor, EXISTS (SELECT 1 FROM changed) AS ok FROM target"""
+SELECT target.kind, target.balance_minor, EXISTS (SELECT 1 FROM changed) AS ok FROM target"""
 
 # -- posting ----------------------------------------------------------------------------------------
 

@@ -359,14 +359,22 @@ async def test_account_settings(db_conn: Any, source: int) -> None:
     got = await get_account(db_conn, float_id)
     assert (got.kind, got.owner_ref, got.lower_bound_minor, got.blocked) == (AccountKind.agent_float, "A-10", 0, False)
     assert [a.id for a in await find_accounts(db_conn, owner_ref="A-10", kind=AccountKind.agent_float)] == [float_id]
-    # A credit limit of 50 lets the account go to -50 and no further.
-    await set_lower_bound(db_conn, float_id, lower_bound_minor=-50)
-    results = await post_transfers(db_conn, [transfer(float_id, customer, 50), transfer(float_id, customer, 1)])
+    # A float's bound stays 0: a prepaid float never goes negative.
+    for bound in (-50, None):
+        with pytest.raises(InvalidAccount, match="float is never below 0"):
+            await set_lower_bound(db_conn, float_id, lower_bound_minor=bound)
+        with pytest.raises(InvalidAccount, match="float is never below 0"):
+            await account(db_conn, AccountKind.agent_float, lower_bound_minor=bound)
+    assert (await get_account(db_conn, float_id)).lower_bound_minor == 0
+    # A credit limit of 50 lets another account go to -50 and no further.
+    other = await account(db_conn, AccountKind.customer_credit, "C-10")
+    await set_lower_bound(db_conn, other, lower_bound_minor=-50)
+    results = await post_transfers(db_conn, [transfer(other, customer, 50), transfer(other, customer, 1)])
     assert [r.status for r in results] == [S.ok, S.insufficient_balance]
     with pytest.raises(InvalidAccount, match="below"):
-        await set_lower_bound(db_conn, float_id, lower_bound_minor=0)
-    await post_transfers(db_conn, [transfer(source, float_id, 50, kind="deposit")])
-    await set_lower_bound(db_conn, float_id, lower_bound_minor=0)
+        await set_lower_bound(db_conn, other, lower_bound_minor=0)
+    await post_transfers(db_conn, [transfer(source, other, 50, kind="deposit")])
+    await set_lower_bound(db_conn, other, lower_bound_minor=0)
     await set_low_threshold(db_conn, float_id, low_threshold_minor=20)
     assert (await get_account(db_conn, float_id)).low_threshold_minor == 20
     for missing in (set_account_blocked(db_conn, 10**9, blocked=True),
