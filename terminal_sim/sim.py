@@ -52,7 +52,8 @@ class SimSummary(msgspec.Struct, kw_only=True):
     latency_p99_ms: float = 0.0
     approved_amount_minor: int = 0
     approved_txn_ids: list[str] = []
-    # Stopped early by SIGINT: no payment started after it, those in flight had stop_grace_s.
+    # Stopped early by SIGINT: no payment started after it, those in flight had stop_grace_s (a
+    # second SIGINT cut that short); duration_s is then the time the run took.
     interrupted: bool = False
 
     @property
@@ -208,30 +209,38 @@ async def run_simulation(*, host: str, port: int, terminals: list[tuple[str, byt
         used.append(terminal)
         tasks.append(asyncio.ensure_future(_run_terminal(terminal, meters, currency, state,
                                                          random.Random(rng.getrandbits(64)), reversal_every)))
-    interrupted = asyncio.Event()
+    interrupted, forced = asyncio.Event(), asyncio.Event()
+
+    def on_sigint() -> None:  # the first stops the run gently, a second at once
+        (forced if interrupted.is_set() else interrupted).set()
+
     loop = asyncio.get_running_loop()
     handling_sigint = False
     if stop_on_sigint:
         try:
-            loop.add_signal_handler(signal.SIGINT, interrupted.set)
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
             handling_sigint = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signals here
             pass
     finished = asyncio.ensure_future(asyncio.wait(tasks))
-    stop = asyncio.ensure_future(interrupted.wait())
+    stop, force = asyncio.ensure_future(interrupted.wait()), asyncio.ensure_future(forced.wait())
     try:
         await asyncio.wait((finished, stop), timeout=duration_s + stop_grace_s, return_when=asyncio.FIRST_COMPLETED)
         if interrupted.is_set() and not finished.done():
             state.deadline = 0.0
-            state.summary.interrupted = True  # type: ignore[union-attr]
-            state.notes.append(f"interrupted after {time.monotonic() - started:.1f} s: no new payments, "
-                               f"those in flight given {stop_grace_s:.0f} s")
-            await asyncio.wait((finished,), timeout=stop_grace_s)
+            summary = state.summary
+            assert summary is not None
+            summary.interrupted = True
+            summary.duration_s = round(time.monotonic() - started, 1)  # what the summary covers
+            state.notes.append(f"interrupted after {summary.duration_s:.1f} s: no new payments, those in flight "
+                               f"given {stop_grace_s:.0f} s (Ctrl-C again to stop at once)")
+            await asyncio.wait((finished, force), timeout=stop_grace_s, return_when=asyncio.FIRST_COMPLETED)
         late = [task for task in tasks if not task.done()]
     finally:
         if handling_sigint:
             loop.remove_signal_handler(signal.SIGINT)
         stop.cancel()
+        force.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

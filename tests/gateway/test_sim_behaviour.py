@@ -176,10 +176,9 @@ async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) 
         server.close()
 
 
-@pytest.mark.timeout(60)
-async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Ctrl-C while the terminals wait for a slow gateway's reply: exit 130 with the summary of the
-    run so far, no traceback."""
+async def interrupted_sim(tmp_path, sigints: int) -> tuple[dict[str, object], float]:  # type: ignore[no-untyped-def]
+    """`vendgate sim` against a gateway that never answers, sent `sigints` Ctrl-Cs (half a second
+    apart) 3 s into its run: its summary, and the seconds from the last Ctrl-C to its exit 130."""
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1 << 20)
         await asyncio.sleep(3600)
@@ -192,9 +191,14 @@ async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_pa
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "sim", "--terminals", "3", "--duration", "30", "--port", str(port),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    loop = asyncio.get_running_loop()
     try:
         await asyncio.sleep(3)
-        proc.send_signal(signal.SIGINT)
+        for n in range(sigints):
+            if n:
+                await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        last = loop.time()
         try:
             out, err = await asyncio.wait_for(proc.communicate(), 20)
         except TimeoutError:
@@ -205,9 +209,25 @@ async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_pa
         server.close()
     assert b"Traceback" not in err, err.decode()[-600:]
     assert proc.returncode == 130
-    summary = msgspec.json.decode(out.decode().strip().splitlines()[-1])
+    return msgspec.json.decode(out.decode().strip().splitlines()[-1]), loop.time() - last
+
+
+@pytest.mark.timeout(60)
+async def test_sigint_stops_vendgate_sim_cleanly_while_a_reply_is_awaited(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C while the terminals wait for a slow gateway's reply: exit 130 with the summary of the
+    run so far, no traceback."""
+    summary, _ = await interrupted_sim(tmp_path, 1)
     assert summary["interrupted"] is True and summary["terminals"] == 3, summary
     assert summary["approved"] == 0 and not summary["approved_txn_ids"]
+    assert 2 < summary["duration_s"] < 10, summary  # type: ignore[operator]  # the time it ran, not the 30 s asked
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_sigint_stops_vendgate_sim_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The first Ctrl-C gives the payments in flight the grace period; a second one ends it now."""
+    summary, took_s = await interrupted_sim(tmp_path, 2)
+    assert took_s < sim_module.stop_grace_s - 1, f"{took_s:.1f} s after the second Ctrl-C"
+    assert summary["interrupted"] is True
 
 
 # -- what the simulator checks in a reply ----------------------------------------------------------
