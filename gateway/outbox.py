@@ -1,18 +1,20 @@
 """The outbox relay: payment events go to the prepayment engine, at least once, in order.
 
 Events are written in the payment's own transaction (gateway/vending.py), so an event exists
-exactly when its payment does. The relay takes the oldest undelivered events that no other
-relay holds (a session advisory lock per event, so two gateways share the work without sending
-one event twice at once, and no database transaction stays open while the engine is called),
+exactly when its payment does. The relay takes the oldest undelivered events, each held by a
+session advisory lock (so two gateways never send one event at once: while one relay holds the
+oldest, another finds nothing until its next round; and no database transaction stays open while
+the engine is called),
 POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
 event_id (delivery is at least once).
 
-What the engine's answer means: 2xx, delivered; 400, 409, 413 or 422, refused: the batch is
-retried event by event at once, and an event refused event_attempts_max times is parked (dead
-letter) so the rest flow on; anything else (no answer, a timeout, a redirect, which is never
-followed, 401, 403, 404, 429, 5xx), unavailable: the round ends and the next comes after a
-growing pause, nothing counted against the events, so an outage or a misconfiguration of any
-length parks nothing.
+What the engine's answer means: 2xx, delivered; a 4xx (but 408 and 429), refused: the batch is
+retried event by event at once. An event's own refusal counts an attempt against it when it is
+400, 409, 413 or 422, or when another event of the round was delivered (so the URL and the
+credentials work: a 404 or 403 was about that event); an event refused event_attempts_max times
+is parked (dead letter) so the rest flow on. Anything else (no answer, a timeout, a redirect,
+which is never followed, 408, 429, 5xx), unavailable: the round ends and the next comes after a
+growing pause, nothing counted, so an outage or a wrong URL of any length parks nothing.
 
 A reversal's event is taken only once its payment's event is delivered, so a reversal never
 reaches the engine before its payment: not when the payment's event was refused or parked, nor
@@ -36,11 +38,11 @@ from gateway.jsonlog import get_logger
 events_per_post_max = 100
 # An event the engine refuses this many times is parked (dead letter) so the rest flow on.
 event_attempts_max = 20
-# The answers that refuse what was sent (a bad event, or a batch too large): only these count an
-# attempt against an event. Any other answer but a 2xx says nothing of the events (the engine is
-# down, busy, moved, or the URL or its credentials are wrong): nothing is counted, and the events
-# wait, however long that lasts.
+# The answers that refuse what was sent (a bad event, or a batch too large) whatever else the
+# round saw. Another 4xx (404, 403, ...) counts against an event only when the same round
+# delivered another one: else it may be about the URL or the credentials, and nothing is counted.
 _REFUSING_STATUSES = frozenset({400, 409, 413, 422})
+_UNAVAILABLE_STATUSES = frozenset({408, 429})
 poll_interval_s = 0.2
 backoff_s_max = 30.0
 log = get_logger("vendgate.outbox")
@@ -105,26 +107,32 @@ class OutboxRelay:
                 events = [{"event_id": int(r["event_id"]), "kind": r["kind"], "client_txn_id": r["client_txn_id"],
                            "meter_number": r["meter_number"], "payload": json.loads(r["payload"])} for r in rows]
                 delivered: list[int] = []
-                refused: list[int] = []
-                answer = await self._post(events)
+                refused: list[tuple[int, int]] = []  # (event id, status)
+                answer, status = await self._post(events)
                 if answer is Answer.DELIVERED:
                     delivered = [e["event_id"] for e in events]
                 elif answer is Answer.UNAVAILABLE:
-                    log.warning("engine_unavailable", events=len(events))
+                    log.warning("engine_unavailable", events=len(events), status=status)
                 elif len(events) == 1:
-                    refused = [events[0]["event_id"]]
+                    refused = [(events[0]["event_id"], status)]
                 else:
                     for event in events:
-                        answer = await self._post([event])
+                        answer, status = await self._post([event])
                         if answer is Answer.UNAVAILABLE:
-                            log.warning("engine_unavailable", events=len(events) - len(delivered) - len(refused))
+                            log.warning("engine_unavailable", events=len(events) - len(delivered) - len(refused),
+                                        status=status)
                             break
-                        (delivered if answer is Answer.DELIVERED else refused).append(event["event_id"])
+                        if answer is Answer.DELIVERED:
+                            delivered.append(event["event_id"])
+                        else:
+                            refused.append((event["event_id"], status))
+                counted = [event_id for event_id, status in refused if status in _REFUSING_STATUSES or delivered]
                 if delivered:
                     await conn.execute(sql.OUTBOX_MARK_DELIVERED, delivered)
+                if counted:
+                    await conn.execute(sql.OUTBOX_MARK_ATTEMPT, counted)
                 if refused:
-                    await conn.execute(sql.OUTBOX_MARK_ATTEMPT, refused)
-                    log.warning("engine_refused", events=len(refused))
+                    log.warning("engine_refused", events=len(refused), counted=len(counted))
             finally:
                 # (A connection that broke took its locks with it; the pool's reset would release them too.)
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -132,7 +140,8 @@ class OutboxRelay:
         self.delivered += len(delivered)
         return len(delivered) if delivered else -1
 
-    async def _post(self, events: list[dict[str, object]]) -> Answer:
+    async def _post(self, events: list[dict[str, object]]) -> tuple[Answer, int]:
+        """What the engine made of `events`, and its HTTP status (0: no answer)."""
         assert self._session is not None
         try:
             # A redirect is not followed: aiohttp would turn the POST into a GET without the events,
@@ -140,11 +149,11 @@ class OutboxRelay:
             async with self._session.post(self._url, json={"events": events}, allow_redirects=False) as response:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError):
-            return Answer.UNAVAILABLE
+            return Answer.UNAVAILABLE, 0
         if 200 <= status < 300:
-            return Answer.DELIVERED
-        if status in _REFUSING_STATUSES:
-            return Answer.REFUSED
+            return Answer.DELIVERED, status
+        if 400 <= status < 500 and status not in _UNAVAILABLE_STATUSES:
+            return Answer.REFUSED, status
         if 300 <= status < 400:
             log.warning("engine_redirected", status=status)
-        return Answer.UNAVAILABLE
+        return Answer.UNAVAILABLE, status

@@ -71,6 +71,7 @@ ops_connections_max = 64
 # cuts only a connection waiting for a request, and one whose peer stopped reading its answers
 # waits on the write without end, holding its slot (scrapers open another).
 ops_connection_lifetime_s = 60.0
+ops_close_grace_s = 5.0  # then, for the request in hand to be answered, before the connection is dropped
 _OPS_FULL_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 readyz_probe_interval_s = 1.0  # /readyz reuses the last database probe for this long
 read_chunk_bytes = 16_384
@@ -155,8 +156,14 @@ class _OpsHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        # abort, not close: a close waits for the unsent answers a peer that does not read never takes.
-        self._expiry = asyncio.get_running_loop().call_later(self._lifetime_s, transport.abort)  # type: ignore[attr-defined]
+        self._expiry = asyncio.get_running_loop().call_later(self._lifetime_s, self._expire, transport)
+
+    def _expire(self, transport: asyncio.BaseTransport) -> None:
+        # The request in hand is answered, then the connection closes; should that answer not be
+        # taken within the grace (a peer that does not read), it is dropped: abort, not close,
+        # which would wait for those unsent answers.
+        self.close()
+        self._expiry = asyncio.get_running_loop().call_later(ops_close_grace_s, transport.abort)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:

@@ -7,9 +7,10 @@ import contextlib
 import socket
 import time
 
+import asyncpg
 import pytest
 
-from gateway.server import Gateway, Limits, ops_idle_timeout_s, shutdown_grace_s
+from gateway.server import Gateway, Limits, ops_close_grace_s, ops_idle_timeout_s, shutdown_grace_s
 from gateway.settings import load_settings
 from tests.gateway.conftest import Running
 
@@ -174,10 +175,40 @@ async def test_scrapers_that_stop_reading_do_not_hold_the_ops_cap(running: Runni
                 writer.close()
 
         assert (await healthz()).startswith(b"HTTP/1.1 503 ")  # both slots held by the stalled scrapers
-        await asyncio.sleep(4)  # past the connection lifetime
+        await asyncio.sleep(3.0 + ops_close_grace_s + 1)  # past the lifetime and the grace for the answer in hand
         answer = await healthz()
         assert answer.startswith(b"HTTP/1.1 200 "), answer
     finally:
         for sock in stalled:
             sock.close()
         await gateway.stop()
+
+
+async def test_an_ops_request_in_hand_at_the_connection_lifetime_is_answered(running: Running) -> None:
+    """At the lifetime a connection closes after answering the request in hand (a keep-alive
+    prober's /readyz waiting for a busy pool gets its 503), instead of being dropped unanswered."""
+    pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=1)
+    assert pool is not None
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, pool, running.keystore, limits=Limits(ops_connection_lifetime_s=1.5))
+    await gateway.start()
+    held = await pool.acquire()  # payments hold the pool's only connection for a while
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: ops\r\n\r\n")  # keep-alive: a prober reusing it
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            await asyncio.sleep(1.0)  # 0.5 s of the lifetime left
+            writer.write(b"GET /readyz HTTP/1.1\r\nHost: ops\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 503 "), f"the request in hand got {answer!r}"
+        finally:
+            writer.close()
+    finally:
+        await pool.release(held)
+        await gateway.stop()
+        await pool.close()

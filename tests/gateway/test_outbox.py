@@ -310,3 +310,36 @@ async def test_a_backlog_after_an_outage_is_delivered_a_batch_at_a_time(running:
             await conn.execute("UPDATE outbox SET delivered_at = now() WHERE client_txn_id LIKE 'BACKLOG-%'")
         await relay.stop()
         await runner.cleanup()
+
+
+async def test_an_engine_answering_404_for_one_event_holds_back_no_other(running: Running) -> None:
+    """A 404 ("no such meter") for one event: its batch is retried event by event, the others go
+    through, and the 404 counts against that event (parked in the end) because the round showed the
+    URL works. Before, every 404 was taken for a wrong URL: the same batch failed every round and
+    nothing behind that event ever reached the engine."""
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE outbox SET delivered_at = now() WHERE delivered_at IS NULL")
+    unknown = meter_number(27)
+    received: list[dict[str, Any]] = []
+
+    async def events(request: web.Request) -> web.Response:
+        batch = (await request.json())["events"]
+        if any(e["meter_number"] == unknown for e in batch):
+            return web.json_response({"error": "no such meter"}, status=404)
+        received.extend(batch)
+        return web.json_response({"ok": True})
+
+    runner, url = await engine_endpoint(events)
+    relay = relay_to(running, url, timeout_s=2)
+    try:
+        bad = await paid_top_up(running, 260, 27, 800)
+        other = await paid_top_up(running, 261, 28, 800)
+        for _ in range(event_attempts_max + 2):
+            await relay.deliver_once()
+        assert other in {e["client_txn_id"] for e in received}
+        async with running.pool.acquire() as conn:
+            attempts = await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", bad)
+        assert attempts >= 1
+    finally:
+        await relay.stop()
+        await runner.cleanup()
