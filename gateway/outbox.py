@@ -4,8 +4,7 @@ Events are written in the payment's own transaction (gateway/vending.py), so an 
 exactly when its payment does. The relay takes the oldest undelivered events, each held by a
 session advisory lock (so two gateways never send one event at once: while one relay holds the
 oldest, another finds nothing until its next round; and no database transaction stays open while
-the engine is called),
-POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
+the engine is called), POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
 event_id (delivery is at least once).
 
 What the engine's answer means: 2xx, delivered; a 4xx (but 408 and 429), refused: the batch is

@@ -15,39 +15,35 @@ CREATE TRIGGER reversals_undeletable BEFORE DELETE ON reversals
     FOR EACH ROW EXECUTE FUNCTION vendgate_refuse_delete();
 CREATE TRIGGER reversals_not_truncated BEFORE TRUNCATE ON reversals
     FOR EACH STATEMENT EXECUTE FUNCTION vendgate_refuse_delete();
-CREATE TRIGGER reversals_keys_fixed
-    BEFORE UPDATE OF original_txn_id, reversal_txn_id, terminal_id, original_found ON reversals
-    FOR EACH ROW WHEN (OLD.original_txn_id IS DISTINCT FROM NEW.original_txn_id
-                       OR OLD.reversal_txn_id IS DISTINCT FROM NEW.reversal_txn_id
-                       OR OLD.terminal_id IS DISTINCT FROM NEW.terminal_id
-                       OR OLD.original_found IS DISTINCT FROM NEW.original_found)
-    EXECUTE FUNCTION vendgate_refuse_key_change();
-ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_undeletable;
-ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_not_truncated;
-ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_keys_fixed;
 
 -- A payment's record (vend_transactions) is what a repeat of its request is answered from, and
 -- what end of day, limits, reversals and `vendgate ledger check` read. Only its id and terminal
 -- were fixed (0014): a plain UPDATE could restate its outcome, amount, group or day. Now nothing
 -- but its reprint count changes (the payment path never updates any other column).
 DROP TRIGGER vend_transactions_keys_fixed ON vend_transactions;
-CREATE TRIGGER vend_transactions_keys_fixed
-    BEFORE UPDATE OF client_txn_id, terminal_id, kind, agent_id, request_sha256, response_code, meter_number,
-                     amount_minor, currency, group_id, receipt_number, business_date, reply, created_at
-    ON vend_transactions
-    FOR EACH ROW WHEN (OLD.client_txn_id IS DISTINCT FROM NEW.client_txn_id
-                       OR OLD.terminal_id IS DISTINCT FROM NEW.terminal_id
-                       OR OLD.kind IS DISTINCT FROM NEW.kind
-                       OR OLD.agent_id IS DISTINCT FROM NEW.agent_id
-                       OR OLD.request_sha256 IS DISTINCT FROM NEW.request_sha256
-                       OR OLD.response_code IS DISTINCT FROM NEW.response_code
-                       OR OLD.meter_number IS DISTINCT FROM NEW.meter_number
-                       OR OLD.amount_minor IS DISTINCT FROM NEW.amount_minor
-                       OR OLD.currency IS DISTINCT FROM NEW.currency
-                       OR OLD.group_id IS DISTINCT FROM NEW.group_id
-                       OR OLD.receipt_number IS DISTINCT FROM NEW.receipt_number
-                       OR OLD.business_date IS DISTINCT FROM NEW.business_date
-                       OR OLD.reply IS DISTINCT FROM NEW.reply
-                       OR OLD.created_at IS DISTINCT FROM NEW.created_at)
-    EXECUTE FUNCTION vendgate_refuse_key_change();
-ALTER TABLE vend_transactions ENABLE ALWAYS TRIGGER vend_transactions_keys_fixed;
+
+-- <table>_keys_fixed, made as 0014_vend_record_keys.sql makes them (records_check.RECORD_KEYS).
+DO $$
+DECLARE
+    keys constant jsonb := '{"reversals": ["original_txn_id", "reversal_txn_id", "terminal_id", "original_found"],
+                             "vend_transactions": ["client_txn_id", "terminal_id", "kind", "agent_id",
+                                                   "request_sha256", "response_code", "meter_number",
+                                                   "amount_minor", "currency", "group_id", "receipt_number",
+                                                   "business_date", "reply", "created_at"]}';
+    t text;
+BEGIN
+    FOR t IN SELECT jsonb_object_keys(keys) LOOP
+        EXECUTE format(
+            'CREATE TRIGGER %I BEFORE UPDATE OF %s ON %I FOR EACH ROW WHEN (%s) '
+            'EXECUTE FUNCTION vendgate_refuse_key_change()',
+            t || '_keys_fixed',
+            (SELECT string_agg(quote_ident(c), ', ') FROM jsonb_array_elements_text(keys -> t) AS c),
+            t,
+            (SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', c), ' OR ')
+               FROM jsonb_array_elements_text(keys -> t) AS c));
+        EXECUTE format('ALTER TABLE %I ENABLE ALWAYS TRIGGER %I', t, t || '_keys_fixed');
+    END LOOP;
+END;
+$$;
+ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_undeletable;
+ALTER TABLE reversals ENABLE ALWAYS TRIGGER reversals_not_truncated;
