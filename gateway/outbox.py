@@ -7,13 +7,15 @@ oldest, another finds nothing until its next round; and no database transaction 
 the engine is called), POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
 event_id (delivery is at least once).
 
-What the engine's answer means: 2xx, delivered; a 4xx (but 408 and 429), refused: the batch is
-retried event by event at once. An event's own refusal counts an attempt against it when it is
-400, 409, 413 or 422, or when another event of the round was delivered (so the URL and the
-credentials work: a 404 or 403 was about that event); an event refused event_attempts_max times
-is parked (dead letter) so the rest flow on. Anything else (no answer, a timeout, a redirect,
-which is never followed, 408, 429, 5xx), unavailable: the round ends and the next comes after a
-growing pause, nothing counted, so an outage or a wrong URL of any length parks nothing.
+What the engine's answer means: 2xx, delivered; a 4xx (but 408 and 429), refused; a 5xx (but
+503), failed. A refused or failed batch is retried event by event at once. An event's own refusal
+counts an attempt against it when it is 400, 409, 413 or 422; any other refusal, and a failure,
+counts only when another event of the round was delivered (so the URL, the credentials and the
+engine work: the 404, 403 or 500 was about that event). An event counted event_attempts_max times
+is parked (dead letter) so the rest flow on: one event the engine crashes on does not stop every
+meter behind it. Anything else (no answer, a timeout, a redirect, which is never followed, 408,
+429, 503), unavailable: the round ends and the next comes after a growing pause, nothing counted,
+so an outage, a broken engine or a wrong URL of any length parks nothing.
 
 A reversal's event is taken only once its payment's event is delivered, so a reversal never
 reaches the engine before its payment: not when the payment's event was refused or parked, nor
@@ -41,7 +43,7 @@ event_attempts_max = 20
 # round saw. Another 4xx (404, 403, ...) counts against an event only when the same round
 # delivered another one: else it may be about the URL or the credentials, and nothing is counted.
 _REFUSING_STATUSES = frozenset({400, 409, 413, 422})
-_UNAVAILABLE_STATUSES = frozenset({408, 429})
+_UNAVAILABLE_STATUSES = frozenset({408, 429, 503})
 poll_interval_s = 0.2
 backoff_s_max = 30.0
 log = get_logger("vendgate.outbox")
@@ -50,6 +52,7 @@ log = get_logger("vendgate.outbox")
 class Answer(enum.Enum):
     DELIVERED = "delivered"
     REFUSED = "refused"  # the engine answered and will not take these events as they are
+    FAILED = "failed"  # the engine answered with an error of its own (5xx), maybe over one of these events
     UNAVAILABLE = "unavailable"  # no answer, or an answer about the engine, not the events
 
 
@@ -93,9 +96,10 @@ class OutboxRelay:
         """Send one batch; the number delivered, 0 when nothing waited, -1 when none was delivered
         (the engine refused or was unavailable: the relay pauses before the next round).
 
-        A refused batch is retried event by event at once, so one event the engine cannot take
-        does not hold back the others; should the engine become unavailable meanwhile, the round
-        ends there. Only a refusal counts an attempt against an event.
+        A refused or failed batch is retried event by event at once, so one event the engine
+        cannot take, or fails on, does not hold back the others; should the engine become
+        unavailable meanwhile, the round ends there. Only an event's own refusal or failure counts
+        an attempt against it.
         """
         assert self._session is not None
         async with self._pool.acquire(timeout=10) as conn:
@@ -106,7 +110,7 @@ class OutboxRelay:
                 events = [{"event_id": int(r["event_id"]), "kind": r["kind"], "client_txn_id": r["client_txn_id"],
                            "meter_number": r["meter_number"], "payload": json.loads(r["payload"])} for r in rows]
                 delivered: list[int] = []
-                refused: list[tuple[int, int]] = []  # (event id, status)
+                refused: list[tuple[int, int]] = []  # (event id, status): refused or failed
                 answer, status = await self._post(events)
                 if answer is Answer.DELIVERED:
                     delivered = [e["event_id"] for e in events]
@@ -131,7 +135,8 @@ class OutboxRelay:
                 if counted:
                     await conn.execute(sql.OUTBOX_MARK_ATTEMPT, counted)
                 if refused:
-                    log.warning("engine_refused", events=len(refused), counted=len(counted))
+                    log.warning("engine_refused", events=len(refused), counted=len(counted),
+                                failed=sum(1 for _, status in refused if status >= 500))
             finally:
                 # (A connection that broke took its locks with it; the pool's reset would release them too.)
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -151,8 +156,12 @@ class OutboxRelay:
             return Answer.UNAVAILABLE, 0
         if 200 <= status < 300:
             return Answer.DELIVERED, status
-        if 400 <= status < 500 and status not in _UNAVAILABLE_STATUSES:
+        if status in _UNAVAILABLE_STATUSES:
+            return Answer.UNAVAILABLE, status
+        if 400 <= status < 500:
             return Answer.REFUSED, status
+        if 500 <= status < 600:
+            return Answer.FAILED, status
         if 300 <= status < 400:
             log.warning("engine_redirected", status=status)
         return Answer.UNAVAILABLE, status

@@ -312,25 +312,32 @@ async def test_a_backlog_after_an_outage_is_delivered_a_batch_at_a_time(running:
         await runner.cleanup()
 
 
+async def relay_to_engine_turning_down(running: Running, meter: str, status: int
+                                      ) -> tuple[OutboxRelay, web.AppRunner, list[dict[str, Any]]]:
+    """A relay (run round by round) to an engine answering `status` to any post holding an event of
+    `meter` (a meter it does not know, or one it crashes on), taking every other: the relay, the
+    engine's runner and the events it took. Events of earlier tests are marked delivered."""
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE outbox SET delivered_at = now() WHERE delivered_at IS NULL")
+    received: list[dict[str, Any]] = []
+
+    async def events(request: web.Request) -> web.Response:
+        batch = (await request.json())["events"]
+        if any(e["meter_number"] == meter for e in batch):
+            return web.json_response({"error": f"cannot take meter {meter}"}, status=status)
+        received.extend(batch)
+        return web.json_response({"ok": True})
+
+    runner, url = await engine_endpoint(events)
+    return relay_to(running, url, timeout_s=2), runner, received
+
+
 async def test_an_engine_answering_404_for_one_event_holds_back_no_other(running: Running) -> None:
     """A 404 ("no such meter") for one event: its batch is retried event by event, the others go
     through, and the 404 counts against that event (parked in the end) because the round showed the
     URL works. Before, every 404 was taken for a wrong URL: the same batch failed every round and
     nothing behind that event ever reached the engine."""
-    async with running.pool.acquire() as conn:
-        await conn.execute("UPDATE outbox SET delivered_at = now() WHERE delivered_at IS NULL")
-    unknown = meter_number(27)
-    received: list[dict[str, Any]] = []
-
-    async def events(request: web.Request) -> web.Response:
-        batch = (await request.json())["events"]
-        if any(e["meter_number"] == unknown for e in batch):
-            return web.json_response({"error": "no such meter"}, status=404)
-        received.extend(batch)
-        return web.json_response({"ok": True})
-
-    runner, url = await engine_endpoint(events)
-    relay = relay_to(running, url, timeout_s=2)
+    relay, runner, received = await relay_to_engine_turning_down(running, meter_number(27), 404)
     try:
         bad = await paid_top_up(running, 260, 27, 800)
         other = await paid_top_up(running, 261, 28, 800)
@@ -340,6 +347,78 @@ async def test_an_engine_answering_404_for_one_event_holds_back_no_other(running
         async with running.pool.acquire() as conn:
             attempts = await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", bad)
         assert attempts >= 1
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+
+
+async def test_an_engine_failing_on_one_event_holds_back_no_other(running: Running) -> None:
+    """An event the engine crashes on (500 whenever it is in the batch): its batch is retried event
+    by event, the others go through, and the failures count against that event alone until it is
+    parked. Before, every 5xx ended the round: the same batch failed every round for good and no
+    meter behind that event was re-armed again."""
+    relay, runner, received = await relay_to_engine_turning_down(running, meter_number(29), 500)
+    try:
+        bad = await paid_top_up(running, 266, 29, 800)
+        others = [await paid_top_up(running, 267, 30, 800), await paid_top_up(running, 268, 28, 850)]
+        assert await relay.deliver_once() == 2  # the first round delivers the others
+        assert set(others) <= {e["client_txn_id"] for e in received}
+
+        async def attempts() -> int:
+            async with running.pool.acquire() as conn:
+                return int(await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", bad))
+
+        assert await attempts() == 1  # the round showed the engine works
+        for _ in range(3):  # alone, its failure may be the engine's: not counted
+            assert await relay.deliver_once() == -1
+        assert await attempts() == 1
+        async with running.pool.acquire() as conn:  # failed in as many rounds that delivered others
+            await conn.execute("UPDATE outbox SET attempts = $2 WHERE client_txn_id = $1", bad, event_attempts_max - 1)
+        later = await paid_top_up(running, 270, 30, 900)
+        assert await relay.deliver_once() == 1
+        assert later in {e["client_txn_id"] for e in received}
+        assert await attempts() == event_attempts_max  # parked: the rest flow on
+        assert bad not in {e["client_txn_id"] for e in received}
+        assert await relay.deliver_once() == 0
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+
+
+async def test_a_broken_engine_parks_nothing(running: Running) -> None:
+    """An engine that fails on everything (500), or says it is unavailable (503), is not taken for
+    one bad event: nothing was delivered in those rounds, so nothing is counted, and the events
+    are delivered once it works. A 503 ends the round at once, without a post for each event."""
+    async with running.pool.acquire() as conn:
+        await conn.execute("UPDATE outbox SET delivered_at = now() WHERE delivered_at IS NULL")
+    state = {"status": 500, "posts": 0}
+    received: list[dict[str, Any]] = []
+
+    async def events(request: web.Request) -> web.Response:
+        state["posts"] += 1
+        batch = (await request.json())["events"]
+        if state["status"] != 200:
+            return web.Response(status=state["status"])
+        received.extend(batch)
+        return web.json_response({"ok": True})
+
+    runner, url = await engine_endpoint(events)
+    relay = relay_to(running, url, timeout_s=2)
+    try:
+        keys = {await paid_top_up(running, 269, 21, 700), await paid_top_up(running, 273, 22, 750)}
+        for _ in range(event_attempts_max + 1):
+            assert await relay.deliver_once() == -1
+        assert state["posts"] == 3 * (event_attempts_max + 1)  # the batch, then each event
+        state.update(status=503, posts=0)
+        for _ in range(3):
+            assert await relay.deliver_once() == -1
+        assert state["posts"] == 3  # the batch alone
+        async with running.pool.acquire() as conn:
+            attempts = await conn.fetch("SELECT attempts FROM outbox WHERE client_txn_id = ANY($1::text[])", list(keys))
+        assert [r["attempts"] for r in attempts] == [0, 0]
+        state["status"] = 200
+        await drain(relay)
+        assert keys <= {e["client_txn_id"] for e in received}
     finally:
         await relay.stop()
         await runner.cleanup()
