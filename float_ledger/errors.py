@@ -7,6 +7,7 @@
      ├── UnknownTimeZone     not an IANA time zone name
      ├── RetriesExhausted    post_transfers met serialization failures/deadlocks retries_max + 1 times
      ├── ReconciliationNeedsSnapshot  reconciling inside a READ COMMITTED transaction (no one snapshot)
+     ├── PostingsInFlight    a transaction that may post transfers dated at or before a time is still open
      └── DepositError
           ├── DepositNotFound
           ├── DepositConflict  the deposit id or external reference was used with other content
@@ -44,6 +45,10 @@ class RetriesExhausted(LedgerError):
 
 class ReconciliationNeedsSnapshot(LedgerError):
     pass
+
+
+class PostingsInFlight(LedgerError):
+    """A figure as of a time would not be final: a transaction begun by then is still open."""
 
 
 class DepositError(LedgerError):

@@ -30,7 +30,14 @@ import asyncpg
 import msgspec
 
 from float_ledger import sql
-from float_ledger.errors import AccountNotFound, InvalidAccount, InvalidTransfer, LedgerError, RetriesExhausted
+from float_ledger.errors import (
+    AccountNotFound,
+    InvalidAccount,
+    InvalidTransfer,
+    LedgerError,
+    PostingsInFlight,
+    RetriesExhausted,
+)
 from float_ledger.model import (
     Account,
     AccountKind,
@@ -61,6 +68,8 @@ from float_ledger.model import (
 post_retries_max = 8
 retry_backoff_s_first = 0.002
 retry_backoff_s_max = 0.2
+# How long a read as of a time waits for postings begun by then that are still open.
+postings_settle_timeout_s = 10.0
 # Retry these SQLSTATEs and no other: serialization_failure, deadlock_detected.
 RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 # Before every posted transfer: the first page of a statement.
@@ -282,10 +291,49 @@ async def balance(conn: Connection, account_id: int) -> int:
     return int(value)
 
 
-async def balance_as_of(conn: Connection, account_id: int, at: datetime) -> int:
-    """The balance after every transfer posted at or before `at` (timezone-aware)."""
+async def wait_for_postings_until(conn: Connection, at: datetime, *,
+                                  timeout_s: float = postings_settle_timeout_s) -> None:
+    """Return once every transfer dated at or before `at` is committed or rolled back, so a
+    balance or a day read as of `at` is final (for a time still to come: as of now).
+
+    A posting dates its transfers once it holds its accounts' locks, and commits a moment later:
+    a read just after `at` could miss one dated before it that commits after the read, and the
+    same question asked again would get another answer. So this waits for every transaction open
+    now that began by `at`; PostingsInFlight after `timeout_s`, naming one that is still open. Call
+    it outside a transaction (a REPEATABLE READ transaction's snapshot is taken already).
+    """
+    if at.tzinfo is None:
+        raise ValueError("wait_for_postings_until needs a timezone-aware time")
+    xids = await conn.fetchval(sql.SQL_OPEN_BEFORE, at)
+    if not xids:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pause_s = 0.002
+    while True:
+        still_open = await conn.fetch(sql.SQL_STILL_OPEN, xids)
+        if not still_open:
+            return
+        if loop.time() >= deadline:
+            raise PostingsInFlight(
+                f"a transaction begun by {at.isoformat()} is still open after {timeout_s:g} s "
+                f"(backend pid {still_open[0]['pid']}): figures as of that time are not final until it ends")
+        await asyncio.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.05)
+
+
+async def balance_as_of(conn: Connection, account_id: int, at: datetime, *,
+                        settle_timeout_s: float = postings_settle_timeout_s) -> int:
+    """The balance after every transfer posted at or before `at` (timezone-aware).
+
+    Final: outside a transaction it first waits for postings still open that began by `at`
+    (wait_for_postings_until, at most `settle_timeout_s`). Inside one, the
+    caller's snapshot decides what is seen.
+    """
     if at.tzinfo is None:
         raise ValueError("balance_as_of needs a timezone-aware time")
+    if not conn.is_in_transaction():
+        await wait_for_postings_until(conn, at, timeout_s=settle_timeout_s)
     record = await conn.fetchrow(sql.SQL_BALANCE_AS_OF, account_id, at)
     if record is None:
         raise AccountNotFound(f"no ledger account {account_id}")

@@ -24,12 +24,19 @@ from typing import Any
 
 from float_ledger import sql
 from float_ledger.errors import AccountNotFound, ReconciliationNeedsSnapshot
+from float_ledger.ledger import postings_settle_timeout_s, wait_for_postings_until
 from float_ledger.model import AgentDay, TerminalDay, TransferKind, business_day_bounds
 
 
-async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day: date,
-                              time_zone: str) -> AgentDay:
-    """Reconcile one agent's float for one business day in `time_zone` (e.g. "Africa/Nairobi")."""
+async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day: date, time_zone: str,
+                              settle_timeout_s: float = postings_settle_timeout_s) -> AgentDay:
+    """Reconcile one agent's float for one business day in `time_zone` (e.g. "Africa/Nairobi").
+
+    Outside a transaction, the report of a day that has ended is final: it first waits (at most
+    `settle_timeout_s`, then PostingsInFlight) for postings still open that began before the day's
+    end, which may yet commit transfers dated within it. A day still in progress is reported as
+    far as it has gone.
+    """
     starts_at, ends_at = business_day_bounds(business_day, time_zone)
     account = await conn.fetchrow(sql.SQL_FLOAT_ACCOUNT, float_account_id)
     if account is None:
@@ -44,6 +51,7 @@ async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day:
                 "reconcile outside a transaction or in a REPEATABLE READ or SERIALIZABLE one")
         snapshot: Any = contextlib.nullcontext()
     else:
+        await wait_for_postings_until(conn, ends_at, timeout_s=settle_timeout_s)
         snapshot = conn.transaction(isolation="repeatable_read", readonly=True)
     async with snapshot:
         opening = int(await conn.fetchval(sql.SQL_BALANCE_BEFORE, float_account_id, starts_at))

@@ -144,7 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     shown.add_argument("--agent", required=True, type=_agent_id)
     shown.add_argument("--at", type=_aware_time,
                        help="ISO 8601 time with its UTC offset; the balance after every transfer at or before it "
-                            "(a day's opening float, in `float reconcile`, leaves out those at its midnight)")
+                            "(a day's opening float, in `float reconcile`, leaves out those at its midnight); "
+                            "final: postings begun by then and still committing are waited for (at most 10 s)")
     shown.set_defaults(handler=handle_balance)
 
     page = actions.add_parser("statement", help="an agent's float movements in posting order, a page at a time")
@@ -153,7 +154,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     page.add_argument("--after", type=_cursor, help="the cursor the previous page printed")
     page.set_defaults(handler=handle_statement)
 
-    day = actions.add_parser("reconcile", help="an agent's business day in its time zone, from transfers alone")
+    day = actions.add_parser("reconcile", help="an agent's business day in its time zone, from transfers alone "
+                                               "(final once the day has ended: postings begun within it and still "
+                                               "committing are waited for, at most 10 s)")
     day.add_argument("--agent", required=True, type=_agent_id)
     day.add_argument("--day", required=True, type=_day, help="YYYY-MM-DD in the agent's time zone")
     day.set_defaults(handler=handle_reconcile)
