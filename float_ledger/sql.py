@@ -94,15 +94,20 @@ SELECT coalesce((
 
 # The transactions still open that may yet commit transfers dated at or before $1: every one
 # holding a transaction id (each holds the lock on its own id while it runs, and a posting has one
-# once it holds its account locks, before it dates its transfers), but this session's and those
-# that began after $1 (their transfers are dated later). pg_locks shows every role's backends; a
-# backend whose start this role cannot see in pg_stat_activity is kept.
+# once it holds its account locks, before it dates its transfers), but this session's, those of
+# other databases of the server (they cannot post here) and those that began after $1 (their
+# transfers are dated later). pg_locks shows every role's backends; a backend whose start this
+# role cannot see in pg_stat_activity (other roles' xact_start is hidden) is kept.
 SQL_OPEN_BEFORE = """
 SELECT coalesce(array_agg(l.transactionid::text), '{}') AS xids
   FROM pg_locks l
  WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
    AND l.pid <> pg_backend_pid()
-   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.xact_start > $1)"""
+   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                    WHERE a.pid = l.pid
+                      AND (a.xact_start > $1
+                           OR a.datid IS DISTINCT FROM (SELECT d.oid FROM pg_database d
+                                                         WHERE d.datname = current_database())))"""
 # Of those, the ones still open, with their backends.
 SQL_STILL_OPEN = """
 SELECT l.transactionid::text AS xid, l.pid

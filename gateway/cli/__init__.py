@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import asyncpg
 
@@ -25,8 +26,20 @@ from gateway.jsonlog import configure_logging
 from gateway.settings import load_settings
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but its errors never repeat arguments it could not place: they may be
+    the rest of a key or token typed in groups (`--vending-key 0123 4567 ...` where one value
+    was expected), and stderr is often captured by support tooling."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            extra = len(message.removeprefix("unrecognized arguments:").split())
+            message = f"unrecognized arguments: {extra} more than the command takes (not repeated here)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vendgate", description="vendgate payment gateway")
+    parser = _Parser(prog="vendgate", description="vendgate payment gateway")
     parser.add_argument("--config", help="TOML settings file (default: $VENDGATE_CONFIG)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):

@@ -94,3 +94,21 @@ async def test_a_transaction_begun_after_the_time_is_not_waited_for(db_pool: Any
 async def test_the_wait_needs_a_timezone_aware_time(db_conn: Any) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         await wait_for_postings_until(db_conn, datetime.now())
+
+
+async def test_a_transaction_in_another_database_of_the_server_is_not_waited_for(
+        pg_server_url: str, db_conn: Any, source: int) -> None:
+    """It cannot post to this ledger. Before, one left open in a neighbouring database held up
+    every balance as of a time and every reconciliation of this one, then refused them."""
+    import asyncpg
+
+    float_id = await funded_float(db_conn, source, "A-FINAL-5", 1_000)
+    elsewhere = await asyncpg.connect(pg_server_url)
+    try:
+        async with elsewhere.transaction():
+            await elsewhere.execute("CREATE TEMP TABLE busy (n int)")
+            await elsewhere.execute("INSERT INTO busy VALUES (1)")
+            assert await elsewhere.fetchval("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+            assert await balance_as_of(db_conn, float_id, datetime.now(UTC), settle_timeout_s=0.5) == 1_000
+    finally:
+        await elsewhere.close()

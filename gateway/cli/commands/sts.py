@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     credit = actions.add_parser("credit", help="print a class 0 credit token for one meter")
     credit.add_argument("--vending-key", required=True, metavar="HEX",
-                        help="vending key: 16 hex digits (DKGA02) or 40 (with --dkga 04)")
+                        help="vending key: 16 hex digits (DKGA02) or 40 (with --dkga 04), spaces between groups "
+                             "allowed (quoted); '-' reads it from stdin (out of the process list and the shell's "
+                             "history)")
     credit.add_argument("--pan", required=True, metavar="PAN", help="meter PAN (18 digits) or meter number (11/13)")
     credit.add_argument("--sgc", required=True, metavar="SGC", help="supply group code, 6 digits")
     credit.add_argument("--ti", required=True, metavar="TI", help="tariff index, 2 digits")
@@ -62,16 +64,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     credit.set_defaults(handler=handle_credit)
 
     decode = actions.add_parser("decode", help="decrypt a token with a decoder key and print its fields")
-    decode.add_argument("--decoder-key", required=True, metavar="HEX", help="the meter's decoder key, 16 hex digits")
+    decode.add_argument("--decoder-key", required=True, metavar="HEX",
+                        help="the meter's decoder key, 16 hex digits, spaces between groups allowed (quoted); "
+                             "'-' reads it from stdin")
     decode.add_argument("--base-year", default=DEFAULT_BASE_YEAR, metavar="|".join(map(str, sts.BASE_DATES)),
                         help=f"base date to show the TID's time against (default {DEFAULT_BASE_YEAR})")
-    decode.add_argument("token", metavar="TOKEN", help="20 digits (spaces or hyphens between groups allowed)")
+    decode.add_argument("token", nargs="+", metavar="TOKEN",
+                        help="20 digits (spaces or hyphens between groups allowed, quoted or not)")
     decode.set_defaults(handler=handle_decode)
 
 
 def handle_credit(args: argparse.Namespace, settings: Settings) -> int:
     dkga = _choice("--dkga", args.dkga, DKGA_CHOICES)
-    vending_key = _hex("--vending-key", args.vending_key)
+    vending_key = _key("--vending-key", args.vending_key)
     base_year = int(_choice("--base-year", args.base_year, CLI_BASE_YEARS))
     key_type = _integer("--kt", args.kt)
     key_revision = _integer("--krn", args.krn)
@@ -99,10 +104,10 @@ def handle_credit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def handle_decode(args: argparse.Namespace, settings: Settings) -> int:
-    decoder_key = _hex("--decoder-key", args.decoder_key)
+    decoder_key = _key("--decoder-key", args.decoder_key)
     base_year = int(_choice("--base-year", args.base_year, tuple(str(year) for year in sts.BASE_DATES)))
     try:
-        decoded = sts.decode_token(decoder_key, args.token)
+        decoded = sts.decode_token(decoder_key, " ".join(args.token))
     except sts.StsError as exc:
         raise StsInputError(str(exc)) from None
     for line in describe(decoded, base_year):
@@ -133,9 +138,12 @@ def describe(decoded: sts.DecodedToken, base_year: int) -> list[str]:
     return lines
 
 
-def _hex(option: str, text: str) -> bytes:
+def _key(option: str, text: str) -> bytes:
+    """A key given as hex digits (in groups or not), or as '-': the first line of stdin."""
+    if text == "-":
+        text = sys.stdin.readline()
     try:
-        return bytes.fromhex(text)
+        return bytes.fromhex("".join(text.split()))
     except ValueError:
         raise StsInputError(f"{option} must be hex digits") from None
 
