@@ -337,7 +337,11 @@ async def add_meter(
     try:
         await conn.execute(sql.METER_INSERT, meter_number, customer_id, supply_mode, tariff_code,
                            sts_supply_group_code, sts_tariff_index, sts_key_revision, sts_base_year)
-    except asyncpg.UniqueViolationError:
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "meters_sts_pan":  # 0029: one token meter, two of its numbers
+            registered = await conn.fetchval(sql.STS_METER_BY_PAN, meter_number)
+            raise RegistryError(f"meter {meter_number} is the token meter registered as {registered} "
+                                "(one STS PAN): a meter is registered once") from None
         raise RegistryError(f"meter {meter_number} already exists") from None
     except asyncpg.CheckViolationError as exc:
         raise RegistryError(f"meter {meter_number}: {exc.constraint_name or 'invalid fields'}") from None

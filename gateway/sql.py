@@ -61,6 +61,10 @@ INSERT INTO meters (meter_number, customer_id, supply_mode, tariff_code, sts_sup
                     sts_tariff_index, sts_key_revision, sts_base_year)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"""
 
+STS_METER_BY_PAN = """
+SELECT meter_number FROM meters
+WHERE supply_mode = 'sts' AND vendgate_sts_pan(meter_number) = vendgate_sts_pan($1)"""
+
 # Meter context for vending: customer, accounts and the tariff in force at $2.
 # Each lookup is a LATERAL subquery with LIMIT 1 (every one is by a unique key, so the LIMIT
 # changes no result): the planner cannot pull such a subquery up into a join, so it runs as an

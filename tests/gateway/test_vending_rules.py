@@ -254,3 +254,48 @@ async def test_an_agent_needs_a_time_zone_of_the_tz_database_not_a_copy_or_the_h
         added = await registry.add_agent(conn, kind="shop", name="Zone shop", currency="EUR",
                                          time_zone="Pacific/Chatham")
     assert added.time_zone == "Pacific/Chatham"
+
+
+async def test_a_token_meter_is_registered_once_whichever_of_its_numbers_names_it(running: Running) -> None:
+    """Its 11-digit number and its 18-digit PAN are one meter (one decoder key). Registered under
+    both, it had two last TIDs: two payments in a minute, one under each number, got one TID, and
+    the meter refused the second token as used."""
+    from protocol import sts
+
+    async with running.pool.acquire() as conn:
+        customer = await registry.add_customer(conn, account_number="PAN00001", name="Two Numbers", currency="EUR")
+        sts_fields = {"tariff_code": DEMO_TARIFF, "sts_supply_group_code": DEMO_SUPPLY_GROUP,
+                      "sts_tariff_index": "01", "sts_key_revision": 1, "sts_base_year": 2014}
+        number = "0123456789" + str(sts.luhn_check_digit("0123456789"))
+        pan = sts.meter_pan(number)
+        await registry.add_meter(conn, meter_number=number, customer_id=customer, supply_mode="sts", **sts_fields)
+        with pytest.raises(registry.RegistryError, match=f"meter {pan} is the token meter registered as {number}"):
+            await registry.add_meter(conn, meter_number=pan, customer_id=customer, supply_mode="sts", **sts_fields)
+        # The other way round, and for a 13-digit meter number.
+        long_number = "123456789012" + str(sts.luhn_check_digit("123456789012"))
+        await registry.add_meter(conn, meter_number=sts.meter_pan(long_number), customer_id=customer,
+                                 supply_mode="sts", **sts_fields)
+        with pytest.raises(registry.RegistryError, match=f"registered as {sts.meter_pan(long_number)}"):
+            await registry.add_meter(conn, meter_number=long_number, customer_id=customer, supply_mode="sts",
+                                     **sts_fields)
+        assert await conn.fetchval("SELECT count(*) FROM meters WHERE customer_id = $1", customer) == 2
+
+
+async def test_the_databases_sts_pan_is_the_gateways(running: Running) -> None:
+    """The unique index reads PANs in SQL (vendgate_sts_pan): it must agree with protocol/sts.py
+    for every length, or two spellings of one meter would pass it."""
+    import random
+
+    from protocol import sts
+
+    rng = random.Random(20261207)
+    numbers = []
+    for digits in (11, 13):
+        for _ in range(300):
+            body = "".join(rng.choice("0123456789") for _ in range(digits - 1))
+            numbers.append(body + str(sts.luhn_check_digit(body)))
+    numbers += [sts.meter_pan(n) for n in numbers[:50]]
+    async with running.pool.acquire() as conn:
+        in_sql = await conn.fetchval("SELECT array_agg(vendgate_sts_pan(n) ORDER BY o) "
+                                     "FROM unnest($1::text[]) WITH ORDINALITY AS u(n, o)", numbers)
+    assert in_sql == [sts.meter_pan(n) for n in numbers]
