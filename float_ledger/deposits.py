@@ -106,6 +106,24 @@ def _check_text(field: str, text: str, chars_max: int) -> None:
         raise InvalidTransfer(f"{field} may not hold control or invisible characters")
     if any(_is_odd_space(c) for c in text):
         raise InvalidTransfer(f"{field} may not hold line or paragraph separators, nor white space other than spaces")
+    normalised = unicodedata.normalize("NFKC", text)
+    if not normalised.strip():
+        # (The reference's key trims white space: " " would credit a float against no reference.)
+        raise InvalidTransfer(f"{field} must say something, not only spaces")
+
+
+def _check_reference(external_ref: str) -> None:
+    """A reference as a bank statement or a receipt prints it, and as the key compares it.
+
+    Typographic dashes and the minus sign look like a hyphen but are other characters, so
+    "BANK\u20102026" pasted from a statement would be a reference of its own beside "BANK-2026"
+    and credit the float a second time: they are refused, to be typed as '-'.
+    """
+    _check_text("external_ref", external_ref, operator_chars_max)
+    normalised = unicodedata.normalize("NFKC", external_ref)
+    if any(c != "-" and (unicodedata.category(c) == "Pd" or c == "\u2212") for c in normalised):
+        raise InvalidTransfer("external_ref may hold dashes only as '-' (hyphen-minus): "
+                              "retype the dashes of a pasted reference")
 
 
 def operator_identity(name: str) -> str:
@@ -165,7 +183,7 @@ async def deposit_id_for_ref(conn: Any, *, source_account_id: int, external_ref:
     one was rejected or refused (credited nothing), a new one. A live reference spelled another way
     (ledger_deposit_ref_key) gets another id, which request_deposit refuses with DepositConflict
     naming the deposit that holds the reference."""
-    _check_text("external_ref", external_ref, operator_chars_max)
+    _check_reference(external_ref)
     dead = int(await conn.fetchval(sql.SQL_DEAD_DEPOSITS_OF_REF, source_account_id, external_ref))
     return uuid.uuid5(_DEPOSIT_ID_NAMESPACE, f"{source_account_id}:{dead}:{external_ref}")
 
@@ -182,7 +200,7 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
         raise InvalidTransfer(f"amount_minor {amount_minor} not in 1..{amount_minor_max}")
     if approval_threshold_minor < 0:
         raise InvalidTransfer("approval_threshold_minor is an amount, never negative")
-    _check_text("external_ref", external_ref, operator_chars_max)
+    _check_reference(external_ref)
     _check_operator("maker", maker)
     deposit_metadata: Metadata = dict(metadata or {})
     if reserved := sorted(deposit_reserved_keys & deposit_metadata.keys()):
@@ -196,19 +214,27 @@ async def request_deposit(conn: Any, *, deposit_id: uuid.UUID, float_account_id:
                             metadata={**deposit_metadata, "external_ref": external_ref, "maker": maker,
                                       "checker": "\U00010000" * operator_chars_max})])
     async with conn.transaction():
-        try:
-            record = await conn.fetchrow(
-                sql.SQL_INSERT_DEPOSIT, deposit_id, float_account_id, source_account_id, amount_minor, currency,
-                external_ref, maker, _metadata_encoder.encode(deposit_metadata).decode(),
-                DepositStatus.pending_approval.value)
-        except asyncpg.ForeignKeyViolationError:
-            raise AccountNotFound(f"no ledger account {float_account_id} or {source_account_id}") from None
-        if record is None:
+        for _attempt in range(2):
+            try:
+                record = await conn.fetchrow(
+                    sql.SQL_INSERT_DEPOSIT, deposit_id, float_account_id, source_account_id, amount_minor, currency,
+                    external_ref, maker, _metadata_encoder.encode(deposit_metadata).decode(),
+                    DepositStatus.pending_approval.value)
+            except asyncpg.ForeignKeyViolationError:
+                raise AccountNotFound(f"no ledger account {float_account_id} or {source_account_id}") from None
+            if record is not None:
+                break
             existing = await conn.fetchrow(sql.SQL_GET_DEPOSIT, deposit_id)
-            if existing is None:
-                taken = _deposit(await conn.fetchrow(sql.SQL_DEPOSIT_BY_EXTERNAL_REF, source_account_id,
-                                                     external_ref))
-                raise DepositConflict(f"external reference {external_ref!r} already belongs to deposit {taken.id}")
+            if existing is not None:
+                break
+            taken = await conn.fetchrow(sql.SQL_DEPOSIT_BY_EXTERNAL_REF, source_account_id, external_ref)
+            if taken is not None:
+                raise DepositConflict(f"external reference {external_ref!r} already belongs to deposit {taken['id']}")
+            # The deposit that held the reference was rejected since the INSERT met it: ask again.
+        else:
+            raise DepositConflict(f"external reference {external_ref!r} changed hands while this request ran: "
+                                  "ask again")
+        if record is None:
             deposit = _deposit(existing)
             # The maker as the operator they are: "Alice" asking again is alice's repeat.
             asked = (float_account_id, source_account_id, amount_minor, currency, external_ref,
@@ -262,6 +288,11 @@ async def get_deposit(conn: Any, deposit_id: uuid.UUID) -> Deposit:
     if record is None:
         raise DepositNotFound(f"no deposit {deposit_id}")
     return _deposit(record)
+
+
+async def pending_count(conn: Any) -> int:
+    """How many deposits await a checker (pending_deposits shows the oldest `limit` of them)."""
+    return int(await conn.fetchval(sql.SQL_PENDING_COUNT))
 
 
 async def pending_deposits(conn: Any, *, limit: int = 100) -> list[Deposit]:

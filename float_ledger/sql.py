@@ -199,6 +199,8 @@ SELECT {_DEPOSIT_COLUMNS} FROM ledger_deposits
  ORDER BY requested_at, id
  LIMIT $1"""
 
+SQL_PENDING_COUNT = "SELECT count(*) FROM ledger_deposits WHERE status = 'pending_approval'"
+
 # -- reconciliation ---------------------------------------------------------------------------------
 
 SQL_FLOAT_ACCOUNT = "SELECT owner_ref, currency, kind FROM ledger_accounts WHERE id = $1"

@@ -156,3 +156,19 @@ def test_bad_float_input_gets_one_line(env: dict[str, str]) -> None:
         assert refused.returncode == 2 and said in refused.stderr, (args, refused.stderr)
         assert "Traceback" not in refused.stderr
     assert float_minor(env, agent) == 0
+
+
+def test_pending_says_how_many_wait_beyond_the_page(env: dict[str, str]) -> None:
+    """Before, the closing line counted the rows shown (--limit): with 3 waiting, --limit 2 said
+    "2 pending", and the checker never learnt of the third."""
+    agent = new_agent(env, "Queue Shop")
+    for ref in ("Q-1", "Q-2", "Q-3"):
+        asked = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "300000", "--ref", ref,
+                         "--operator", "alice")
+        assert asked.returncode == 0 and ": pending_approval;" in asked.stdout, asked.stderr
+    page = vendgate(env, "float", "pending", "--limit", "2")
+    assert page.returncode == 0, page.stderr
+    lines = page.stdout.splitlines()
+    assert len(lines) == 3 and "Q-1" in lines[0] and "Q-2" in lines[1]
+    assert lines[-1] == "3 pending, the oldest 2 shown (--limit)"
+    assert vendgate(env, "float", "pending").stdout.splitlines()[-1] == "3 pending"

@@ -1,5 +1,6 @@
-"""Edges of the money paths: deposit references, deposit metadata, reversing large metadata,
-reconciling inside a caller's transaction, and low-float events read while postings commit."""
+"""Edges of the money paths: deposit references (blank, pasted dashes, freed mid-request), deposit
+metadata, reversing large metadata, reconciling inside a caller's transaction, and low-float events
+read while postings commit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from float_ledger import sql
 from float_ledger.deposits import approve_deposit, reject_deposit, request_deposit
 from float_ledger.errors import InvalidTransfer, ReconciliationNeedsSnapshot
 from float_ledger.ledger import (
@@ -218,3 +220,76 @@ async def test_an_event_of_a_transaction_older_than_the_cursor_is_not_skipped(db
             await db_pool.release(conn)
     rest = await visible_events(db_conn, seen[-1].cursor, at_least=1)
     assert [e.account_id for e in rest] == [first_float]
+
+
+class _RejectsAfterTheInsert:
+    """The requesting connection, with a checker on another connection rejecting the deposit that
+    holds the reference just after this request's INSERT ... ON CONFLICT DO NOTHING met it."""
+
+    def __init__(self, conn: Any, reject: Any) -> None:
+        self._conn, self._reject = conn, reject
+        self.rejected = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        record = await self._conn.fetchrow(query, *args)
+        if query == sql.SQL_INSERT_DEPOSIT and record is None and not self.rejected:
+            await self._reject()
+            self.rejected = True
+        return record
+
+
+async def test_a_reference_freed_while_a_request_meets_it_is_no_crash(db_pool: Any, db_conn: Any,
+                                                                      source: int) -> None:
+    """Operator A's deposit of BANK-R is pending; operator C asks for BANK-R again (under another id:
+    another spelling, or the id an API caller chose). C's INSERT meets A's deposit in the live-
+    reference index and inserts nothing; before C reads which deposit holds the reference, a checker
+    rejects A's deposit (it was keyed wrong). The request is then made again and C's deposit waits
+    for its checker. Before, it found no deposit holding the reference and failed with a TypeError
+    (a traceback from the CLI)."""
+    float_id = await account(db_conn, AccountKind.agent_float)
+    first = deposit_request(float_id, source, THRESHOLD + 1, external_ref="BANK-RACE-1")
+    await request_deposit(db_conn, **first)
+
+    async def checker_rejects() -> None:
+        async with db_pool.acquire() as checker:
+            rejected = await reject_deposit(checker, deposit_id=first["deposit_id"], checker="bob",
+                                            reason="keyed wrong")
+            assert rejected.deposit.status is DepositStatus.rejected
+
+    requester = _RejectsAfterTheInsert(db_conn, checker_rejects)
+    again = deposit_request(float_id, source, THRESHOLD + 1, external_ref="bank-race-1", maker="carol")
+    result = await request_deposit(requester, **again)
+    assert requester.rejected
+    assert result.deposit.status is DepositStatus.pending_approval and result.deposit.maker == "carol"
+    assert await balance(db_conn, float_id) == 0
+
+
+@pytest.mark.parametrize("blank", [" ", "   ", "\u3000", "\u00a0"])
+async def test_a_reference_of_spaces_alone_is_refused(db_conn: Any, source: int, blank: str) -> None:
+    """As a name of spaces alone is. Before, it was taken: its key (0020) trims it to '', and the
+    float was credited against no bank or cash-office reference at all (`vendgate float deposit
+    --ref " "`, a script's empty variable quoted)."""
+    float_id = await account(db_conn, AccountKind.agent_float)
+    request = deposit_request(float_id, source, 500, external_ref=blank)
+    with pytest.raises(InvalidTransfer, match="external_ref must say something"):
+        await request_deposit(db_conn, **request)
+    assert await balance(db_conn, float_id) == 0
+
+
+@pytest.mark.parametrize("dash", ["\u2010", "\u2011", "\u2012", "\u2013", "\u2212"])
+async def test_a_reference_pasted_with_a_typographic_dash_does_not_credit_again(db_conn: Any, source: int,
+                                                                                dash: str) -> None:
+    """The reference key folds case, width and spaces, but not the dashes a bank statement (PDF,
+    word processor) gives when the reference is copied from it: "BANK\u20102026\u20100042" reads as
+    "BANK-2026-0042". Before, it was a second reference and one bank payment credited the float
+    twice; now such a dash is refused, to be typed as '-'."""
+    float_id = await account(db_conn, AccountKind.agent_float)
+    typed = deposit_request(float_id, source, 500, external_ref="BANK-2026-0042")
+    assert (await request_deposit(db_conn, **typed)).deposit.status is DepositStatus.posted
+    pasted = deposit_request(float_id, source, 500, external_ref="BANK-2026-0042".replace("-", dash))
+    with pytest.raises(InvalidTransfer, match="dashes only as '-'"):
+        await request_deposit(db_conn, **pasted)
+    assert await balance(db_conn, float_id) == 500

@@ -32,6 +32,7 @@ import asyncpg
 from float_ledger.deposits import (
     approve_deposit,
     deposit_id_for_ref,
+    pending_count,
     pending_deposits,
     reject_deposit,
     request_deposit,
@@ -209,13 +210,17 @@ def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def handle_pending(args: argparse.Namespace, settings: Settings) -> int:
-    async def body(conn: asyncpg.Connection) -> list[Deposit]:
-        return await pending_deposits(conn, limit=args.limit)
+    async def body(conn: asyncpg.Connection) -> tuple[list[Deposit], int]:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # the list and its count agree
+            return await pending_deposits(conn, limit=args.limit), await pending_count(conn)
 
-    deposits = run_on_connection(settings, body)
+    deposits, waiting = run_on_connection(settings, body)
     for deposit in deposits:
         print(_deposit_line(deposit))
-    print(f"{len(deposits)} pending")
+    if waiting > len(deposits):
+        print(f"{waiting} pending, the oldest {len(deposits)} shown (--limit)")
+    else:
+        print(f"{waiting} pending")
     return 0
 
 
