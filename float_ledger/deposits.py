@@ -112,6 +112,12 @@ def _check_text(field: str, text: str, chars_max: int) -> None:
         raise InvalidTransfer(f"{field} must say something, not only spaces")
 
 
+# Signs drawn as a short horizontal stroke that are not dash punctuation (category Pd): MINUS SIGN,
+# MODIFIER LETTER MINUS SIGN, HYPHEN BULLET, HEAVY MINUS SIGN, and the minus signs of the
+# superscripts and subscripts (NFKC makes those U+2212).
+_minus_like = frozenset("\u2212\u02d7\u2043\u2796")
+
+
 def _check_reference(external_ref: str) -> None:
     """A reference as a bank statement or a receipt prints it, and as the key compares it.
 
@@ -121,7 +127,7 @@ def _check_reference(external_ref: str) -> None:
     """
     _check_text("external_ref", external_ref, operator_chars_max)
     normalised = unicodedata.normalize("NFKC", external_ref)
-    if any(c != "-" and (unicodedata.category(c) == "Pd" or c == "\u2212") for c in normalised):
+    if any(c != "-" and (unicodedata.category(c) == "Pd" or c in _minus_like) for c in normalised):
         raise InvalidTransfer("external_ref may hold dashes only as '-' (hyphen-minus): "
                               "retype the dashes of a pasted reference")
 

@@ -317,7 +317,7 @@ async def wait_for_postings_until(conn: Connection, at: datetime, *,
         if loop.time() >= deadline:
             raise PostingsInFlight(
                 f"a transaction begun by {at.isoformat()} is still open after {timeout_s:g} s "
-                f"(backend pid {still_open[0]['pid']}): figures as of that time are not final until it ends")
+                f"({still_open[0]['holder']}): figures as of that time are not final until it ends")
         await asyncio.sleep(pause_s)
         pause_s = min(pause_s * 2, 0.05)
 
@@ -326,13 +326,14 @@ async def balance_as_of(conn: Connection, account_id: int, at: datetime, *,
                         settle_timeout_s: float = postings_settle_timeout_s) -> int:
     """The balance after every transfer posted at or before `at` (timezone-aware).
 
-    Final: outside a transaction it first waits for postings still open that began by `at`
-    (wait_for_postings_until, at most `settle_timeout_s`). Inside one, the
-    caller's snapshot decides what is seen.
+    Final: it first waits for postings still open that began by `at` (wait_for_postings_until, at
+    most `settle_timeout_s`), but in a caller's REPEATABLE READ or SERIALIZABLE transaction, whose
+    snapshot decides what is seen (it was taken already). Under READ COMMITTED each statement
+    takes a snapshot of its own, so the wait works inside a transaction too.
     """
     if at.tzinfo is None:
         raise ValueError("balance_as_of needs a timezone-aware time")
-    if not conn.is_in_transaction():
+    if not conn.is_in_transaction() or await conn.fetchval(sql.SQL_ISOLATION) == "read committed":
         await wait_for_postings_until(conn, at, timeout_s=settle_timeout_s)
     record = await conn.fetchrow(sql.SQL_BALANCE_AS_OF, account_id, at)
     if record is None:

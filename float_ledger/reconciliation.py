@@ -46,7 +46,7 @@ async def reconcile_agent_day(conn: Any, *, float_account_id: int, business_day:
     # transaction must hold one for all its statements: under READ COMMITTED each read would see
     # what committed since the one before, and the day would not add up.
     if conn.is_in_transaction():
-        if await conn.fetchval("SELECT current_setting('transaction_isolation')") == "read committed":
+        if await conn.fetchval(sql.SQL_ISOLATION) == "read committed":
             raise ReconciliationNeedsSnapshot(
                 "reconcile outside a transaction or in a REPEATABLE READ or SERIALIZABLE one")
         snapshot: Any = contextlib.nullcontext()

@@ -97,23 +97,34 @@ SELECT coalesce((
 # once it holds its account locks, before it dates its transfers), but this session's, those of
 # other databases of the server (they cannot post here) and those that began after $1 (their
 # transfers are dated later). pg_locks shows every role's backends; a backend whose start this
-# role cannot see in pg_stat_activity (other roles' xact_start is hidden) is kept.
+# role cannot see in pg_stat_activity (other roles' xact_start is hidden) is kept. A prepared
+# transaction (two-phase commit) has no backend (pid NULL): this database's are all kept, their
+# start unknown.
 SQL_OPEN_BEFORE = """
 SELECT coalesce(array_agg(l.transactionid::text), '{}') AS xids
   FROM pg_locks l
  WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
-   AND l.pid <> pg_backend_pid()
-   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                    WHERE a.pid = l.pid
-                      AND (a.xact_start > $1
-                           OR a.datid IS DISTINCT FROM (SELECT d.oid FROM pg_database d
-                                                         WHERE d.datname = current_database())))"""
-# Of those, the ones still open, with their backends.
+   AND l.pid IS DISTINCT FROM pg_backend_pid()
+   AND CASE WHEN l.pid IS NULL
+            THEN EXISTS (SELECT 1 FROM pg_prepared_xacts p
+                          WHERE p.transaction = l.transactionid AND p.database = current_database())
+            ELSE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                              WHERE a.pid = l.pid
+                                AND (a.xact_start > $1
+                                     OR a.datid IS DISTINCT FROM (SELECT d.oid FROM pg_database d
+                                                                   WHERE d.datname = current_database())))
+       END"""
+# Of those, the ones still open: a backend's pid, or a prepared transaction's name.
 SQL_STILL_OPEN = """
-SELECT l.transactionid::text AS xid, l.pid
+SELECT l.transactionid::text AS xid,
+       coalesce('backend pid ' || l.pid,
+                'prepared transaction ' || quote_literal((SELECT p.gid FROM pg_prepared_xacts p
+                                                           WHERE p.transaction = l.transactionid))) AS holder
   FROM pg_locks l
  WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
    AND l.transactionid::text = ANY ($1::text[])"""
+
+SQL_ISOLATION = "SELECT current_setting('transaction_isolation')"
 
 # As above, strictly before $2: the opening balance of a period starting at $2.
 SQL_BALANCE_BEFORE = """

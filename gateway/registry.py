@@ -335,8 +335,9 @@ async def add_meter(
         raise RegistryError(f"meter {meter_number}: tariff {tariff_code} is priced in {', '.join(priced_in)}, "
                             f"the customer's accounts are in {customer_currency}")
     try:
-        await conn.execute(sql.METER_INSERT, meter_number, customer_id, supply_mode, tariff_code,
-                           sts_supply_group_code, sts_tariff_index, sts_key_revision, sts_base_year)
+        async with conn.transaction():  # a savepoint in the caller's: the lookup below needs it usable
+            await conn.execute(sql.METER_INSERT, meter_number, customer_id, supply_mode, tariff_code,
+                               sts_supply_group_code, sts_tariff_index, sts_key_revision, sts_base_year)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "meters_sts_pan":  # 0029: one token meter, two of its numbers
             registered = await conn.fetchval(sql.STS_METER_BY_PAN, meter_number)

@@ -279,6 +279,13 @@ async def test_a_token_meter_is_registered_once_whichever_of_its_numbers_names_i
             await registry.add_meter(conn, meter_number=long_number, customer_id=customer, supply_mode="sts",
                                      **sts_fields)
         assert await conn.fetchval("SELECT count(*) FROM meters WHERE customer_id = $1", customer) == 2
+        # In a caller's transaction (a customer and their meter registered as one) it is the same
+        # RegistryError, not the aborted transaction's error for the lookup of the registered number.
+        with pytest.raises(registry.RegistryError, match=f"registered as {number}"):
+            async with conn.transaction():
+                other = await registry.add_customer(conn, account_number="PAN00002", name="One Tx", currency="EUR")
+                await registry.add_meter(conn, meter_number=pan, customer_id=other, supply_mode="sts",
+                                         **sts_fields)
 
 
 async def test_the_databases_sts_pan_is_the_gateways(running: Running) -> None:

@@ -279,7 +279,8 @@ async def test_a_reference_of_spaces_alone_is_refused(db_conn: Any, source: int,
     assert await balance(db_conn, float_id) == 0
 
 
-@pytest.mark.parametrize("dash", ["\u2010", "\u2011", "\u2012", "\u2013", "\u2212"])
+@pytest.mark.parametrize("dash", ["\u2010", "\u2011", "\u2012", "\u2013", "\u2014", "\u2212", "\u02d7", "\u2043",
+                                  "\u2796", "\u207b", "\ufe58"])
 async def test_a_reference_pasted_with_a_typographic_dash_does_not_credit_again(db_conn: Any, source: int,
                                                                                 dash: str) -> None:
     """The reference key folds case, width and spaces, but not the dashes a bank statement (PDF,
