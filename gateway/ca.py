@@ -4,14 +4,17 @@
 folder; `vendgate kiosk cert <terminal>` issues a client certificate whose subject CN is the
 kiosk's terminal id, records its serial and fingerprint against that kiosk, and writes key and
 certificate files. Revocation is a row update checked on every kiosk request, so it takes effect
-at once without a CRL round trip. Private keys are written mode 0600 and never logged.
+at once without a CRL round trip. Private keys are written mode 0600, into a new file renamed
+over the old one, and never logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import ssl
 from pathlib import Path
 
@@ -31,10 +34,28 @@ class CertificateError(VendgateError):
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key to `path` by way of a new file, mode 0600, renamed over it.
+
+    Opening `path` itself would write the key into whatever is there: an earlier key file copied
+    with a looser mode keeps that mode (os.open applies one only to a file it creates), and a
+    symbolic link planted in a shared folder would take the key wherever it points. The key goes
+    into a fresh file in the same folder instead (O_EXCL and O_NOFOLLOW: never one that exists,
+    nor a link), made 0600 whatever the umask, synced, then renamed over `path`: a reader sees
+    the old file or the whole new key, and a crash leaves no half-written key at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -55,9 +76,19 @@ class CertificateAuthority:
         return self.ca_cert_path.exists() and self.ca_key_path.exists()
 
     def init(self, *, server_names: tuple[str, ...] = ("localhost", "127.0.0.1"), now: dt.datetime) -> bool:
-        """Create CA and server certificate unless present. Returns True when created."""
+        """Create CA and server certificate unless present. Returns True when created.
+
+        One of ca.pem and ca.key without the other (a data folder half restored, a file moved
+        away) is refused rather than replaced by a new CA: that would void every kiosk
+        certificate the old one issued, and the operator may still have the missing file."""
         if self.exists:
             return False
+        present = [path for path in (self.ca_cert_path, self.ca_key_path) if path.is_symlink() or path.exists()]
+        if present:
+            missing = self.ca_key_path if present[0] == self.ca_cert_path else self.ca_cert_path
+            raise CertificateError(f"{present[0]} is there but {missing.name} is not: restore {missing.name}, or "
+                                   f"move {present[0].name} away to create a new CA (every kiosk certificate "
+                                   "issued so far would then need issuing again)")
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vendgate"),
                           x509.NameAttribute(NameOID.COMMON_NAME, "vendgate kiosk CA")])

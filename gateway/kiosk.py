@@ -3,15 +3,19 @@
 TLS itself refuses a kiosk without a client certificate or with one from another CA. A
 middleware then binds the certificate to its kiosk record by SHA-256 fingerprint and refuses a
 revoked, expired or unknown certificate, or a kiosk that is not active, before any handler runs.
+When the database cannot say (busy, unreachable, failing), the kiosk is answered an `error` as a
+message handler would answer it, so it retries as it does after any SYSTEM_BUSY or SYSTEM_ERROR.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import asyncpg
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway.ca import fingerprint_of_der
@@ -35,6 +39,14 @@ if TYPE_CHECKING:
 log = get_logger("vendgate.kiosk")
 KIOSK_KEY = web.RequestKey("kiosk_id", str)
 
+# The wait for a pool connection and the certificate's lookup together, as long as a message
+# handler waits for its connection: a kiosk hears SYSTEM_BUSY well within its own timeout.
+certificate_check_timeout_s = 10.0
+# What makes the certificate check a "retry later" (503 SYSTEM_BUSY) rather than a failure (500
+# SYSTEM_ERROR): the pool or the query out of time, the database unreachable or full.
+_DATABASE_BUSY = (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.TooManyConnectionsError,
+                  asyncpg.CannotConnectNowError)
+
 SQL_KIOSK_BY_FINGERPRINT = """
 SELECT c.terminal_id, t.status, t.kind FROM kiosk_certificates c JOIN terminals t USING (terminal_id)
 WHERE c.fingerprint = $1 AND c.revoked_at IS NULL AND c.not_after > now()"""
@@ -46,6 +58,17 @@ def _refuse(code: ResponseCode, detail: str, status: int) -> web.Response:
     response = web.Response(status=status, body=body, content_type=CONTENT_TYPE)
     response.force_close()
     return response
+
+
+def _unchecked(error: Exception) -> web.Response:
+    """The answer when the certificate could not be checked: an `error` body like a message
+    handler's, never aiohttp's own text page (which no kiosk decodes). The connection stays open,
+    as after any SYSTEM_BUSY: the kiosk may repeat its request on it."""
+    busy = isinstance(error, _DATABASE_BUSY)
+    reply = ErrorReply(response_code=ResponseCode.SYSTEM_BUSY if busy else ResponseCode.SYSTEM_ERROR,
+                       detail="busy, retry with the same id" if busy else "system error, retry",
+                       connection_closing=False)
+    return web.Response(status=http_status(reply), body=encode_kiosk_message(reply), content_type=CONTENT_TYPE)
 
 
 def kiosk_app(gateway: Gateway) -> web.Application:
@@ -66,8 +89,12 @@ def kiosk_app(gateway: Gateway) -> web.Application:
         der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
         if not der:
             return _refuse(ResponseCode.AUTH_FAILED, "client certificate required", 401)
-        async with gateway.pool.acquire(timeout=10) as conn:
-            row = await conn.fetchrow(SQL_KIOSK_BY_FINGERPRINT, fingerprint_of_der(der))
+        try:
+            async with asyncio.timeout(certificate_check_timeout_s), gateway.pool.acquire() as conn:
+                row = await conn.fetchrow(SQL_KIOSK_BY_FINGERPRINT, fingerprint_of_der(der))
+        except (*_DATABASE_BUSY, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("kiosk_certificate_check_failed", error=type(exc).__name__)
+            return _unchecked(exc)
         if row is None or row["kind"] != "kiosk":
             gateway.metrics.connections_refused.labels("kiosk_certificate").inc()
             return _refuse(ResponseCode.AUTH_FAILED, "certificate unknown or revoked", 403)

@@ -434,6 +434,10 @@ class Gateway:
         is answered before any of its body is read, so one that never sends the body it announced
         holds nothing. An accepted kiosk's body must be in within kiosk_body_timeout_s (else 408),
         so a slow sender holds up shutdown no longer than that.
+
+        An answer with `Connection: close` is sent here, then the connection closed at once:
+        aiohttp would otherwise first read, for up to its lingering time (10 s), the rest of a body
+        that will never be served, and the socket would keep its kiosk slot all that time.
         """
         kiosk = request.protocol
         assert isinstance(kiosk, _KioskHandler), "kiosk requests come through the kiosk listener alone"
@@ -450,11 +454,16 @@ class Gateway:
                     response.force_close()
                 else:
                     response = await respond()
+            if kiosk.close_after_reply:
+                response.force_close()  # `Connection: close`, and closed once it is written
+            if response.keep_alive is False:
+                with contextlib.suppress(ConnectionError):  # the kiosk went first: nothing to send
+                    await response.prepare(request)
+                    await response.write_eof()
+                kiosk.force_close()  # the answer is in the transport, which sends it before its TLS close
         finally:
             self.kiosk_requests_in_flight -= 1
             kiosk.requests_in_hand -= 1
-        if kiosk.close_after_reply:
-            response.force_close()  # `Connection: close`, and closed once it is written
         return response
 
     def _requests_in_flight(self) -> bool:

@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 
 from protocol.codes import ResponseCode
+from protocol.errors import ProtocolError
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, encode_kiosk_message
 from protocol.messages import (
     ClientTransactionId,
@@ -30,6 +31,19 @@ def client_ssl_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLCo
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+class UnreadableReply(ProtocolError):
+    """An HTTP answer whose body is no kiosk reply: aiohttp's own plain-text pages (a 408 for a
+    body that came too slowly, a 413, a 404 for a wrong path), a proxy's 502 or 504, or JSON that
+    does not decode as a message. It keeps the status, often all there is to tell what happened,
+    and is a ProtocolError like the decoding error it stands for, for callers that catch those."""
+
+    def __init__(self, status: int, error: ProtocolError) -> None:
+        super().__init__(f"HTTP {status}: {error.detail}", response_code=error.response_code,
+                         close_connection=error.close_connection)
+        self.status = status
+        self.error = error
 
 
 class Kiosk:
@@ -52,7 +66,11 @@ class Kiosk:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, session.post(
                 self.base_url + KIOSK_PATH, data=encode_kiosk_message(message),
                 headers={"Content-Type": CONTENT_TYPE}) as response:
-            return response.status, decode_kiosk_reply(await response.read())
+            body = await response.read()
+            try:
+                return response.status, decode_kiosk_reply(body)
+            except ProtocolError as error:
+                raise UnreadableReply(response.status, error) from None
 
     async def top_up(self, meter_number: str, amount_minor: int, currency: str,
                      txn: ClientTransactionId | None = None) -> tuple[int, ServerMessage]:
@@ -81,7 +99,8 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
     payment is sent a second time with the same transaction id, as a kiosk does when its reply
     is lost: the second reply must be the first one again (same receipt, same token). An approved
     reply without a receipt, a receipt given to two payments or a retry answered differently
-    counts as an inconsistency."""
+    counts as an inconsistency. No answer, or an answer that is no kiosk reply (UnreadableReply),
+    counts as an error, with a note, and the kiosk goes on with its next payment."""
     summary = KioskSummary(kiosks=len(kiosks))
     receipts: dict[str, str] = {}
     deadline = time.monotonic() + duration_s
@@ -102,6 +121,11 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
                     if (again_status, again) != (status, reply):
                         inconsistent(f"{kiosk.kiosk_id}: a retry of sequence {txn.terminal_sequence} "
                                      "was answered differently")
+            except UnreadableReply as error:
+                summary.errors += 1
+                summary.notes.append(f"{kiosk.kiosk_id}: HTTP {error.status} answered with no kiosk reply "
+                                     f"({type(error.error).__name__})")
+                continue
             except (aiohttp.ClientError, ssl.SSLError, ConnectionError, TimeoutError) as error:
                 summary.errors += 1
                 summary.notes.append(f"{kiosk.kiosk_id}: {type(error).__name__}")

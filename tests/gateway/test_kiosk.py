@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import re
 import secrets
 import socket
 import ssl
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -23,9 +27,10 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from gateway import kiosk as kiosk_module
 from gateway import registry
 from gateway import server as server_module
-from gateway.ca import CertificateAuthority
+from gateway.ca import CertificateAuthority, CertificateError
 from gateway.cli.commands.ca_cmds import SQL_CERT_REVOKE, issue_kiosk_certificate
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway, Limits, listening_sockets
@@ -742,3 +747,183 @@ async def test_an_accepted_kiosk_that_withholds_its_body_gets_408_within_the_bou
         writer.close()
     gateway = kiosk_setup["gateway"]
     assert isinstance(gateway, Gateway) and gateway.kiosk_requests_in_flight == 0
+
+
+@pytest.mark.parametrize(("trouble", "status", "code", "error"), [
+    ("pool exhausted", 503, ResponseCode.SYSTEM_BUSY, "TimeoutError"),
+    ("query fails", 500, ResponseCode.SYSTEM_ERROR, "UndefinedTableError"),
+], ids=["pool exhausted", "query fails"])
+async def test_a_certificate_the_database_cannot_check_is_answered_an_error_reply_in_json(
+        running: Running, kiosk_setup: dict[str, object], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, trouble: str, status: int, code: ResponseCode, error: str) -> None:
+    """A busy or failing database during the certificate check is answered as a message handler
+    answers it (docs/protocol.md, HTTP statuses), not with aiohttp's text page no kiosk decodes;
+    the log names the exception's class alone, and the connection stays open for the retry."""
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    if trouble == "pool exhausted":  # every connection taken, and the check's wait bounded
+        pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=1)
+        held: asyncpg.Connection | None = await pool.acquire()
+        monkeypatch.setattr(kiosk_module, "certificate_check_timeout_s", 0.5)
+    else:  # a real failing query: the kiosk tables are not where this pool's connections look
+        pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=1,
+                                         server_settings={"search_path": "no_such_schema"})
+        held = None
+    monkeypatch.setattr(gateway, "pool", pool)
+    reader, writer = await _tls_connection(kiosk_setup, "good")
+    try:
+        with caplog.at_level(logging.INFO):
+            started = time.monotonic()
+            head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())
+        assert head.startswith(f"http/1.1 {status}".encode()) and b"connection: close" not in head, head
+        assert f"content-type: {CONTENT_TYPE}".encode() in head
+        assert isinstance(reply, ErrorReply) and reply.response_code is code and not reply.connection_closing
+        assert time.monotonic() - started < 5
+        failed = [r for r in caplog.records if r.getMessage() == "kiosk_certificate_check_failed"]
+        assert [(r.name, r.levelno, r.fields) for r in failed] == [  # type: ignore[attr-defined]
+            ("vendgate.kiosk", logging.ERROR, {"error": error})]
+        assert not [r for r in caplog.records if r.name.startswith("aiohttp")], caplog.text
+        monkeypatch.setattr(gateway, "pool", running.pool)  # the database is well again
+        head, reply = await _post_kept_alive(reader, writer, HeartbeatRequest())  # on the same connection
+        assert head.startswith(b"http/1.1 200") and isinstance(reply, HeartbeatReply)
+    finally:
+        writer.close()
+        if held is not None:
+            await pool.release(held)
+        await pool.close()
+
+
+async def _blocked_kiosk_certificate(running: Running, kiosk_setup: dict[str, object]) -> None:
+    """kiosk_setup["blocked"]: the certificate of a kiosk that is blocked."""
+    if "blocked" in kiosk_setup:
+        return
+    authority, base = kiosk_setup["authority"], kiosk_setup["base"]
+    assert isinstance(authority, CertificateAuthority) and isinstance(base, Path)
+    async with running.pool.acquire() as conn:
+        await registry.add_terminal(conn, running.keystore, terminal_id="K0000091", serial="KSN91", agent_id=1,
+                                    kind="kiosk")
+        kiosk_setup["blocked"] = await issue_kiosk_certificate(conn, authority, "K0000091", base / "issued")
+        await registry.set_terminal_status(conn, "K0000091", "blocked")
+
+
+@pytest.mark.parametrize(("which", "status"), [("revoked", 403), ("blocked", 403), ("good", 408)],
+                         ids=["403 AUTH_FAILED", "403 TERMINAL_BLOCKED", "408 body withheld"])
+async def test_a_request_refused_for_good_frees_its_kiosk_slot_at_once(
+        running: Running, kiosk_setup: dict[str, object], monkeypatch: pytest.MonkeyPatch,
+        which: str, status: int) -> None:
+    """After a 403 (a refused certificate, a kiosk that is not active) or a 408 the connection is
+    closed once the answer is sent. The peer announced a body it never sends: aiohttp's lingering
+    read of it would keep the socket, and its kiosk slot, for 10 s more."""
+    gateway = kiosk_setup["gateway"]
+    assert isinstance(gateway, Gateway)
+    await _blocked_kiosk_certificate(running, kiosk_setup)
+    monkeypatch.setattr(server_module, "kiosk_body_timeout_s", 0.5)
+    slots_before = len(gateway._kiosk_connections)
+    reader, writer = await _tls_connection(kiosk_setup, which)
+    try:
+        writer.write(b"POST " + KIOSK_PATH.encode() + b" HTTP/1.1\r\nHost: kiosk\r\nContent-Type: "
+                     + CONTENT_TYPE.encode() + b"\r\nContent-Length: 100\r\n\r\n")  # the body never comes
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).lower()
+        answered = time.monotonic()
+        assert head.startswith(f"http/1.1 {status}".encode()) and b"connection: close" in head, head
+        await asyncio.wait_for(reader.read(), 15)  # the rest of the answer, then the server's close
+        assert time.monotonic() - answered < 2.0, f"connection held {time.monotonic() - answered:.1f} s"
+        await _until(lambda: len(gateway._kiosk_connections) <= slots_before, timeout_s=2.0)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("existing", ["loose file", "symlink", "dangling symlink"])
+def test_a_kiosk_key_goes_into_a_new_file_of_mode_0600_whatever_was_at_its_path(
+        tmp_path: Path, existing: str) -> None:
+    """A key file already at the path (an earlier issue copied with a looser mode, a file someone
+    else made in a shared --out folder) is replaced, not written into; a symbolic link there is
+    replaced too, and what it points to never receives the key."""
+    authority = CertificateAuthority(tmp_path / "ca")
+    authority.init(now=datetime.now(UTC))
+    out = tmp_path / "issued"
+    out.mkdir()
+    key_path = out / f"{KIOSK_ID}.key"
+    elsewhere = tmp_path / "elsewhere"
+    if existing == "loose file":
+        key_path.write_bytes(b"old")
+        os.chmod(key_path, 0o644)
+    elif existing == "symlink":
+        elsewhere.write_bytes(b"old")
+        os.chmod(elsewhere, 0o644)
+        key_path.symlink_to(elsewhere)
+    else:
+        key_path.symlink_to(elsewhere)
+    _, _, written = authority.issue_client(KIOSK_ID, out, datetime.now(UTC))
+    assert written == key_path and not key_path.is_symlink() and b"PRIVATE KEY" in key_path.read_bytes()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600, oct(stat.S_IMODE(key_path.stat().st_mode))
+    if existing == "symlink":
+        assert elsewhere.read_bytes() == b"old"
+    elif existing == "dangling symlink":
+        assert not elsewhere.exists()
+    assert sorted(p.name for p in out.iterdir()) == [f"{KIOSK_ID}.key", f"{KIOSK_ID}.pem"]  # nothing left over
+    for path in (authority.ca_key_path, authority.server_key_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+@pytest.mark.parametrize("present", ["ca.key", "ca.pem"])
+def test_ca_init_refuses_a_ca_with_one_of_its_two_files_missing(tmp_path: Path, present: str) -> None:
+    """`vendgate ca init` with ca.key but no ca.pem, or the other way round (a data folder half
+    restored), stops with an error and leaves the folder as it was: a new CA would void every kiosk
+    certificate the old one issued, and its key would go where the old file was."""
+    folder = tmp_path / "ca"
+    folder.mkdir()
+    (folder / present).write_bytes(b"old")
+    os.chmod(folder / present, 0o644)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    done = subprocess.run([sys.executable, "-m", "gateway", "ca", "init"], capture_output=True, text=True,
+                          env={**base, "VENDGATE_DATA_DIR": str(tmp_path)}, timeout=60, check=False)
+    missing = "ca.pem" if present == "ca.key" else "ca.key"
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.startswith("vendgate: error: ") and missing in done.stderr and present in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [present] and (folder / present).read_bytes() == b"old"
+    assert stat.S_IMODE((folder / present).stat().st_mode) == 0o644
+    with pytest.raises(CertificateError, match=f"{missing} is not"):
+        CertificateAuthority(folder).init(now=datetime.now(UTC))
+
+
+@pytest.mark.parametrize(("status", "content_type", "body"), [
+    (504, "text/plain", b"504: Gateway Timeout"),
+    (408, "text/plain", b"request body not received within 10 s"),
+    (413, "text/plain", b"Maximum request body size 65536 exceeded"),
+    (404, "text/plain", b"404: Not Found"),
+    (200, CONTENT_TYPE, b'{"type": "no_such_reply"}'),
+], ids=["504 page", "408 page", "413 page", "404 page", "JSON of no reply"])
+async def test_the_kiosk_simulator_counts_an_answer_that_is_no_reply_as_an_error_and_carries_on(
+        status: int, content_type: str, body: bytes) -> None:
+    """Some answers are no kiosk reply (aiohttp's text pages, a proxy's): run_kiosks counts such
+    an answer as one error, with a note naming its status, and `vendgate demo` goes on."""
+    answered = 0
+
+    async def answer(request: web.Request) -> web.Response:
+        nonlocal answered
+        answered += 1
+        message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
+        assert isinstance(message, TopUpRequest)
+        if answered == 1:
+            return web.Response(status=status, body=body, content_type=content_type)
+        return web.Response(body=encode_kiosk_message(TopUpResult(
+            client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
+            currency=message.currency, amount_minor=message.amount_minor,
+            receipt_number=f"{KIOSK_ID}-{message.client_transaction_id.terminal_sequence:06d}",
+            energy_minor=message.amount_minor)), content_type=CONTENT_TYPE)
+
+    app = web.Application()
+    app.router.add_post(KIOSK_PATH, answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
+        summary = await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=1000)
+    finally:
+        await runner.cleanup()
+    assert summary.errors == 1 and summary.approved >= 1 and summary.inconsistencies == 0, summary
+    assert summary.notes == [f"{KIOSK_ID}: HTTP {status} answered with no kiosk reply (FormatError)"]
