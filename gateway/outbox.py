@@ -13,9 +13,12 @@ counts an attempt against it when it is 400, 409, 413 or 422; any other refusal,
 counts only when another event of the round was delivered (so the URL, the credentials and the
 engine work: the 404, 403 or 500 was about that event). An event counted event_attempts_max times
 is parked (dead letter) so the rest flow on: one event the engine crashes on does not stop every
-meter behind it. Anything else (no answer, a timeout, a redirect, which is never followed, 408,
-429, 503), unavailable: the round ends and the next comes after a growing pause, nothing counted,
-so an outage, a broken engine or a wrong URL of any length parks nothing.
+meter behind it. A round whose events the engine all turned down, none counted, sends them to the
+back: the next rounds take the events behind them first (0030_outbox_turns.sql), so a run of such
+events as long as a round holds back no other either. Anything else (no answer, a timeout, a
+redirect, which is never followed, 408, 429, 503), unavailable: the round ends and the next comes
+after a growing pause, nothing counted, so an outage, a broken engine or a wrong URL of any
+length parks nothing.
 
 A reversal's event is taken only once its payment's event is delivered, so a reversal never
 reaches the engine before its payment: not when the payment's event was refused or parked, nor
@@ -134,6 +137,10 @@ class OutboxRelay:
                     await conn.execute(sql.OUTBOX_MARK_DELIVERED, delivered)
                 if counted:
                     await conn.execute(sql.OUTBOX_MARK_ATTEMPT, counted)
+                if refused and not delivered and not counted and len(refused) == len(events):
+                    # The engine answered for every event and took none: a broken engine, or events it
+                    # breaks on. Counted against none; the next rounds take the events behind them first.
+                    await conn.execute(sql.OUTBOX_MARK_TURNED_DOWN, [event_id for event_id, _ in refused])
                 if refused:
                     log.warning("engine_refused", events=len(refused), counted=len(counted),
                                 failed=sum(1 for _, status in refused if status >= 500))

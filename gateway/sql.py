@@ -150,13 +150,15 @@ WITH oldest AS MATERIALIZED (
            OR NOT EXISTS (SELECT 1 FROM outbox e
                            WHERE e.delivered_at IS NULL AND e.event_id < o.event_id
                              AND e.client_txn_id = o.client_txn_id))
-    ORDER BY o.event_id LIMIT $1)
+    ORDER BY o.turned_down_at NULLS FIRST, o.event_id LIMIT $1)
 SELECT * FROM oldest
 WHERE pg_try_advisory_lock((event_id >> 31)::integer, (event_id & 2147483647)::integer)
 ORDER BY event_id"""
 OUTBOX_RELEASE = "SELECT pg_advisory_unlock_all()"
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
+# A round that delivered nothing while the engine answered every event: they go to the back.
+OUTBOX_MARK_TURNED_DOWN = "UPDATE outbox SET turned_down_at = now() WHERE event_id = ANY($1::bigint[])"
 
 # (Run on the committer's connections too, for reversals: keyed lookups, as in METERS_FOR_VEND.)
 TERMINALS_FOR_VEND = """

@@ -422,3 +422,46 @@ async def test_a_broken_engine_parks_nothing(running: Running) -> None:
     finally:
         await relay.stop()
         await runner.cleanup()
+
+
+async def test_a_run_of_failing_events_at_the_head_holds_back_no_other(running: Running) -> None:
+    """A terminal back from a day offline uploads its advices at once: events_per_post_max
+    consecutive events (here: of one meter) that the engine crashes on (500), then another meter's
+    payment. The first round fails on all of them, in the batch and one by one, and counts none;
+    it sends them to the back, so the next round delivers the payment behind them, and the run's
+    failures in rounds beside delivered events count until they are parked. Before, every round
+    took the same oldest events: nothing behind them ever reached the engine."""
+    received: list[dict[str, Any]] = []
+    posts = {"n": 0}
+
+    async def events(request: web.Request) -> web.Response:
+        posts["n"] += 1
+        batch = (await request.json())["events"]
+        if any(e["meter_number"] == "OFFLINE-1" for e in batch):
+            return web.json_response({"error": "internal"}, status=500)
+        received.extend(batch)
+        return web.json_response({"ok": True})
+
+    runner, url = await engine_endpoint(events)
+    relay = OutboxRelay(running.pool, url, timeout_s=2)
+    relay._session = aiohttp.ClientSession(timeout=relay._timeout)
+    async with running.pool.acquire() as conn:
+        await conn.execute("INSERT INTO outbox (kind, client_txn_id, meter_number, payload) "
+                           "SELECT 'payment_received', 'OFFLINE-' || g, 'OFFLINE-1', '{}' "
+                           "FROM generate_series(1, $1::int) g", events_per_post_max)
+        await conn.execute("INSERT INTO outbox (kind, client_txn_id, meter_number, payload) "
+                           "VALUES ('payment_received', 'GOOD-1', 'GOOD-METER', '{}')")
+    try:
+        for _ in range(2 * event_attempts_max):  # far more rounds than it takes to park a poison event
+            await relay.deliver_once()
+        async with running.pool.acquire() as conn:
+            max_attempts = await conn.fetchval("SELECT max(attempts) FROM outbox WHERE meter_number = 'OFFLINE-1'")
+        assert "GOOD-1" in {e["client_txn_id"] for e in received}, (
+            f"after {2 * event_attempts_max} rounds and {posts['n']} posts, the payment behind the failing run "
+            f"was never sent; the failing events' attempts: {max_attempts}")
+        assert max_attempts == 1  # counted once, in the round that delivered GOOD-1
+    finally:
+        async with running.pool.acquire() as conn:
+            await conn.execute("UPDATE outbox SET delivered_at = now() WHERE meter_number = 'OFFLINE-1'")
+        await relay.stop()
+        await runner.cleanup()
