@@ -27,6 +27,9 @@ from gateway.errors import VendgateError
 
 ca_validity_days = 3650
 leaf_validity_days = 397
+# `vendgate ca init` issues the gateway's server certificate anew this close to its end.
+server_renew_days = 30
+default_server_names = ("localhost", "127.0.0.1")
 
 
 class CertificateError(VendgateError):
@@ -75,7 +78,7 @@ class CertificateAuthority:
     def exists(self) -> bool:
         return self.ca_cert_path.exists() and self.ca_key_path.exists()
 
-    def init(self, *, server_names: tuple[str, ...] = ("localhost", "127.0.0.1"), now: dt.datetime) -> bool:
+    def init(self, *, server_names: tuple[str, ...] = default_server_names, now: dt.datetime) -> bool:
         """Create CA and server certificate unless present. Returns True when created.
 
         One of ca.pem and ca.key without the other (a data folder half restored, a file moved
@@ -103,10 +106,39 @@ class CertificateAuthority:
                 .sign(key, hashes.SHA256()))
         _write_private(self.ca_key_path, _key_pem(key))
         self.ca_cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._issue_server(now, server_names)
+        return True
+
+    def server_certificate(self) -> x509.Certificate | None:
+        """The gateway's server certificate, None when it is missing or unreadable."""
+        try:
+            return x509.load_pem_x509_certificate(self.server_cert_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def renew_server(self, *, now: dt.datetime, server_names: tuple[str, ...] | None = None,
+                     force: bool = False) -> x509.Certificate | None:
+        """Issue the gateway's server certificate anew under this CA when it is missing, without
+        its key, unreadable, within server_renew_days of its end, or `force`: the new one, else None.
+
+        A server certificate lives leaf_validity_days (397), the CA ten years: without this the
+        kiosks' handshakes would fail after 13 months, and a new CA would void every kiosk's
+        certificate. `server_names` default to those of the certificate it replaces. The gateway
+        loads its certificate when it starts: restart `vendgate serve` after a renewal.
+        """
+        current = self.server_certificate()
+        if current is not None and self.server_key_path.exists() and not force \
+                and current.not_valid_after_utc - now > dt.timedelta(days=server_renew_days):
+            return None
+        if server_names is None:
+            server_names = certificate_names(current) if current is not None else default_server_names
+        return self._issue_server(now, server_names)
+
+    def _issue_server(self, now: dt.datetime, server_names: tuple[str, ...]) -> x509.Certificate:
         server_key, server_cert = self._issue("vendgate-gateway", now, server=True, names=server_names)
         _write_private(self.server_key_path, _key_pem(server_key))
         self.server_cert_path.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-        return True
+        return server_cert
 
     def _load(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         if not self.exists:
@@ -155,6 +187,16 @@ class CertificateAuthority:
         context.load_verify_locations(cafile=str(self.ca_cert_path))
         context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names and IP addresses a certificate is for, as _issue takes them."""
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return default_server_names
+    names = [str(entry.value) for entry in alt if isinstance(entry, (x509.DNSName, x509.IPAddress))]
+    return tuple(names) or default_server_names
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:

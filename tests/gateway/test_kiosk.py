@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from aiohttp import web
 from gateway import kiosk as kiosk_module
 from gateway import registry
 from gateway import server as server_module
-from gateway.ca import CertificateAuthority, CertificateError
+from gateway.ca import CertificateAuthority, CertificateError, certificate_names
 from gateway.cli.commands.ca_cmds import SQL_CERT_REVOKE, issue_kiosk_certificate
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway, Limits, listening_sockets
@@ -885,6 +885,52 @@ def test_ca_init_refuses_a_ca_with_one_of_its_two_files_missing(tmp_path: Path, 
     assert stat.S_IMODE((folder / present).stat().st_mode) == 0o644
     with pytest.raises(CertificateError, match=f"{missing} is not"):
         CertificateAuthority(folder).init(now=datetime.now(UTC))
+
+
+def vendgate_ca(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    return subprocess.run([sys.executable, "-m", "gateway", "ca", *args], capture_output=True, text=True,
+                          env={**base, "VENDGATE_DATA_DIR": str(data_dir)}, timeout=60, check=False)
+
+
+def test_ca_init_issues_a_server_certificate_near_its_end_anew_under_the_same_ca(tmp_path: Path) -> None:
+    """The server certificate lives 397 days, the CA ten years. Before, `ca init` on an existing
+    CA did nothing: after 13 months every kiosk's handshake failed, and the only way out, a new
+    CA, voided every kiosk's certificate."""
+    authority = CertificateAuthority(tmp_path / "ca")
+    issued_at = datetime.now(UTC) - timedelta(days=380)  # 17 days left
+    assert authority.init(now=issued_at, server_names=("gw.example", "10.1.2.3"))
+    ca_pem, old = authority.ca_cert_path.read_bytes(), authority.server_certificate()
+    assert old is not None
+    done = vendgate_ca(tmp_path, "init")
+    assert done.returncode == 0, done.stderr
+    assert "server certificate issued anew" in done.stdout and "restart `vendgate serve`" in done.stdout
+    new = authority.server_certificate()
+    assert new is not None and new.serial_number != old.serial_number
+    assert new.not_valid_after_utc > datetime.now(UTC) + timedelta(days=390)
+    assert certificate_names(new) == ("gw.example", "10.1.2.3")  # the names it replaces
+    assert authority.ca_cert_path.read_bytes() == ca_pem  # the same CA: kiosks' certificates stand
+    assert stat.S_IMODE(authority.server_key_path.stat().st_mode) == 0o600
+    context = authority.server_ssl_context()  # the new key matches the new certificate
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    # Far from its end, init leaves it; a missing key has it issued anew.
+    again = vendgate_ca(tmp_path, "init")
+    assert again.returncode == 0 and "issued anew" not in again.stdout
+    assert authority.server_certificate() == new
+    authority.server_key_path.unlink()
+    assert vendgate_ca(tmp_path, "init").returncode == 0 and authority.server_key_path.exists()
+    assert authority.server_certificate() != new
+
+
+def test_ca_server_cert_issues_one_for_the_names_asked(tmp_path: Path) -> None:
+    assert vendgate_ca(tmp_path, "server-cert").returncode == 2  # no CA yet
+    authority = CertificateAuthority(tmp_path / "ca")
+    authority.init(now=datetime.now(UTC))
+    done = vendgate_ca(tmp_path, "server-cert", "--name", "pay.example.org", "--name", "192.0.2.7")
+    assert done.returncode == 0, done.stderr
+    assert "for pay.example.org, 192.0.2.7" in done.stdout
+    cert = authority.server_certificate()
+    assert cert is not None and certificate_names(cert) == ("pay.example.org", "192.0.2.7")
 
 
 @pytest.mark.parametrize(("status", "content_type", "body"), [

@@ -1,4 +1,4 @@
-"""`vendgate ca init` and `vendgate kiosk cert|revoke`: kiosks' client certificates."""
+"""`vendgate ca init|server-cert` and `vendgate kiosk cert|revoke`: the gateway's and kiosks' certificates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import database
-from gateway.ca import CertificateAuthority, fingerprint_sha256
+from gateway.ca import CertificateAuthority, CertificateError, certificate_names, fingerprint_sha256
 from gateway.cli.runner import run
 from gateway.errors import VendgateError
 from gateway.settings import Settings
@@ -27,8 +27,15 @@ def ca_dir(settings: Settings) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ca = subparsers.add_parser("ca", help="vendgate's kiosk certificate authority").add_subparsers(
         dest="ca_command", required=True)
-    init = ca.add_parser("init", help="create the CA and the gateway's server certificate")
+    init = ca.add_parser("init", help="create the CA and the gateway's server certificate; run again, it issues "
+                                      "the server certificate anew when missing or within 30 days of its end")
     init.set_defaults(handler=handle_init)
+    server = ca.add_parser("server-cert", help="issue the gateway's server certificate anew under the CA now "
+                                               "(restart `vendgate serve` to use it)")
+    server.add_argument("--name", action="append", dest="names", metavar="NAME",
+                        help="a DNS name or IP address kiosks reach the gateway by (repeatable; default: "
+                             "those of the certificate it replaces)")
+    server.set_defaults(handler=handle_server_cert)
     kiosk = subparsers.add_parser("kiosk", help="kiosk client certificates").add_subparsers(
         dest="kiosk_command", required=True)
     cert = kiosk.add_parser("cert", help="issue a client certificate bound to a kiosk terminal")
@@ -42,9 +49,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def handle_init(args: argparse.Namespace, settings: Settings) -> int:
     authority = CertificateAuthority(ca_dir(settings))
-    created = authority.init(now=datetime.now(UTC))
+    now = datetime.now(UTC)
+    created = authority.init(now=now)
+    renewed = None if created else authority.renew_server(now=now)
     print(f"{'created' if created else 'exists'}: CA {authority.ca_cert_path}, server certificate "
           f"{authority.server_cert_path}")
+    if renewed is not None:
+        print(f"server certificate issued anew, valid until {renewed.not_valid_after_utc.isoformat()}: "
+              "restart `vendgate serve` to use it")
+    return 0
+
+
+def handle_server_cert(args: argparse.Namespace, settings: Settings) -> int:
+    authority = CertificateAuthority(ca_dir(settings))
+    if not authority.exists:
+        raise CertificateError(f"no CA in {authority.directory}: run `vendgate ca init`")
+    names = tuple(args.names) if args.names else None
+    issued = authority.renew_server(now=datetime.now(UTC), server_names=names, force=True)
+    assert issued is not None
+    print(f"server certificate {authority.server_cert_path} for {', '.join(certificate_names(issued))}, valid until "
+          f"{issued.not_valid_after_utc.isoformat()}: restart `vendgate serve` to use it")
     return 0
 
 
