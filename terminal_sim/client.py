@@ -48,7 +48,9 @@ from protocol.messages import (
 )
 from protocol.session import MessageReceived, TerminalSession, TerminalState
 
-reply_timeout_s = 30.0
+# Longer than the gateway lets a payment wait for its commit (30 s, then SYSTEM_BUSY), so the
+# answer it was about to give is heard rather than taken for a lost reply.
+reply_timeout_s = 45.0
 connect_timeout_s = 10.0
 # A gateway that stops reading must not hold the simulator: a write waits for the link this long,
 # a close for its last bytes this long, then the connection is cut.

@@ -16,6 +16,7 @@ from protocol.errors import ProtocolError
 from protocol.kiosk import CONTENT_TYPE, KIOSK_PATH, decode_kiosk_reply, encode_kiosk_message
 from protocol.messages import (
     ClientTransactionId,
+    ErrorReply,
     ServerMessage,
     TenderType,
     TerminalMessage,
@@ -23,7 +24,15 @@ from protocol.messages import (
     TopUpResult,
 )
 
-request_timeout_s = 30.0
+# Longer than the gateway lets a payment wait for its commit (30 s, then SYSTEM_BUSY): a kiosk
+# that gave up first would not learn the answer the gateway was about to give.
+request_timeout_s = 45.0
+# A payment whose answer did not come (no answer, SYSTEM_BUSY, SYSTEM_ERROR, a page that is no
+# reply) is asked again under the same id this many times in all, a growing pause between: it
+# may have been committed, and only its own id can learn that without paying twice.
+attempts_max = 4
+retry_pause_s = 0.2
+_UNSETTLED_CODES = frozenset({ResponseCode.SYSTEM_BUSY, ResponseCode.SYSTEM_ERROR})
 
 
 def client_ssl_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -78,12 +87,29 @@ class Kiosk:
                                             meter_number=meter_number, amount_minor=amount_minor,
                                             currency=currency, tender_type=TenderType.CASH))
 
+    async def settled_top_up(self, meter_number: str, amount_minor: int, currency: str,
+                             txn: ClientTransactionId) -> tuple[int, ServerMessage, int]:
+        """top_up, asked again under the same id while its answer does not come (attempts_max in
+        all): the answer and how many times it was asked. The last failure is raised."""
+        for attempt in range(1, attempts_max + 1):
+            try:
+                status, reply = await self.top_up(meter_number, amount_minor, currency, txn)
+                if not (isinstance(reply, ErrorReply) and reply.response_code in _UNSETTLED_CODES) \
+                        or attempt == attempts_max:
+                    return status, reply, attempt
+            except (UnreadableReply, aiohttp.ClientError, ssl.SSLError, ConnectionError, TimeoutError):
+                if attempt == attempts_max:
+                    raise
+            await asyncio.sleep(retry_pause_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
 
 class KioskSummary(msgspec.Struct, kw_only=True):
     kiosks: int
     approved: int = 0
     declined: int = 0
     errors: int = 0
+    repeated: int = 0  # payments asked again under their id because no answer came
     inconsistencies: int = 0
     notes: list[str] = []
 
@@ -99,8 +125,9 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
     payment is sent a second time with the same transaction id, as a kiosk does when its reply
     is lost: the second reply must be the first one again (same receipt, same token). An approved
     reply without a receipt, a receipt given to two payments or a retry answered differently
-    counts as an inconsistency. No answer, or an answer that is no kiosk reply (UnreadableReply),
-    counts as an error, with a note, and the kiosk goes on with its next payment."""
+    counts as an inconsistency. A payment that gets no answer, an answer that is no kiosk reply
+    (UnreadableReply), SYSTEM_BUSY or SYSTEM_ERROR is asked again under its id (settled_top_up):
+    only after attempts_max tries it counts as an error, with a note, and the kiosk goes on."""
     summary = KioskSummary(kiosks=len(kiosks))
     receipts: dict[str, str] = {}
     deadline = time.monotonic() + duration_s
@@ -115,7 +142,8 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
             payments += 1
             txn, meter = kiosk.next_transaction_id(), rng.choice(meters)
             try:
-                status, reply = await kiosk.top_up(meter, amount_minor, currency, txn)
+                status, reply, asked = await kiosk.settled_top_up(meter, amount_minor, currency, txn)
+                summary.repeated += asked - 1
                 if payments % retry_every == 0:
                     again_status, again = await kiosk.top_up(meter, amount_minor, currency, txn)
                     if (again_status, again) != (status, reply):
@@ -130,7 +158,11 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
                 summary.errors += 1
                 summary.notes.append(f"{kiosk.kiosk_id}: {type(error).__name__}")
                 continue
-            if not isinstance(reply, TopUpResult):
+            if isinstance(reply, ErrorReply) and reply.response_code in _UNSETTLED_CODES:
+                summary.errors += 1  # asked attempts_max times: its outcome is not known
+                summary.notes.append(f"{kiosk.kiosk_id}: sequence {txn.terminal_sequence} still "
+                                     f"{reply.response_code.name} after {attempts_max} attempts")
+            elif not isinstance(reply, TopUpResult):
                 inconsistent(f"{kiosk.kiosk_id}: HTTP {status} answered with {type(reply).__name__}")
             elif reply.response_code is ResponseCode.APPROVED:
                 summary.approved += 1

@@ -933,6 +933,42 @@ def test_ca_server_cert_issues_one_for_the_names_asked(tmp_path: Path) -> None:
     assert cert is not None and certificate_names(cert) == ("pay.example.org", "192.0.2.7")
 
 
+async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], web.StreamResponse | None],
+                            duration_s: float) -> Any:
+    """run_kiosks for one kiosk against a fake gateway: `answer` gets each request, its message and
+    its number (from 1) and may answer it; else the payment is approved. The run's summary."""
+    from terminal_sim.kiosk import Kiosk, run_kiosks
+
+    posts = 0
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        nonlocal posts
+        posts += 1
+        message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
+        assert isinstance(message, TopUpRequest)
+        answered = answer(request, message, posts)
+        if answered is not None:
+            return answered
+        return web.Response(body=encode_kiosk_message(TopUpResult(
+            client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
+            currency=message.currency, amount_minor=message.amount_minor,
+            receipt_number=f"{KIOSK_ID}-{message.client_transaction_id.terminal_sequence:06d}",
+            energy_minor=message.amount_minor)), content_type=CONTENT_TYPE)
+
+    app = web.Application()
+    app.router.add_post(KIOSK_PATH, serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
+        return await run_kiosks([client], [meter_number(9)], "EUR", duration_s, retry_every=1000)
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(("status", "content_type", "body"), [
     (504, "text/plain", b"504: Gateway Timeout"),
     (408, "text/plain", b"request body not received within 10 s"),
@@ -942,34 +978,43 @@ def test_ca_server_cert_issues_one_for_the_names_asked(tmp_path: Path) -> None:
 ], ids=["504 page", "408 page", "413 page", "404 page", "JSON of no reply"])
 async def test_the_kiosk_simulator_counts_an_answer_that_is_no_reply_as_an_error_and_carries_on(
         status: int, content_type: str, body: bytes) -> None:
-    """Some answers are no kiosk reply (aiohttp's text pages, a proxy's): run_kiosks counts such
-    an answer as one error, with a note naming its status, and `vendgate demo` goes on."""
-    answered = 0
+    """Some answers are no kiosk reply (aiohttp's text pages, a proxy's): run_kiosks asks again
+    under the same id, and when every attempt gets one, counts one error, with a note naming its
+    status, and `vendgate demo` goes on."""
+    from terminal_sim.kiosk import attempts_max
 
-    async def answer(request: web.Request) -> web.Response:
-        nonlocal answered
-        answered += 1
-        message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
-        assert isinstance(message, TopUpRequest)
-        if answered == 1:
-            return web.Response(status=status, body=body, content_type=content_type)
-        return web.Response(body=encode_kiosk_message(TopUpResult(
-            client_transaction_id=message.client_transaction_id, response_code=ResponseCode.APPROVED,
-            currency=message.currency, amount_minor=message.amount_minor,
-            receipt_number=f"{KIOSK_ID}-{message.client_transaction_id.terminal_sequence:06d}",
-            energy_minor=message.amount_minor)), content_type=CONTENT_TYPE)
+    def answer(_: web.Request, __: TopUpRequest, n: int) -> web.Response | None:
+        return web.Response(status=status, body=body, content_type=content_type) if n <= attempts_max else None
 
-    app = web.Application()
-    app.router.add_post(KIOSK_PATH, answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
-        summary = await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=1000)
-    finally:
-        await runner.cleanup()
+    summary = await kiosk_run_against(answer, 2.0)  # its pauses take 1.4 s
     assert summary.errors == 1 and summary.approved >= 1 and summary.inconsistencies == 0, summary
     assert summary.notes == [f"{KIOSK_ID}: HTTP {status} answered with no kiosk reply (FormatError)"]
+
+
+async def test_the_kiosk_simulator_asks_again_under_the_same_id_when_no_answer_comes() -> None:
+    """A payment may be committed although its reply was lost, or its answer was SYSTEM_BUSY: it
+    is asked again under its own id, never taken again under a new one. Before, the simulator
+    counted an error and went on with the next id, so a payment it may have made was never learnt;
+    and it gave up after 30 s, no longer than the gateway lets a payment wait for its commit."""
+    from gateway import committer
+    from terminal_sim import kiosk as kiosk_module
+
+    seen: list[str] = []
+
+    def answer(request: web.Request, message: TopUpRequest, n: int) -> web.StreamResponse | None:
+        seen.append(message.client_transaction_id.as_key())
+        if n == 1:  # the payment is made, its reply lost on the way
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError
+        if n == 2:
+            busy = ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
+                              connection_closing=False)
+            return web.Response(status=503, body=encode_kiosk_message(busy), content_type=CONTENT_TYPE)
+        return None
+
+    summary = await kiosk_run_against(answer, 0.3)
+    assert seen[:3] == [seen[0]] * 3, seen[:4]  # lost, busy, then answered: one id
+    assert summary.errors == 0 and summary.inconsistencies == 0 and summary.repeated == 2
+    assert summary.approved == len(set(seen))
+    assert kiosk_module.request_timeout_s > committer.submit_timeout_s
