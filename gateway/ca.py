@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import re
 import secrets
 import ssl
 from pathlib import Path
@@ -45,12 +46,21 @@ def _write_private(path: Path, data: bytes) -> None:
     into a fresh file in the same folder instead (O_EXCL and O_NOFOLLOW: never one that exists,
     nor a link), made 0600 whatever the umask, synced, then renamed over `path`: a reader sees
     the old file or the whole new key, and a crash leaves no half-written key at `path`."""
+    _write_whole(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """A certificate, written as a key is but readable by all: never half of one at `path`."""
+    _write_whole(path, data, 0o644)
+
+
+def _write_whole(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -105,7 +115,7 @@ class CertificateAuthority:
                                              decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
         _write_private(self.ca_key_path, _key_pem(key))
-        self.ca_cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_public(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
         self._issue_server(now, server_names)
         return True
 
@@ -126,18 +136,36 @@ class CertificateAuthority:
         certificate. `server_names` default to those of the certificate it replaces. The gateway
         loads its certificate when it starts: restart `vendgate serve` after a renewal.
         """
+        if server_names is not None:
+            server_names = checked_server_names(server_names)
         current = self.server_certificate()
-        if current is not None and self.server_key_path.exists() and not force \
+        if current is not None and not force and self._server_key_matches(current) \
                 and current.not_valid_after_utc - now > dt.timedelta(days=server_renew_days):
             return None
         if server_names is None:
+            if current is None and self.server_cert_path.exists():
+                raise CertificateError(f"{self.server_cert_path} cannot be read: name the gateway with "
+                                       "`vendgate ca server-cert --name ...` to issue it anew")
             server_names = certificate_names(current) if current is not None else default_server_names
         return self._issue_server(now, server_names)
 
+    def _server_key_matches(self, cert: x509.Certificate) -> bool:
+        """The server key loads and is the certificate's (a renewal cut short between the two
+        files leaves the new key beside the old certificate, which `serve` could not load)."""
+        try:
+            key = serialization.load_pem_private_key(self.server_key_path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            return False
+        der = serialization.Encoding.DER
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
     def _issue_server(self, now: dt.datetime, server_names: tuple[str, ...]) -> x509.Certificate:
         server_key, server_cert = self._issue("vendgate-gateway", now, server=True, names=server_names)
+        # Certificate first: cut short here, the old key stays beside the new certificate, and a
+        # renewal run again (the pair no longer matches) issues both anew, with the new names.
+        _write_public(self.server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
         _write_private(self.server_key_path, _key_pem(server_key))
-        self.server_cert_path.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
         return server_cert
 
     def _load(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -174,7 +202,7 @@ class CertificateAuthority:
         key_path = out_dir / f"{terminal_id}.key"
         cert_path = out_dir / f"{terminal_id}.pem"
         _write_private(key_path, _key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return cert, cert_path, key_path
 
     def server_ssl_context(self) -> ssl.SSLContext:
@@ -187,6 +215,33 @@ class CertificateAuthority:
         context.load_verify_locations(cafile=str(self.ca_cert_path))
         context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def checked_server_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Names a server certificate can carry: IP addresses, and DNS names as their ASCII (IDNA)
+    form; an empty name, or one IDNA cannot write, is refused before anything is issued."""
+    checked: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            raise CertificateError("a server name cannot be empty")
+        try:
+            checked.append(str(ipaddress.ip_address(name)))
+            continue
+        except ValueError:
+            pass
+        try:
+            ascii_name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_name = ""
+        labels = ascii_name.removeprefix("*.").split(".")
+        if not ascii_name or len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+            raise CertificateError(f"{name!r} is neither an IP address nor a DNS name")
+        checked.append(ascii_name)
+    return tuple(checked)
 
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:

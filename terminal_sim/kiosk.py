@@ -7,6 +7,7 @@ import random
 import ssl
 import time
 from datetime import date
+from typing import TypeGuard
 
 import aiohttp
 import msgspec
@@ -88,20 +89,32 @@ class Kiosk:
                                             currency=currency, tender_type=TenderType.CASH))
 
     async def settled_top_up(self, meter_number: str, amount_minor: int, currency: str,
-                             txn: ClientTransactionId) -> tuple[int, ServerMessage, int]:
+                             txn: ClientTransactionId, *, deadline: float | None = None
+                             ) -> tuple[int, ServerMessage, int]:
         """top_up, asked again under the same id while its answer does not come (attempts_max in
-        all): the answer and how many times it was asked. The last failure is raised."""
+        all, none begun after `deadline`, a time.monotonic() reading): the answer and how many
+        times it was asked. The last failure is raised."""
         for attempt in range(1, attempts_max + 1):
+            last = attempt == attempts_max
             try:
                 status, reply = await self.top_up(meter_number, amount_minor, currency, txn)
-                if not (isinstance(reply, ErrorReply) and reply.response_code in _UNSETTLED_CODES) \
-                        or attempt == attempts_max:
+                if not _unsettled(reply):
                     return status, reply, attempt
             except (UnreadableReply, aiohttp.ClientError, ssl.SSLError, ConnectionError, TimeoutError):
-                if attempt == attempts_max:
+                pause_s = retry_pause_s * 2 ** (attempt - 1)
+                if last or (deadline is not None and time.monotonic() + pause_s >= deadline):
                     raise
-            await asyncio.sleep(retry_pause_s * 2 ** (attempt - 1))
+            else:
+                pause_s = retry_pause_s * 2 ** (attempt - 1)
+                if last or (deadline is not None and time.monotonic() + pause_s >= deadline):
+                    return status, reply, attempt
+            await asyncio.sleep(pause_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _unsettled(reply: ServerMessage) -> TypeGuard[ErrorReply]:
+    """An answer that says nothing of the payment: it may or may not have been made."""
+    return isinstance(reply, ErrorReply) and reply.response_code in _UNSETTLED_CODES
 
 
 class KioskSummary(msgspec.Struct, kw_only=True):
@@ -142,13 +155,9 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
             payments += 1
             txn, meter = kiosk.next_transaction_id(), rng.choice(meters)
             try:
-                status, reply, asked = await kiosk.settled_top_up(meter, amount_minor, currency, txn)
+                status, reply, asked = await kiosk.settled_top_up(meter, amount_minor, currency, txn,
+                                                                  deadline=deadline)
                 summary.repeated += asked - 1
-                if payments % retry_every == 0:
-                    again_status, again = await kiosk.top_up(meter, amount_minor, currency, txn)
-                    if (again_status, again) != (status, reply):
-                        inconsistent(f"{kiosk.kiosk_id}: a retry of sequence {txn.terminal_sequence} "
-                                     "was answered differently")
             except UnreadableReply as error:
                 summary.errors += 1
                 summary.notes.append(f"{kiosk.kiosk_id}: HTTP {error.status} answered with no kiosk reply "
@@ -158,7 +167,7 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
                 summary.errors += 1
                 summary.notes.append(f"{kiosk.kiosk_id}: {type(error).__name__}")
                 continue
-            if isinstance(reply, ErrorReply) and reply.response_code in _UNSETTLED_CODES:
+            if _unsettled(reply):
                 summary.errors += 1  # asked attempts_max times: its outcome is not known
                 summary.notes.append(f"{kiosk.kiosk_id}: sequence {txn.terminal_sequence} still "
                                      f"{reply.response_code.name} after {attempts_max} attempts")
@@ -177,6 +186,24 @@ async def run_kiosks(kiosks: list[Kiosk], meters: list[str], currency: str, dura
                     inconsistent(f"{kiosk.kiosk_id}: receipt {reply.receipt_number} given to two payments")
             else:
                 summary.declined += 1
+            if payments % retry_every == 0 and not _unsettled(reply):
+                await repeat(kiosk, meter, txn, status, reply)
+
+    async def repeat(kiosk: Kiosk, meter: str, txn: ClientTransactionId, status: int, reply: ServerMessage) -> None:
+        """Ask a settled payment again under its id: the answer must be the first one again. An
+        answer that does not come is no inconsistency (the payment is counted already)."""
+        try:
+            again_status, again, asked = await kiosk.settled_top_up(meter, amount_minor, currency, txn,
+                                                                    deadline=deadline)
+        except (UnreadableReply, aiohttp.ClientError, ssl.SSLError, ConnectionError, TimeoutError) as error:
+            summary.notes.append(f"{kiosk.kiosk_id}: the repeat of sequence {txn.terminal_sequence} "
+                                 f"got no answer ({type(error).__name__})")
+            return
+        summary.repeated += asked - 1
+        if _unsettled(again):
+            summary.notes.append(f"{kiosk.kiosk_id}: the repeat of sequence {txn.terminal_sequence} got no answer")
+        elif (again_status, again) != (status, reply):
+            inconsistent(f"{kiosk.kiosk_id}: a retry of sequence {txn.terminal_sequence} was answered differently")
 
     await asyncio.gather(*(run(kiosk, random.Random(seed * 7_919 + i)) for i, kiosk in enumerate(kiosks)))
     return summary

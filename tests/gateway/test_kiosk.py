@@ -933,10 +933,77 @@ def test_ca_server_cert_issues_one_for_the_names_asked(tmp_path: Path) -> None:
     assert cert is not None and certificate_names(cert) == ("pay.example.org", "192.0.2.7")
 
 
-async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], web.StreamResponse | None],
-                            duration_s: float) -> Any:
+def test_a_renewal_cut_short_between_its_two_files_is_repaired_by_ca_init(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new certificate is in place, the new key is not (the process killed, the disk full):
+    the old key no longer matches, which `serve` cannot load. `ca init` run again sees the
+    mismatch and issues both anew, for the names the cut-short renewal was for. Before, it saw a
+    readable certificate and a key and did nothing."""
+    from gateway import ca as ca_module
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    assert authority.init(now=datetime.now(UTC), server_names=("gw.example",))
+    written = ca_module._write_private
+
+    def disk_full(path: Path, data: bytes) -> None:
+        if path == authority.server_key_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ca_module, "_write_private", disk_full)
+        with pytest.raises(OSError):
+            authority.renew_server(now=datetime.now(UTC), server_names=("gw.example", "10.1.2.3"), force=True)
+    with pytest.raises(ssl.SSLError):
+        authority.server_ssl_context()
+    assert sorted(p.name for p in authority.directory.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
+    repaired = authority.renew_server(now=datetime.now(UTC))  # `vendgate ca init`
+    assert repaired is not None and certificate_names(repaired) == ("gw.example", "10.1.2.3")
+    authority.server_ssl_context()
+    assert authority.renew_server(now=datetime.now(UTC)) is None
+
+
+def test_an_unreadable_server_certificate_is_not_renewed_for_default_names(tmp_path: Path) -> None:
+    """Its names are unknown: issued for localhost alone, kiosks reaching the gateway by its name
+    would fail their handshakes. The operator is told to name it."""
+    authority = CertificateAuthority(tmp_path / "ca")
+    assert authority.init(now=datetime.now(UTC), server_names=("gw.example",))
+    authority.server_cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\ntruncated")
+    with pytest.raises(CertificateError, match="server-cert --name"):
+        authority.renew_server(now=datetime.now(UTC))
+    done = vendgate_ca(tmp_path, "init")
+    assert done.returncode == 2 and "server-cert --name" in done.stderr
+    assert vendgate_ca(tmp_path, "server-cert", "--name", "gw.example").returncode == 0
+    authority.server_ssl_context()
+
+
+@pytest.mark.parametrize(("name", "refused"), [("", "cannot be empty"), ("  ", "cannot be empty"),
+                                               ("bad name!", "neither an IP address nor a DNS name")])
+def test_ca_server_cert_refuses_a_name_no_kiosk_could_verify(tmp_path: Path, name: str, refused: str) -> None:
+    """An empty name (an unset shell variable) would replace a working certificate with one no
+    kiosk verifies: refused, the certificate kept, one line and exit 2."""
+    authority = CertificateAuthority(tmp_path / "ca")
+    authority.init(now=datetime.now(UTC))
+    before = authority.server_certificate()
+    done = vendgate_ca(tmp_path, "server-cert", "--name", "gw.example", "--name", name)
+    assert done.returncode == 2 and refused in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert authority.server_certificate() == before
+
+
+def test_ca_server_cert_writes_a_name_beyond_ascii_as_idna(tmp_path: Path) -> None:
+    authority = CertificateAuthority(tmp_path / "ca")
+    authority.init(now=datetime.now(UTC))
+    done = vendgate_ca(tmp_path, "server-cert", "--name", "café.example")
+    assert done.returncode == 0, done.stderr
+    cert = authority.server_certificate()
+    assert cert is not None and certificate_names(cert) == ("xn--caf-dma.example",)
+
+
+async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], Any],
+                            duration_s: float, *, retry_every: int = 1000, took_s: list[float] | None = None) -> Any:
     """run_kiosks for one kiosk against a fake gateway: `answer` gets each request, its message and
-    its number (from 1) and may answer it; else the payment is approved. The run's summary."""
+    its number (from 1) and may answer it (or return an awaitable of the answer); else the payment
+    is approved. The run's summary; how long the run took is appended to `took_s`."""
     from terminal_sim.kiosk import Kiosk, run_kiosks
 
     posts = 0
@@ -947,6 +1014,8 @@ async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], w
         message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
         assert isinstance(message, TopUpRequest)
         answered = answer(request, message, posts)
+        if asyncio.iscoroutine(answered):
+            answered = await answered
         if answered is not None:
             return answered
         return web.Response(body=encode_kiosk_message(TopUpResult(
@@ -964,7 +1033,11 @@ async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], w
     try:
         port = runner.addresses[0][1]
         client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
-        return await run_kiosks([client], [meter_number(9)], "EUR", duration_s, retry_every=1000)
+        started = time.monotonic()
+        summary = await run_kiosks([client], [meter_number(9)], "EUR", duration_s, retry_every=retry_every)
+        if took_s is not None:
+            took_s.append(time.monotonic() - started)
+        return summary
     finally:
         await runner.cleanup()
 
@@ -1013,8 +1086,41 @@ async def test_the_kiosk_simulator_asks_again_under_the_same_id_when_no_answer_c
             return web.Response(status=503, body=encode_kiosk_message(busy), content_type=CONTENT_TYPE)
         return None
 
-    summary = await kiosk_run_against(answer, 0.3)
+    summary = await kiosk_run_against(answer, 2.0)  # its pauses take 0.6 s
     assert seen[:3] == [seen[0]] * 3, seen[:4]  # lost, busy, then answered: one id
     assert summary.errors == 0 and summary.inconsistencies == 0 and summary.repeated == 2
     assert summary.approved == len(set(seen))
     assert kiosk_module.request_timeout_s > committer.submit_timeout_s
+
+
+async def test_a_kiosk_run_against_a_hung_gateway_ends_near_its_duration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No attempt is begun after the run's end: a payment in hand may take one request timeout
+    more. Before, its attempts went on regardless: with 45 s timeouts about 3 minutes past it."""
+    from terminal_sim import kiosk as kiosk_module
+
+    monkeypatch.setattr(kiosk_module, "request_timeout_s", 0.5)
+    async def hang(_: web.Request, __: TopUpRequest, n: int) -> None:
+        await asyncio.sleep(2)  # never answered in time: the client times out
+        raise asyncio.CancelledError
+
+    took_s: list[float] = []
+    summary = await kiosk_run_against(hang, 0.2, took_s=took_s)
+    assert took_s[0] <= 0.2 + kiosk_module.request_timeout_s + 0.6, (took_s, summary)
+    assert summary.errors == 1
+
+
+async def test_a_repeat_answered_busy_is_no_inconsistency() -> None:
+    """Every retry_every-th payment is asked again to check the answer is the stored one. When that
+    repeat meets SYSTEM_BUSY it is asked again too, and an answer that never comes is noted, not
+    called inconsistent. Before, SYSTEM_BUSY there counted as an inconsistency and `vendgate demo`
+    failed on a gateway busy for a moment."""
+    def busy_once(_: web.Request, __: TopUpRequest, n: int) -> web.Response | None:
+        if n == 2:
+            busy = ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
+                              connection_closing=False)
+            return web.Response(status=503, body=encode_kiosk_message(busy), content_type=CONTENT_TYPE)
+        return None
+
+    summary = await kiosk_run_against(busy_once, 0.3, retry_every=1)
+    assert summary.inconsistencies == 0 and summary.errors == 0, summary
+    assert summary.repeated >= 1 and summary.approved >= 1
