@@ -300,7 +300,8 @@ async def wait_for_postings_until(conn: Connection, at: datetime, *,
     a read just after `at` could miss one dated before it that commits after the read, and the
     same question asked again would get another answer. So this waits for every transaction open
     now that began by `at`; PostingsInFlight after `timeout_s`, naming one that is still open. Call
-    it outside a transaction (a REPEATABLE READ transaction's snapshot is taken already).
+    it outside a transaction or in a READ COMMITTED one (a REPEATABLE READ transaction's snapshot
+    is taken already: what it waited for would stay unseen).
     """
     if at.tzinfo is None:
         raise ValueError("wait_for_postings_until needs a timezone-aware time")

@@ -1,11 +1,12 @@
 """The outbox relay: payment events go to the prepayment engine, at least once, in order.
 
 Events are written in the payment's own transaction (gateway/vending.py), so an event exists
-exactly when its payment does. The relay takes the oldest undelivered events, each held by a
-session advisory lock (so two gateways never send one event at once: while one relay holds the
-oldest, another finds nothing until its next round; and no database transaction stays open while
-the engine is called), POSTs them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by
-event_id (delivery is at least once).
+exactly when its payment does. The relay takes the oldest undelivered events (those the engine
+turned down in a round of their own last, below), each held by a session advisory lock (so two
+gateways never send one event at once: while one relay holds the oldest, another finds nothing
+until its next round; and no database transaction stays open while the engine is called), POSTs
+them as one JSON document and marks them delivered on a 2xx. The engine deduplicates by event_id
+(delivery is at least once).
 
 What the engine's answer means: 2xx, delivered; a 4xx (but 408 and 429), refused; a 5xx (but
 503), failed. A refused or failed batch is retried event by event at once. An event's own refusal

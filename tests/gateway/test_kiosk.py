@@ -179,23 +179,10 @@ async def test_kiosk_simulator_pays_and_finds_every_retry_answered_the_same(kios
 
 async def kiosk_sim_against(reply_for: Callable[[TopUpRequest], TopUpResult]) -> KioskSummary:
     """run_kiosks against an endpoint answering each top-up with reply_for(request)."""
-    async def answer(request: web.Request) -> web.Response:
-        message = decode_kiosk_request(await request.read(), kiosk_id=KIOSK_ID)
-        assert isinstance(message, TopUpRequest)
+    def answer(_: web.Request, message: TopUpRequest, __: int) -> web.Response:
         return web.Response(body=encode_kiosk_message(reply_for(message)), content_type=CONTENT_TYPE)
 
-    app = web.Application()
-    app.router.add_post(KIOSK_PATH, answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        client = Kiosk(KIOSK_ID, f"http://127.0.0.1:{port}", None, datetime.now(UTC).date())
-        return await run_kiosks([client], [meter_number(9)], "EUR", 0.3, retry_every=2)
-    finally:
-        await runner.cleanup()
+    return await kiosk_run_against(answer, 0.3, retry_every=2)
 
 
 async def test_kiosk_simulator_flags_a_retry_answered_differently() -> None:
@@ -1000,7 +987,8 @@ def test_ca_server_cert_writes_a_name_beyond_ascii_as_idna(tmp_path: Path) -> No
 
 
 async def kiosk_run_against(answer: Callable[[web.Request, TopUpRequest, int], Any],
-                            duration_s: float, *, retry_every: int = 1000, took_s: list[float] | None = None) -> Any:
+                            duration_s: float, *, retry_every: int = 1000,
+                            took_s: list[float] | None = None) -> KioskSummary:
     """run_kiosks for one kiosk against a fake gateway: `answer` gets each request, its message and
     its number (from 1) and may answer it (or return an awaitable of the answer); else the payment
     is approved. The run's summary; how long the run took is appended to `took_s`."""
