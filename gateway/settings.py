@@ -22,6 +22,8 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # A wait, in seconds: bounded (an infinite one would wait for ever on a peer that never answers).
 TimeoutSeconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+CurrencyCode = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
+AmountMinor = Annotated[int, msgspec.Meta(ge=0)]
 
 ENV_PREFIX = "VENDGATE_"
 # Variables read by tools around the server rather than by the server itself.
@@ -46,11 +48,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     engine_url: str | None = None
     engine_timeout_s: TimeoutSeconds = 5.0
     # A float deposit above this many minor units waits for a second operator (`vendgate float
-    # approve`); 0: every deposit does.
-    deposit_approval_threshold_minor: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # approve`); 0: every deposit does. A currency named in deposit_approval_thresholds_minor has
+    # its own (a minor unit of UGX is worth about a three-thousandth of a KWD's: one figure cannot
+    # suit both); every other currency has deposit_approval_threshold_minor.
+    deposit_approval_threshold_minor: AmountMinor = 0
+    # In TOML a table (KES = 5000000); in the environment "KES=5000000,UGX=200000".
+    deposit_approval_thresholds_minor: dict[CurrencyCode, AmountMinor] = {}
     # Hex of a 32-byte key that encrypts terminal and vending keys at rest.
     master_key: str | None = None
     master_key_file: str | None = None
+
+    def deposit_approval_threshold_for(self, currency: str) -> int:
+        """The amount above which a deposit in `currency` waits for a second operator."""
+        return self.deposit_approval_thresholds_minor.get(currency, self.deposit_approval_threshold_minor)
 
     @property
     def pgdata_dir(self) -> Path:
@@ -62,6 +72,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 _FIELDS = frozenset(Settings.__struct_fields__)
+# Settings that are tables: in the environment, "KEY=value" pairs separated by commas.
+_TABLE_FIELDS = frozenset({"deposit_approval_thresholds_minor"})
 
 
 def load_settings(
@@ -95,7 +107,7 @@ def load_settings(
             raise SettingsError(f"unknown variable {name}")
         if raw == "":
             continue  # an empty variable is not set: the file's value or the default stands
-        values[key] = raw
+        values[key] = _table_from_pairs(name, raw) if key in _TABLE_FIELDS else raw
         source[key] = name
 
     try:
@@ -104,12 +116,27 @@ def load_settings(
         raise SettingsError(_describe(exc, source)) from None
 
 
+def _table_from_pairs(name: str, raw: str) -> dict[str, str]:
+    """KES=5000000,UGX=200000 as a table; its values are converted with the others."""
+    table: dict[str, str] = {}
+    for pair in raw.split(","):
+        key, equals, value = (part.strip() for part in pair.partition("="))
+        if not equals or not key or not value:
+            raise SettingsError(f"invalid value for {name}: expected KEY=value pairs separated by commas, "
+                                f"got {pair.strip()!r}")
+        if key in table:
+            raise SettingsError(f"invalid value for {name}: {key} is given twice")
+        table[key] = value
+    return table
+
+
 def _describe(exc: msgspec.ValidationError, source: Mapping[str, str]) -> str:
     message = str(exc)
-    marker = " - at `$."
-    if marker in message:
-        reason, _, path = message.partition(marker)
-        key = path.rstrip("`").split("[")[0].split(".")[0]
+    # "<reason> - at `$.<setting>...`", or for a table's key "<reason> - at `key` in `$.<setting>`"
+    reason, marker, where_text = message.partition(" - at `")
+    if marker and "$." in where_text:
+        key = where_text.partition("$.")[2].rstrip("`").split("[")[0].split(".")[0]
         where = source.get(key, ENV_PREFIX + key.upper())
-        return f"invalid value for {where}: {reason}"
+        in_key = " (in a key)" if where_text.startswith("key`") else ""
+        return f"invalid value for {where}{in_key}: {reason}"
     return f"invalid settings: {message}"

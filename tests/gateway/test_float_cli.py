@@ -21,8 +21,8 @@ def env(db_url: str, tmp_path: Path) -> dict[str, str]:
             "VENDGATE_DEPOSIT_APPROVAL_THRESHOLD_MINOR": str(THRESHOLD)}
 
 
-def new_agent(env: dict[str, str], name: str) -> str:
-    added = vendgate(env, "agent", "add", "--name", name, "--kind", "shop", "--currency", "KES",
+def new_agent(env: dict[str, str], name: str, currency: str = "KES") -> str:
+    added = vendgate(env, "agent", "add", "--name", name, "--kind", "shop", "--currency", currency,
                      "--time-zone", "Africa/Nairobi")
     assert added.returncode == 0, added.stderr
     return added.stdout.split()[1]
@@ -49,6 +49,28 @@ def test_a_deposit_within_the_threshold_posts_once_however_often_it_is_run(env: 
     other = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "60000", "--ref", "BANK-1")
     assert other.returncode == 2 and "other content" in other.stderr and "Traceback" not in other.stderr
     assert float_minor(env, agent) == 50_000
+
+
+def test_a_currency_named_in_the_thresholds_table_has_its_own(env: dict[str, str]) -> None:
+    # UGX has no minor unit: 100,000 minor units of it are about 27 US dollars, of KES about 770.
+    # One figure for both either asks a checker for pocket money or waves through large sums.
+    env = {**env, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "UGX=2000000, TZS=0"}
+    uganda = new_agent(env, "Kampala Shop", "UGX")
+    posted = vendgate(env, "float", "deposit", "--agent", uganda, "--amount-minor", "1500000", "--ref", "UG-1")
+    assert posted.returncode == 0, posted.stderr
+    assert ": posted;" in posted.stdout and float_minor(env, uganda) == 1_500_000
+    waits = vendgate(env, "float", "deposit", "--agent", uganda, "--amount-minor", "2000001", "--ref", "UG-2")
+    assert waits.returncode == 0, waits.stderr
+    assert ": pending_approval;" in waits.stdout and "approval threshold: 2000000 UGX" in waits.stdout
+    # A currency not in the table keeps the single threshold, in its own decimals.
+    kenya = new_agent(env, "Nairobi Shop")
+    held = vendgate(env, "float", "deposit", "--agent", kenya, "--amount-minor", "150000", "--ref", "KE-1")
+    assert ": pending_approval;" in held.stdout and "approval threshold: 1000.00 KES" in held.stdout
+    assert float_minor(env, kenya) == 0 and float_minor(env, uganda) == 1_500_000
+    for asked in (waits, held):  # the other tests of this database count what is pending
+        deposit_id = asked.stdout.split()[1].rstrip(":")
+        rejected = vendgate(env, "float", "reject", deposit_id, "--operator", "checker", "--reason", "test")
+        assert rejected.returncode == 0, rejected.stderr
 
 
 def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> None:

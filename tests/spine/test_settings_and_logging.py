@@ -36,6 +36,11 @@ def test_environment_values_are_converted() -> None:
         ({"VENDGATE_DATABASE_CONNECT_TIMEOUT_S": "inf"}, "VENDGATE_DATABASE_CONNECT_TIMEOUT_S"),
         ({"VENDGATE_ENGINE_TIMEOUT_S": "nan"}, "VENDGATE_ENGINE_TIMEOUT_S"),
         ({"VENDGATE_ENGINE_TIMEOUT_S": "0"}, "VENDGATE_ENGINE_TIMEOUT_S"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR.*'KES'"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=1,KES=2"}, "KES is given twice"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=-1"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "kes=1"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=lots"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], message: str) -> None:
@@ -48,6 +53,18 @@ def test_toml_file_then_environment_wins(tmp_path: Path) -> None:
     config.write_text('pos_port = 7001\nkiosk_port = 7002\n')
     settings = load_settings(environ={"VENDGATE_POS_PORT": "7003"}, config_file=config)
     assert (settings.pos_port, settings.kiosk_port) == (7003, 7002)
+
+
+def test_approval_thresholds_per_currency_from_toml_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "vendgate.toml"
+    config.write_text("deposit_approval_threshold_minor = 500\n"
+                      "[deposit_approval_thresholds_minor]\nUGX = 2000000\nKWD = 100000\n")
+    from_file = load_settings(environ={}, config_file=config)
+    assert [from_file.deposit_approval_threshold_for(c) for c in ("UGX", "KWD", "KES")] == [2_000_000, 100_000, 500]
+    # The variable replaces the file's whole table (as any variable replaces its setting).
+    from_env = load_settings(environ={"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": " UGX = 7 "}, config_file=config)
+    assert [from_env.deposit_approval_threshold_for(c) for c in ("UGX", "KWD", "KES")] == [7, 500, 500]
+    assert load_settings(environ={}).deposit_approval_threshold_for("UGX") == 0  # by default: every deposit waits
 
 
 def test_an_empty_variable_is_not_set(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from float_ledger.currency import format_minor
 from float_ledger.deposits import (
     approve_deposit,
     deposit_id_for_ref,
@@ -196,15 +197,16 @@ def handle_deposit(args: argparse.Namespace, settings: Settings) -> int:
             float_account_id=agent.float_account_id,
             source_account_id=source, amount_minor=args.amount_minor, currency=agent.currency,
             external_ref=args.external_ref, maker=_operator(args),
-            approval_threshold_minor=settings.deposit_approval_threshold_minor,
+            approval_threshold_minor=settings.deposit_approval_threshold_for(agent.currency),
             metadata={"agent_id": str(agent.agent_id)})
 
     result = run_on_connection(settings, body)
     for line in _result_lines(result):
         print(line)
     if result.deposit.status is DepositStatus.pending_approval:
+        threshold_minor = settings.deposit_approval_threshold_for(result.deposit.currency)
         print(f"awaiting another operator's approve or reject (this command's approval threshold: "
-              f"{settings.deposit_approval_threshold_minor} minor units)")
+              f"{format_minor(threshold_minor, result.deposit.currency)})")
     # A script reads the status: 0 when the deposit is posted or awaits its checker.
     return 0 if result.deposit.status in (DepositStatus.posted, DepositStatus.pending_approval) else EXIT_NOT_DONE
 
