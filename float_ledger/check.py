@@ -10,7 +10,9 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
 - balances_match_transfers  each stored balance = its credits - its debits
 - running_balances_consistent  each transfer's balance-after = the account's previous one + the
                             amount, an account's transfers never go back in time, and none is
-                            dated before its accounts were opened
+                            dated before its accounts were opened or ahead of the database's clock
+                            (posting dates a transfer no earlier than its accounts' last one, so
+                            one dated ahead drags every later posting of its accounts with it)
 - balances_within_bounds    no balance below its lower bound, and no agent's float below 0 (nor
                             with a bound that would let it go there)
 - groups_posted_once        each linked group's transfers were posted together (one posting time),
@@ -28,6 +30,9 @@ REPEATABLE READ READ ONLY transaction, so they see one consistent ledger while p
                             (ENABLE ALWAYS), fire BEFORE those events (per row; TRUNCATE per statement)
                             with no WHEN clause, and call the refusing function whose source is
                             the one the migrations installed
+
+The check runs with pg_catalog first on its search_path, so a function of another schema named
+like a built-in the chain uses (sha256, say) cannot stand in for it.
 
 The chain has no secret key: whoever holds the tables' owner's rights (DDL) can rewrite history
 and recompute every hash, and this check then passes. What it finds is a change made without
@@ -48,6 +53,9 @@ from float_ledger import sql
 from float_ledger.errors import LedgerError
 
 problems_shown_max = 5
+# A transfer dated later than this past the check's start was not posted by this database's clock
+# (or the clock stepped back that far): every later posting of its accounts would be dated after it.
+clock_skew_s_max = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ async def check_ledger(conn: Any) -> CheckReport:
     if conn.is_in_transaction():
         raise LedgerError("check_ledger opens its own REPEATABLE READ transaction: call it outside yours")
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(sql.SQL_PIN_CATALOG_FIRST)
         counts = await conn.fetchrow(sql.SQL_CHECK_COUNTS)
         transfers, accounts, currencies = counts["transfers"], counts["accounts"], counts["currencies"]
         limit = problems_shown_max
@@ -165,7 +174,9 @@ async def check_ledger(conn: Any) -> CheckReport:
                        else f", posted at {r['created_at']} before its predecessor ({r['previous_created_at']})")
                     for r in await rows(sql.SQL_CHECK_RUNNING_BALANCES, limit)] + [
                     f"transfer {r['id']}: posted at {r['created_at']}, before account {r['account_id']} was opened "
-                    f"({r['opened_at']})" for r in await rows(sql.SQL_CHECK_BEFORE_OPENING, limit)]
+                    f"({r['opened_at']})" for r in await rows(sql.SQL_CHECK_BEFORE_OPENING, limit)] + [
+                    f"transfer {r['id']}: posted at {r['created_at']}, after this check began ({r['checked_at']})"
+                    for r in await rows(sql.SQL_CHECK_FUTURE_DATED, clock_skew_s_max, limit)]
 
         async def groups() -> list[str]:
             problems = []
@@ -216,7 +227,7 @@ async def check_ledger(conn: Any) -> CheckReport:
             ("balances_match_transfers", f"{accounts} stored balances equal credits minus debits", balance_sums),
             ("running_balances_consistent",
              "each transfer's balances-after follow from the accounts' previous ones, in time order, none "
-             "before its accounts were opened", running),
+             f"before its accounts were opened nor more than {clock_skew_s_max} s after now", running),
             ("balances_within_bounds", f"{accounts} balances at or above their lower bounds, agents' floats at or "
              "above 0", bounds),
             ("groups_posted_once", "each linked group's transfers posted together, its first one opening it", groups),

@@ -166,10 +166,17 @@ def _check_metadata(index: int, metadata: Mapping[str, str | int]) -> str:
         # bool is an int in Python but would be stored as a JSON boolean.
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise InvalidTransfer(f"transfer {index}: metadata {key!r} is neither text nor an integer")
+        # jsonb cannot hold U+0000 (PostgreSQL would refuse the batch with an error of its own).
+        if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+            raise InvalidTransfer(f"transfer {index}: metadata {key!r} holds a NUL character")
     encoded = _metadata_encoder.encode(metadata)
     if len(encoded) > metadata_bytes_max:
         raise InvalidTransfer(f"transfer {index}: metadata is {len(encoded)} bytes, over {metadata_bytes_max}")
     return encoded.decode()
+
+
+def _is_account_id(value: object) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**63
 
 
 def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
@@ -190,6 +197,9 @@ def batch_columns(transfers: Sequence[Transfer]) -> TransferColumns:
         amount = transfer.amount_minor
         if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= amount_minor_max:
             raise InvalidTransfer(f"transfer {index}: amount_minor {amount!r} not in 1..{amount_minor_max}")
+        if not (_is_account_id(transfer.debit_account_id) and _is_account_id(transfer.credit_account_id)):
+            raise InvalidTransfer(f"transfer {index}: account ids {transfer.debit_account_id!r} and "
+                                  f"{transfer.credit_account_id!r} must be integers of PostgreSQL's bigint")
         if transfer.debit_account_id == transfer.credit_account_id:
             raise InvalidTransfer(f"transfer {index}: debit and credit account are both {transfer.debit_account_id}")
         if transfer.currency not in currencies_seen:

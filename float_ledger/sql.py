@@ -293,7 +293,8 @@ HAVING count(*) > 1
 SQL_CHECK_RUNNING_BALANCES = """
 SELECT x.account_id, x.id, x.balance_after, x.expected, x.created_at, x.previous_created_at
   FROM (SELECT legs.*,
-               coalesce(lag(balance_after) OVER w, 0) + delta AS expected,
+               -- numeric: a corrupted balance near bigint's limit is reported, not an overflow
+               coalesce(lag(balance_after) OVER w, 0)::numeric + delta AS expected,
                lag(created_at) OVER w AS previous_created_at
           FROM (SELECT id, seq, created_at, debit_account_id AS account_id, -amount_minor AS delta,
                        debit_balance_after_minor AS balance_after
@@ -341,6 +342,18 @@ SELECT t.id, t.created_at, CASE WHEN d.created_at >= c.created_at THEN d.id ELSE
  WHERE t.created_at < greatest(d.created_at, c.created_at)
  ORDER BY t.seq
  LIMIT $1"""
+
+# Dated more than $1 seconds after the check's transaction began (its snapshot's clock).
+SQL_CHECK_FUTURE_DATED = """
+SELECT id, created_at, now() AS checked_at FROM ledger_transfers
+ WHERE created_at > now() + make_interval(secs => $1)
+ ORDER BY seq
+ LIMIT $2"""
+
+# For the checks' transaction: built-ins (sha256...) resolve to PostgreSQL's own whatever schema
+# precedes pg_catalog in the session's search_path (the database's or the role's default); the
+# tables resolve as before.
+SQL_PIN_CATALOG_FIRST = "SELECT set_config('search_path', 'pg_catalog, ' || current_setting('search_path'), true)"
 
 # The hash functions SQL_CHECK_HASHES recomputes the chain with ($1), as the catalog has them: how
 # many functions of that name there are in any schema, and the source of the one the check's

@@ -12,6 +12,9 @@ so this verifies what the keys would have:
                             the prepayment engine, of its meter, amount and currency; a declined one
                             has no receipt and no group; an approved reversal and its reversals row
                             (the payment found) name each other
+- accounts_as_registered    every agent's float and commission accounts, and every customer's
+                            credit and debt accounts, are of the kind, currency and owner the
+                            registry created them with (none of these is in the ledger's hash chain)
 - vend_records_protected    the triggers refusing DELETE, TRUNCATE and a change of key on those
                             tables are each on their table, enabled, fire on the events they refuse
                             (a key change: an UPDATE of the key columns, WHEN one of them changes),
@@ -33,6 +36,7 @@ from float_ledger.check import (
     problems_shown_max,
     protecting_trigger_problems,
 )
+from float_ledger.sql import SQL_PIN_CATALOG_FIRST
 
 # SHA-256 of the source of vendgate_refuse_delete (gateway/migrations/0013_vend_records.sql), as
 # float_ledger.check keeps vendgate_refuse_key_change's: a migration that redefines either changes
@@ -140,15 +144,49 @@ SELECT 'reversal ' || coalesce(v.client_txn_id, r.reversal_txn_id) || ': '
  WHERE r.reversal_txn_id IS NULL OR v.client_txn_id IS NULL OR r.terminal_id <> v.terminal_id
  ORDER BY 1
  LIMIT $1"""
+# The accounts the registry names are what it made them: an agent's float an agent_float and its
+# commission account a commission_payable, both of the agent's currency and owned by it; a
+# customer's credit and debt accounts customer_credit and customer_debt, owned by the customer, of
+# one currency. Kind, currency and owner are in no transfer's hash: a float turned into a
+# suspense account (its identity trigger off for a moment) could take a credit limit and go below
+# 0 with every ledger invariant holding.
+SQL_ACCOUNTS_NOT_AS_REGISTERED = """
+(SELECT 'agent ' || a.agent_id || ': ' || r.role || ' account ' || r.account_id || ' is '
+        || coalesce(l.kind || ' in ' || l.currency || ' owned by ' || l.owner_ref, 'missing')
+        || ', not ' || r.kind || ' in ' || a.currency || ' owned by agent:' || a.agent_id AS problem
+   FROM agents a
+  CROSS JOIN LATERAL (VALUES ('float', a.float_account_id, 'agent_float'),
+                             ('commission', a.commission_account_id, 'commission_payable')) r(role, account_id, kind)
+   LEFT JOIN ledger_accounts l ON l.id = r.account_id
+  WHERE l.id IS NULL OR l.kind <> r.kind OR l.currency <> a.currency
+     OR l.owner_ref IS DISTINCT FROM 'agent:' || a.agent_id
+  ORDER BY a.agent_id, r.role LIMIT $1)
+UNION ALL
+(SELECT 'customer ' || c.account_number || ': credit account ' || c.credit_account_id || ' is '
+        || coalesce(cr.kind || ' in ' || cr.currency || ' owned by ' || cr.owner_ref, 'missing')
+        || ', debt account ' || c.debt_account_id || ' is '
+        || coalesce(d.kind || ' in ' || d.currency || ' owned by ' || d.owner_ref, 'missing')
+        || ', not customer_credit and customer_debt of one currency owned by customer:' || c.account_number
+   FROM customers c
+   LEFT JOIN ledger_accounts cr ON cr.id = c.credit_account_id
+   LEFT JOIN ledger_accounts d ON d.id = c.debt_account_id
+  WHERE cr.id IS NULL OR d.id IS NULL OR cr.kind <> 'customer_credit' OR d.kind <> 'customer_debt'
+     OR cr.currency <> d.currency OR cr.owner_ref IS DISTINCT FROM 'customer:' || c.account_number
+     OR d.owner_ref IS DISTINCT FROM 'customer:' || c.account_number
+  ORDER BY c.account_number LIMIT $1)"""
 SQL_COUNTS = """
 SELECT (SELECT count(*) FROM vend_transactions) AS payments, (SELECT count(*) FROM receipts) AS receipts,
-       (SELECT count(*) FROM tokens) AS tokens"""
+       (SELECT count(*) FROM tokens) AS tokens, (SELECT count(*) FROM agents) AS agents,
+       (SELECT count(*) FROM customers) AS customers"""
 
 
 async def check_vend_records(conn: Any) -> list[InvariantResult]:
     """The payment records' invariants, in one consistent snapshot (a transaction of its own)."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(SQL_PIN_CATALOG_FIRST)
         counts = await conn.fetchrow(SQL_COUNTS)
+        not_as_registered = [r["problem"] for r in await conn.fetch(SQL_ACCOUNTS_NOT_AS_REGISTERED,
+                                                                    problems_shown_max)]
         unreferenced = [r["problem"] for r in await conn.fetch(SQL_UNREFERENCED, problems_shown_max)]
         inconsistent = [r["problem"] for r in await conn.fetch(SQL_INCONSISTENT, problems_shown_max)]
         inconsistent += [r["problem"] for r in await conn.fetch(SQL_REVERSALS_INCONSISTENT, problems_shown_max)]
@@ -164,6 +202,10 @@ async def check_vend_records(conn: Any) -> list[InvariantResult]:
                         "declined payment with a receipt or a ledger group; every approved reversal with its "
                         "reversal record and every reversal record with its approved reversal",
                         inconsistent[:problems_shown_max]),
+        InvariantResult("accounts_as_registered",
+                        f"{counts['agents']} agents' float and commission accounts and {counts['customers']} "
+                        "customers' credit and debt accounts of the kind, currency and owner the registry made them",
+                        not_as_registered[:problems_shown_max]),
         InvariantResult("vend_records_protected",
                         f"{len(PROTECTING_TRIGGERS)} triggers refusing DELETE, TRUNCATE and key changes on their "
                         "tables, enabled, firing on those events and calling the refusals the migrations installed",

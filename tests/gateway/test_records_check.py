@@ -11,12 +11,14 @@ import asyncpg
 import pytest
 
 from float_ledger.check import REFUSE_KEY_CHANGE_SOURCE_SHA256
+from float_ledger.ledger import post_transfers, set_lower_bound
 from gateway.keystore import KeyStore
 from gateway.records_check import PROTECTING_TRIGGERS, REFUSE_DELETE_SOURCE_SHA256, check_all
 from gateway.seeding import meter_number, seed, terminal_id
 from gateway.vending import VendingService, VendRequest
 from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
+from tests.ledger.conftest import transfer
 from tests.ledger.test_check import (
     ALL_INVARIANTS,
     installed_source_sha256,
@@ -24,7 +26,8 @@ from tests.ledger.test_check import (
     vendgate_ledger_check,
 )
 
-VEND_INVARIANTS = {"vend_records_referenced", "vend_records_consistent", "vend_records_protected"}
+VEND_INVARIANTS = {"vend_records_referenced", "vend_records_consistent", "accounts_as_registered",
+                   "vend_records_protected"}
 
 
 @pytest.fixture
@@ -282,3 +285,43 @@ async def test_an_engine_event_for_another_amount_is_found(paid: tuple[asyncpg.C
                        "WHERE client_txn_id = $1 AND kind = 'payment_received'", txn)
     assert await broken(conn) == {"vend_records_consistent": [
         f"payment {txn}: approved with no event of its meter and amount for the prepayment engine"]}
+
+
+async def test_an_agent_float_turned_into_another_kind_of_account_is_found(
+        paid: tuple[asyncpg.Connection, str]) -> None:
+    """An account's kind, currency and owner are in no transfer's hash. A float made a suspense
+    account (its identity trigger off for a moment, then on again as created) takes a credit limit
+    through the API and goes below 0 with every ledger invariant holding: the registry says what
+    the account must be."""
+    conn, _ = paid
+    agent = await conn.fetchrow("SELECT agent_id, float_account_id FROM agents ORDER BY agent_id LIMIT 1")
+    credit_id = await conn.fetchval("SELECT credit_account_id FROM customers LIMIT 1")
+    await conn.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_identity_fixed")
+    await conn.execute("UPDATE ledger_accounts SET kind = 'suspense' WHERE id = $1", agent["float_account_id"])
+    await conn.execute("ALTER TABLE ledger_accounts ENABLE ALWAYS TRIGGER ledger_accounts_identity_fixed")
+    await set_lower_bound(conn, agent["float_account_id"], lower_bound_minor=-10**9)  # allowed: not a float now
+    float_id = agent["float_account_id"]
+    balance = await conn.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", float_id)
+    [result] = await post_transfers(conn, [transfer(float_id, credit_id, balance + 500, currency="EUR")])
+    assert result.status.posted
+    problems = await broken(conn)
+    assert list(problems) == ["accounts_as_registered"]
+    assert problems["accounts_as_registered"] == [
+        f"agent {agent['agent_id']}: float account {agent['float_account_id']} is suspense in EUR owned by "
+        f"agent:{agent['agent_id']}, not agent_float in EUR owned by agent:{agent['agent_id']}"]
+
+
+async def test_customer_accounts_owned_by_another_or_of_two_currencies_are_found(
+        paid: tuple[asyncpg.Connection, str]) -> None:
+    conn, _ = paid
+    first, second = await conn.fetch("SELECT * FROM customers ORDER BY customer_id LIMIT 2")
+    await conn.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_identity_fixed")
+    await conn.execute("UPDATE ledger_accounts SET owner_ref = $2 WHERE id = $1", first["debt_account_id"],
+                       f"customer:{second['account_number']}")
+    await conn.execute("UPDATE ledger_accounts SET currency = 'KES' WHERE id = $1", second["credit_account_id"])
+    await conn.execute("ALTER TABLE ledger_accounts ENABLE ALWAYS TRIGGER ledger_accounts_identity_fixed")
+    problems = (await broken(conn))["accounts_as_registered"]
+    assert [p.split(":")[0] for p in problems] == [f"customer {first['account_number']}",
+                                                    f"customer {second['account_number']}"]
+    assert f"owned by customer:{second['account_number']}, not customer_credit" in problems[0]
+    assert "is customer_credit in KES" in problems[1]

@@ -13,6 +13,7 @@ import re
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ async def test_the_command_passes_on_a_healthy_ledger_and_prints_what_it_checked
     lines = stdout.strip().splitlines()
     for name in ALL_INVARIANTS:
         assert any(line.startswith(f"ok      {name}: ") for line in lines), stdout
-    assert lines[-1] == "ledger check passed: 13 invariants hold over 17 transfers and 7 accounts"
+    assert lines[-1] == "ledger check passed: 14 invariants hold over 17 transfers and 7 accounts"
 
 
 async def test_the_command_fails_naming_the_broken_invariant(ledger: Any, ledger_url: str) -> None:
@@ -543,28 +544,98 @@ async def test_a_hash_function_shadowed_by_another_definition_is_found(ledger: A
     assert invariant.problems == ["hash function ledger_genesis_hash is defined 2 times (one may shadow it)"]
 
 
+async def insert_chained_transfer(conn: Any, debit: int, credit: int, amount: int, created_at: str) -> None:
+    """A transfer inserted past the posting function, dated `created_at` (an SQL expression), with
+    its hash made by the database's own functions and its accounts' balances, tips and clocks set
+    to follow it: only what its date breaks shows."""
+    await conn.execute(f"""
+        WITH a AS (SELECT id, balance_minor, coalesce(chain_hash, ledger_genesis_hash(id)) AS tip
+                     FROM ledger_accounts WHERE id IN ($1, $2)),
+             t AS (SELECT gen_random_uuid() AS id, nextval('ledger_transfer_seq') AS seq, {created_at} AS created_at,
+                          (SELECT balance_minor FROM a WHERE id = $1) - $3 AS debit_after,
+                          (SELECT balance_minor FROM a WHERE id = $2) + $3 AS credit_after),
+             ins AS (
+                INSERT INTO ledger_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency,
+                                              kind, group_id, metadata, debit_balance_after_minor,
+                                              credit_balance_after_minor, created_at, hash)
+                SELECT t.id, t.seq, $1, $2, $3, 'KES', 'deposit', NULL, '{{}}', t.debit_after, t.credit_after,
+                       t.created_at,
+                       ledger_transfer_hash((SELECT tip FROM a WHERE id = $1), (SELECT tip FROM a WHERE id = $2),
+                                            ledger_transfer_content_hash(t.id, $1, $2, $3, 'KES', 'deposit', NULL,
+                                                                         '{{}}'),
+                                            t.seq, t.debit_after, t.credit_after, t.created_at)
+                  FROM t RETURNING *)
+        UPDATE ledger_accounts a SET balance_minor = CASE WHEN a.id = $1 THEN ins.debit_balance_after_minor
+                                                          ELSE ins.credit_balance_after_minor END,
+               chain_hash = ins.hash, last_transfer_at = ins.created_at
+          FROM ins WHERE a.id IN ($1, $2)""", debit, credit, amount)
+
+
 async def test_a_transfer_dated_before_its_accounts_were_opened_is_found(ledger: Any) -> None:
-    """Inserted with its hash made by the database's own functions, and its accounts' balances,
-    tips and clocks set to follow it: every other invariant holds."""
     source = await account(ledger, AccountKind.float_deposits, "bank-x", lower_bound_minor=None)
     float_id = await account(ledger, AccountKind.agent_float, "A-9")
-    await ledger.execute("""
-        WITH t AS (
-            SELECT gen_random_uuid() AS id, nextval('ledger_transfer_seq') AS seq,
-                   now() - interval '30 days' AS created_at)
-        INSERT INTO ledger_transfers (id, seq, debit_account_id, credit_account_id, amount_minor, currency, kind,
-                                      group_id, metadata, debit_balance_after_minor, credit_balance_after_minor,
-                                      created_at, hash)
-        SELECT t.id, t.seq, $1, $2, 7000, 'KES', 'deposit', NULL, '{}', -7000, 7000, t.created_at,
-               ledger_transfer_hash(ledger_genesis_hash($1), ledger_genesis_hash($2),
-                                    ledger_transfer_content_hash(t.id, $1, $2, 7000, 'KES', 'deposit', NULL, '{}'),
-                                    t.seq, -7000, 7000, t.created_at)
-          FROM t""", source, float_id)
-    await ledger.execute("""
-        UPDATE ledger_accounts a SET balance_minor = CASE WHEN a.id = $1 THEN -7000 ELSE 7000 END,
-               chain_hash = t.hash, last_transfer_at = t.created_at
-          FROM ledger_transfers t WHERE t.debit_account_id = $1 AND a.id IN ($1, $2)""", source, float_id)
+    await insert_chained_transfer(ledger, source, float_id, 7000, "now() - interval '30 days'")
     assert await broken(ledger) == {"running_balances_consistent"}
+
+
+async def test_a_transfer_dated_ahead_of_the_clock_is_found(ledger: Any) -> None:
+    """Posting dates a transfer no earlier than its accounts' last one: one dated a year ahead
+    drags every later posting of its accounts a year ahead, onto another business day."""
+    source = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'float_deposits'")
+    float_id = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'agent_float'")
+    credit_id = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'customer_credit'")
+    await insert_chained_transfer(ledger, source, float_id, 7000, "now() + interval '365 days'")
+    [later] = await post_transfers(ledger, [transfer(float_id, credit_id, 100)])
+    assert later.transfer is not None and (later.transfer.created_at - datetime.now(UTC)).days >= 364
+    report = await check_ledger(ledger)
+    assert report.broken == ["running_balances_consistent"]
+    [invariant] = [i for i in report.invariants if not i.holds]
+    assert len(invariant.problems) == 2 and all("after this check began" in p for p in invariant.problems)
+    # Within the allowed skew (the database's clock stepped back a little, say): no finding.
+    fresh_source = await account(ledger, AccountKind.float_deposits, "bank-y", lower_bound_minor=None)
+    fresh_float = await account(ledger, AccountKind.agent_float, "A-10")
+    await insert_chained_transfer(ledger, fresh_source, fresh_float, 100, "now() + interval '10 seconds'")
+    again = await check_ledger(ledger)
+    assert [[p.split(":")[0] for p in i.problems] for i in again.invariants if not i.holds] == [
+        [p.split(":")[0] for p in invariant.problems]]
+
+
+async def test_a_builtin_shadowed_through_the_search_path_does_not_hide_a_change(ledger: Any,
+                                                                                  ledger_url: str) -> None:
+    """The chain's functions call sha256() unqualified: with a schema ahead of pg_catalog in the
+    database's search_path, a sha256(bytea) there answering each stored transfer's own hash would
+    make any change invisible, had the check not put pg_catalog first."""
+    database = ledger_url.rsplit("/", 1)[1]
+    await ledger.execute("""
+        CREATE FUNCTION public.sha256(b bytea) RETURNS bytea LANGUAGE sql STABLE AS $$
+            SELECT coalesce((SELECT t.hash FROM public.ledger_transfers t
+                              WHERE pg_catalog.octet_length(b) = 128
+                                AND t.seq = ('x' || pg_catalog.encode(pg_catalog.substr(b, 97, 8), 'hex'))
+                                            ::pg_catalog.bit(64)::pg_catalog.int8),
+                            pg_catalog.sha256(b))
+        $$""")
+    await ledger.execute(f'ALTER DATABASE "{database}" SET search_path = public, pg_catalog')
+    changed = await ledger.fetchval("SELECT id FROM ledger_transfers WHERE kind = 'collection' ORDER BY seq LIMIT 1")
+    await corrupt(ledger, "UPDATE ledger_transfers SET metadata = metadata || '{\"terminal_id\": \"T-9\"}' "
+                          "WHERE id = $1", changed)
+    other = await asyncpg.connect(ledger_url)  # a new session, as `vendgate ledger check` opens
+    try:
+        assert await other.fetchval("SHOW search_path") == "public, pg_catalog"
+        report = await check_ledger(other)
+        assert await other.fetchval("SHOW search_path") == "public, pg_catalog"  # pinned for the check alone
+    finally:
+        await other.close()
+    assert report.broken == ["transfers_unchanged"]
+
+
+async def test_a_balance_after_at_bigints_limit_is_reported_not_an_overflow(ledger: Any, ledger_url: str) -> None:
+    collections = await ledger.fetchval("SELECT id FROM ledger_accounts WHERE kind = 'utility_collections'")
+    first = await ledger.fetchval("SELECT id FROM ledger_transfers WHERE credit_account_id = $1 ORDER BY seq LIMIT 1",
+                                  collections)
+    await corrupt(ledger, "UPDATE ledger_transfers SET credit_balance_after_minor = 9223372036854775807 "
+                          "WHERE id = $1", first)
+    status, stdout, stderr = await vendgate_ledger_check(ledger_url)
+    assert status == 1 and "BROKEN  running_balances_consistent" in stdout, (status, stdout, stderr)
 
 
 @pytest.mark.parametrize("bound", [None, -1_000_000])

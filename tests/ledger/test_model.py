@@ -202,3 +202,18 @@ def test_an_account_cannot_start_outside_its_bound(fields: dict[str, Any], messa
 
 def test_posted_statuses() -> None:
     assert {s for s in PostStatus if s.posted} == {PostStatus.ok, PostStatus.exists}
+
+
+@pytest.mark.parametrize(("debit", "credit"), [(2**63, 1), (1, -(2**63) - 1), (True, 2), (1, 2.0)])
+def test_an_account_id_outside_bigint_is_refused_before_any_sql(debit: Any, credit: Any) -> None:
+    with pytest.raises(InvalidTransfer, match="integers of PostgreSQL's bigint"):
+        batch_columns([Transfer(id=uuid.uuid4(), debit_account_id=debit, credit_account_id=credit, amount_minor=1,
+                                currency="KES", kind="collection")])
+
+
+@pytest.mark.parametrize("metadata", [{"external_ref": "BANK\x00-1"}, {"ref\x00": "x"}])
+def test_metadata_holding_a_nul_is_refused_before_any_sql(metadata: dict[str, str]) -> None:
+    # jsonb cannot store U+0000: PostgreSQL would refuse the whole batch with an error of its own.
+    with pytest.raises(InvalidTransfer, match="NUL"):
+        batch_columns([Transfer(id=uuid.uuid4(), debit_account_id=1, credit_account_id=2, amount_minor=1,
+                                currency="KES", kind="collection", metadata=metadata)])
