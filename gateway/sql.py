@@ -131,34 +131,28 @@ RETURNING reversal_txn_id"""
 OUTBOX_INSERT_MANY = """
 INSERT INTO outbox (kind, client_txn_id, meter_number, payload)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
-# The oldest undelivered events not parked ($2 attempts); a reversal's only once its payment's
-# event is delivered, so it never overtakes it (refused, parked or being sent by another relay).
-# Only a reversal looks back, over the undelivered events before it (outbox_pending): the payment
-# path writes no index for it.
-# The oldest undelivered events that no other relay holds. Each one returned is held by this
-# session's advisory lock on its event id (the two-int4 form, which nothing else in vendgate
-# uses) until the round ends (pg_advisory_unlock_all): no transaction stays open while the engine
-# is called. The lock is tried only on the $1 oldest waiting events (the CTE is evaluated first,
-# whatever the plan: a filter beside the scan would take a lock per waiting event, and a backlog
-# of tens of thousands would fill the shared lock table); while another relay holds those, this
-# one finds nothing and waits for its next round.
+# Up to $1 waiting events that are due and not parked ($2 attempts), that no other relay holds:
+# never turned down first, oldest first, then those due longest ago; a reversal's only once its
+# payment's event is delivered, so it never overtakes it (refused, parked or being sent by another
+# relay). Each one returned is held by this session's advisory lock until the round ends
+# (OUTBOX_RELEASE): no transaction stays open while the engine is called. outbox_take (0031)
+# walks the events in that order and tries each lock in its loop, so only the events it walks are
+# tried, whatever the plan, and the events another relay holds are passed over. Only a reversal
+# looks back, over the undelivered events before it (outbox_pending): the payment path writes no
+# index for it. Sent oldest first.
 OUTBOX_PENDING = """
-WITH oldest AS MATERIALIZED (
-    SELECT o.event_id, o.kind, o.client_txn_id, o.meter_number, o.payload FROM outbox o
-    WHERE o.delivered_at IS NULL AND o.attempts < $2
-      AND (o.kind <> 'payment_reversed'
-           OR NOT EXISTS (SELECT 1 FROM outbox e
-                           WHERE e.delivered_at IS NULL AND e.event_id < o.event_id
-                             AND e.client_txn_id = o.client_txn_id))
-    ORDER BY o.turned_down_at NULLS FIRST, o.event_id LIMIT $1)
-SELECT * FROM oldest
-WHERE pg_try_advisory_lock((event_id >> 31)::integer, (event_id & 2147483647)::integer)
+SELECT event_id, kind, client_txn_id, meter_number, payload FROM outbox_take($1, $2)
 ORDER BY event_id"""
 OUTBOX_RELEASE = "SELECT pg_advisory_unlock_all()"
 OUTBOX_MARK_DELIVERED = "UPDATE outbox SET delivered_at = now() WHERE event_id = ANY($1::bigint[])"
 OUTBOX_MARK_ATTEMPT = "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ANY($1::bigint[])"
-# A round that delivered nothing while the engine answered every event: they go to the back.
-OUTBOX_MARK_TURNED_DOWN = "UPDATE outbox SET turned_down_at = now() WHERE event_id = ANY($1::bigint[])"
+# Events the engine turned down (refused or failed, counted or not) wait before they are taken
+# again: $2 seconds after the first turn-down, twice as long after each next one, $3 at most.
+OUTBOX_MARK_TURNED_DOWN = """
+UPDATE outbox SET turned_down_at = now(), turned_down_count = turned_down_count + 1,
+       retry_at = now() + interval '1 second'
+                          * least($3::float8, $2::float8 * power(2::float8, least(turned_down_count, 16)))
+WHERE event_id = ANY($1::bigint[])"""
 
 # (Run on the committer's connections too, for reversals: keyed lookups, as in METERS_FOR_VEND.)
 TERMINALS_FOR_VEND = """

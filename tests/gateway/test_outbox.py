@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg
+import pytest
 from aiohttp import web
 
 from float_ledger.ledger import set_low_threshold
-from gateway.outbox import OutboxRelay, event_attempts_max, events_per_post_max
+from gateway import sql
+from gateway.outbox import OutboxRelay, event_attempts_max, events_per_post_max, turned_down_delay_s_first
 from gateway.seeding import meter_number, terminal_id
 from protocol.codes import ResponseCode
 from terminal_sim.client import PosTerminal
@@ -98,9 +104,18 @@ async def relay_round_by_round(running: Running, refuse: Callable[[list[dict[str
         await runner.cleanup()
 
 
+async def retries_fall_due(pool: asyncpg.Pool) -> int:
+    """As if the delay of every event waiting after a turn-down had passed: how many there were."""
+    async with pool.acquire() as conn:
+        return int(await conn.fetchval(
+            "WITH due AS (UPDATE outbox SET retry_at = now() WHERE delivered_at IS NULL AND retry_at > now() "
+            "RETURNING 1) SELECT count(*) FROM due"))
+
+
 async def drain(relay: OutboxRelay) -> None:
+    """Rounds until nothing waits, the delay of each event turned down passed at once."""
     for _ in range(10):
-        if await relay.deliver_once() == 0:
+        if await relay.deliver_once() == 0 and not await retries_fall_due(relay._pool):
             return
 
 
@@ -284,6 +299,7 @@ async def test_a_misconfigured_engine_url_parks_nothing(running: Running) -> Non
         key = await paid_top_up(running, 256, 26, 950)
         for _ in range(event_attempts_max + 1):
             assert await relay.deliver_once() == -1
+            await retries_fall_due(running.pool)
         async with running.pool.acquire() as conn:
             attempts = await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", key)
         assert attempts == 0
@@ -293,9 +309,9 @@ async def test_a_misconfigured_engine_url_parks_nothing(running: Running) -> Non
 
 
 async def test_a_backlog_after_an_outage_is_delivered_a_batch_at_a_time(running: Running) -> None:
-    """The advisory lock is tried on the oldest events_per_post_max waiting events only. Before, it
-    was a filter beside the scan: a round locked every waiting event, and a backlog of 40,000 filled
-    PostgreSQL's shared lock table ("out of shared memory"), so nothing was delivered again."""
+    """The advisory lock is tried only on the events a round walks, up to events_per_post_max taken.
+    Once, it was a filter beside the scan: a round locked every waiting event, and a backlog of 40,000
+    filled PostgreSQL's shared lock table ("out of shared memory"), so nothing was delivered again."""
     runner, url, received = await fake_engine()
     relay = relay_to(running, url, timeout_s=2)
     async with running.pool.acquire() as conn:
@@ -312,23 +328,38 @@ async def test_a_backlog_after_an_outage_is_delivered_a_batch_at_a_time(running:
         await runner.cleanup()
 
 
-async def relay_to_engine_turning_down(running: Running, meter: str, status: int
-                                      ) -> tuple[OutboxRelay, web.AppRunner, list[dict[str, Any]]]:
-    """A relay (run round by round) to an engine answering `status` to any post holding an event of
-    `meter` (a meter it does not know, or one it crashes on), taking every other: the relay, the
-    engine's runner and the events it took. Events of earlier tests are marked delivered."""
+async def mark_waiting_delivered(running: Running) -> None:
+    """Events earlier tests left waiting are out of the way."""
     async with running.pool.acquire() as conn:
         await conn.execute("UPDATE outbox SET delivered_at = now() WHERE delivered_at IS NULL")
+
+
+async def engine_turning_down(meter: str, status: int
+                              ) -> tuple[web.AppRunner, str, list[dict[str, Any]], list[float]]:
+    """An engine answering `status` to any post holding an event of `meter` (a meter it does not
+    know, or one it crashes on), taking every other: its runner, its URL, the events it took and
+    when (time.monotonic()) it turned down each post."""
     received: list[dict[str, Any]] = []
+    turned_down: list[float] = []
 
     async def events(request: web.Request) -> web.Response:
         batch = (await request.json())["events"]
         if any(e["meter_number"] == meter for e in batch):
+            turned_down.append(time.monotonic())
             return web.json_response({"error": f"cannot take meter {meter}"}, status=status)
         received.extend(batch)
         return web.json_response({"ok": True})
 
     runner, url = await engine_endpoint(events)
+    return runner, url, received, turned_down
+
+
+async def relay_to_engine_turning_down(running: Running, meter: str, status: int
+                                      ) -> tuple[OutboxRelay, web.AppRunner, list[dict[str, Any]]]:
+    """A relay (run round by round) to engine_turning_down(meter, status): the relay, the engine's
+    runner and the events it took. Events of earlier tests are marked delivered."""
+    await mark_waiting_delivered(running)
+    runner, url, received, _ = await engine_turning_down(meter, status)
     return relay_to(running, url, timeout_s=2), runner, received
 
 
@@ -370,10 +401,13 @@ async def test_an_engine_failing_on_one_event_holds_back_no_other(running: Runni
 
         assert await attempts() == 1  # the round showed the engine works
         for _ in range(3):  # alone, its failure may be the engine's: not counted
+            assert await relay.deliver_once() == 0  # it waits its delay
+            assert await retries_fall_due(running.pool) == 1
             assert await relay.deliver_once() == -1
         assert await attempts() == 1
         async with running.pool.acquire() as conn:  # failed in as many rounds that delivered others
             await conn.execute("UPDATE outbox SET attempts = $2 WHERE client_txn_id = $1", bad, event_attempts_max - 1)
+        await retries_fall_due(running.pool)
         later = await paid_top_up(running, 270, 30, 900)
         assert await relay.deliver_once() == 1
         assert later in {e["client_txn_id"] for e in received}
@@ -408,10 +442,12 @@ async def test_a_broken_engine_parks_nothing(running: Running) -> None:
         keys = {await paid_top_up(running, 269, 21, 700), await paid_top_up(running, 273, 22, 750)}
         for _ in range(event_attempts_max + 1):
             assert await relay.deliver_once() == -1
+            assert await retries_fall_due(running.pool) == 2
         assert state["posts"] == 3 * (event_attempts_max + 1)  # the batch, then each event
         state.update(status=503, posts=0)
         for _ in range(3):
             assert await relay.deliver_once() == -1
+            assert await retries_fall_due(running.pool) == 0  # an unavailable engine turns down no event
         assert state["posts"] == 3  # the batch alone
         async with running.pool.acquire() as conn:
             attempts = await conn.fetch("SELECT attempts FROM outbox WHERE client_txn_id = ANY($1::text[])", list(keys))
@@ -454,6 +490,7 @@ async def test_a_run_of_failing_events_at_the_head_holds_back_no_other(running: 
     try:
         for _ in range(2 * event_attempts_max):  # far more rounds than it takes to park a poison event
             await relay.deliver_once()
+            await retries_fall_due(running.pool)  # none waits its delay: the order alone lets GOOD-1 pass
         async with running.pool.acquire() as conn:
             max_attempts = await conn.fetchval("SELECT max(attempts) FROM outbox WHERE meter_number = 'OFFLINE-1'")
         assert "GOOD-1" in {e["client_txn_id"] for e in received}, (
@@ -465,3 +502,179 @@ async def test_a_run_of_failing_events_at_the_head_holds_back_no_other(running: 
             await conn.execute("UPDATE outbox SET delivered_at = now() WHERE meter_number = 'OFFLINE-1'")
         await relay.stop()
         await runner.cleanup()
+
+
+async def until(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_new_payment_is_sent_at_once_while_a_lone_event_is_turned_down(running: Running) -> None:
+    """The engine fails on one event's every post (500): alone in its rounds, its failures count
+    against nothing (the engine may be broken), and it is sent again after a growing delay of its
+    own. Before, that delay was the relay's: after the fourth failure the relay paused 3.2 s (up to
+    30 s later on), and a customer who paid meanwhile waited that long for the meter to be re-armed."""
+    await mark_waiting_delivered(running)
+    runner, url, received, turned_down = await engine_turning_down(meter_number(31), 500)
+    relay = OutboxRelay(running.pool, url, timeout_s=2)
+    relay.start()
+    lone = ""
+    try:
+        lone = await paid_top_up(running, 280, 31, 800)
+        await until(lambda: len(turned_down) >= 4, timeout_s=10, what="the lone event turned down four times")
+        paid = await paid_top_up(running, 281, 32, 800)
+        paid_at = time.monotonic()
+        await until(lambda: paid in {e["client_txn_id"] for e in received}, timeout_s=40, what="the new payment sent")
+        waited_s = time.monotonic() - paid_at
+        assert waited_s < 1.0, f"the new payment's event waited {waited_s:.1f} s behind the turned-down one"
+        # Sent again after a delay that doubles, not at every poll.
+        gaps_s = [later - earlier for earlier, later in itertools.pairwise(turned_down)]
+        assert all(gap_s >= turned_down_delay_s_first * 2 ** n - 0.05 for n, gap_s in enumerate(gaps_s[:3])), gaps_s
+        async with running.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", lone) == 0
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+        await mark_waiting_delivered(running)
+
+
+async def test_a_turned_down_event_waits_a_delay_of_its_own_that_doubles_up_to_30_s(running: Running) -> None:
+    relay, runner, received = await relay_to_engine_turning_down(running, meter_number(33), 500)
+    try:
+        lone = await paid_top_up(running, 282, 33, 800)
+        delays_s = []
+        for _ in range(10):
+            assert await relay.deliver_once() == -1  # turned down, counted against nothing
+            assert await relay.deliver_once() == 0  # not due yet: the relay takes the others meanwhile
+            async with running.pool.acquire() as conn:
+                delays_s.append(float(await conn.fetchval(
+                    "SELECT extract(epoch FROM retry_at - turned_down_at) FROM outbox WHERE client_txn_id = $1", lone)))
+            assert await retries_fall_due(running.pool) == 1
+        assert delays_s == pytest.approx([0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0, 30.0])
+        async with running.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT attempts, turned_down_count FROM outbox WHERE client_txn_id = $1", lone)
+        assert (row["attempts"], row["turned_down_count"]) == (0, 10)
+        paid = await paid_top_up(running, 283, 34, 800)
+        assert await relay.deliver_once() == 1  # beside a delivered event the failure counts
+        assert paid in {e["client_txn_id"] for e in received}
+        async with running.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT attempts FROM outbox WHERE client_txn_id = $1", lone) == 1
+    finally:
+        await relay.stop()
+        await runner.cleanup()
+        await mark_waiting_delivered(running)
+
+
+async def insert_backlog(running: Running, prefix: str, events: int) -> None:
+    """What payments wrote while the engine was away (the relay reads only these columns)."""
+    async with running.pool.acquire() as conn:
+        await conn.execute("INSERT INTO outbox (kind, client_txn_id, meter_number, payload) "
+                           "SELECT 'payment_received', $1 || g, 'm', '{}' FROM generate_series(1, $2::int) g",
+                           prefix, events)
+
+
+async def test_a_second_relay_takes_the_events_behind_those_another_is_sending(running: Running) -> None:
+    """Two gateways' relays share a backlog. Before, a round tried its locks on the oldest
+    events_per_post_max waiting events only: while one relay was sending those, the other found
+    nothing, however many waited behind them."""
+    await mark_waiting_delivered(running)
+    held: list[dict[str, Any]] = []
+    posted, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        held.extend((await request.json())["events"])
+        posted.set()
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    runner_a, url_a = await engine_endpoint(slow)
+    runner_b, url_b, received_b = await fake_engine()
+    relay_a, relay_b = relay_to(running, url_a, timeout_s=10), relay_to(running, url_b, timeout_s=2)
+    await insert_backlog(running, "SHARED-", 3 * events_per_post_max)
+    try:
+        round_a = asyncio.create_task(relay_a.deliver_once())
+        await asyncio.wait_for(posted.wait(), timeout=5)
+        assert await relay_b.deliver_once() == events_per_post_max
+        sent_a, sent_b = [e["event_id"] for e in held], [e["event_id"] for e in received_b]
+        assert len(sent_a) == events_per_post_max
+        assert min(sent_b) > max(sent_a)  # the next ones, oldest first
+        assert sent_b == sorted(sent_b)
+        release.set()
+        assert await round_a == events_per_post_max
+        assert await relay_b.deliver_once() == events_per_post_max
+        assert await relay_b.deliver_once() == 0
+    finally:
+        release.set()
+        await relay_a.stop()
+        await relay_b.stop()
+        await runner_a.cleanup()
+        await runner_b.cleanup()
+        await mark_waiting_delivered(running)
+
+
+async def test_two_relays_share_a_backlog_and_send_each_event_once(running: Running) -> None:
+    """Two gateways' relays, running, against a slow engine (0.3 s a post): both send from one
+    backlog at once, and no event reaches the engine twice."""
+    await mark_waiting_delivered(running)
+    received: list[dict[str, Any]] = []
+    posts = {"in_flight": 0, "most_in_flight": 0}
+
+    async def slow(request: web.Request) -> web.Response:
+        batch = (await request.json())["events"]
+        posts["in_flight"] += 1
+        posts["most_in_flight"] = max(posts["most_in_flight"], posts["in_flight"])
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            posts["in_flight"] -= 1
+        received.extend(batch)
+        return web.json_response({"ok": True})
+
+    runner, url = await engine_endpoint(slow)
+    relays = [OutboxRelay(running.pool, url, timeout_s=5) for _ in range(2)]
+    backlog = 3 * events_per_post_max
+    await insert_backlog(running, "PAIR-", backlog)
+
+    async def waiting() -> int:
+        async with running.pool.acquire() as conn:
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND client_txn_id LIKE 'PAIR-%'"))
+
+    try:
+        for relay in relays:
+            relay.start()
+        deadline = time.monotonic() + 20
+        while await waiting():
+            assert time.monotonic() < deadline, f"{await waiting()} events still waiting"
+            await asyncio.sleep(0.05)
+    finally:
+        for relay in relays:
+            await relay.stop()
+        await runner.cleanup()
+        await mark_waiting_delivered(running)
+    times_sent = Counter(e["event_id"] for e in received if e["client_txn_id"].startswith("PAIR-"))
+    assert len(times_sent) == backlog
+    assert set(times_sent.values()) == {1}, [event_id for event_id, n in times_sent.items() if n > 1]
+    assert posts["most_in_flight"] == 2
+    assert all(relay.delivered >= events_per_post_max for relay in relays), [relay.delivered for relay in relays]
+
+
+async def test_a_round_locks_only_the_events_it_takes_whatever_the_plan(running: Running) -> None:
+    """With index scans off the waiting events are read sorted: a lock tried beside that scan would
+    take one per waiting event (40,000 here, enough to fill PostgreSQL's shared lock table)."""
+    await mark_waiting_delivered(running)
+    await insert_backlog(running, "SORTED-", 40_000)
+    conn = await asyncpg.connect(running.db_url)  # a session of its own: no plan cached with index scans
+    try:
+        for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+            await conn.execute(f"SET {setting} = off")
+        rows = await conn.fetch(sql.OUTBOX_PENDING, events_per_post_max, event_attempts_max)
+        held = await conn.fetchval("SELECT count(*) FROM pg_locks "
+                                   "WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        assert len(rows) == events_per_post_max == held
+        assert [r["client_txn_id"] for r in rows] == [f"SORTED-{n}" for n in range(1, events_per_post_max + 1)]
+    finally:
+        await conn.close()
+        await mark_waiting_delivered(running)
