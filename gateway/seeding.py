@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 
-from float_ledger.ledger import post_transfers
+from float_ledger.ledger import apply_transfers
 from float_ledger.model import AccountKind, Transfer
 from gateway import registry
 from gateway.keystore import KeyStore
@@ -52,6 +52,12 @@ class SeedSummary(msgspec.Struct, frozen=True, kw_only=True):
         ]
 
 
+# terminal_id() has 7 digits and meter_number() 10 before its check digit.
+agents_max = 100_000
+terminals_max = 1_000_000
+meters_max = 1_000_000
+
+
 def terminal_id(n: int) -> str:
     return f"T{n:07d}"
 
@@ -69,51 +75,52 @@ def derive_terminal_key(seed_secret: bytes, tid: str) -> bytes:
 async def seed(conn: asyncpg.Connection, keystore: KeyStore, *, agents: int, terminals: int, meters: int,
                seed_secret: bytes, float_each_minor: int = 10_000_000, sts_every: int = 3) -> SeedSummary:
     """Create the data set; terminals are spread round-robin over agents; every sts_every-th meter is STS."""
-    assert agents >= 1 and terminals >= 1 and meters >= 1
-    system = await registry.ensure_system_accounts(conn, DEMO_CURRENCY)
-    if await conn.fetchval("SELECT count(*) FROM tariffs WHERE tariff_code = $1", DEMO_TARIFF) == 0:
-        await registry.add_tariff(conn, tariff_code=DEMO_TARIFF, valid_from=datetime(2020, 1, 1, tzinfo=UTC),
-                                  currency=DEMO_CURRENCY, energy_price_minor_per_mwh=25_000,
-                                  energy_vat_rate_bp=2_000, fee_per_purchase_minor=10, fee_vat_rate_bp=2_000)
-    await registry.set_vending_key(conn, keystore, supply_group_code=DEMO_SUPPLY_GROUP, key_revision=1,
-                                   key_type=2, vending_key=DEMO_VENDING_KEY)
-    agent_rows = []
-    kinds = ("shop", "property_manager", "village", "mobile_hall", "staff")
-    for n in range(1, agents + 1):
-        agent = await registry.add_agent(conn, kind=kinds[n % len(kinds)], name=f"Agent {n}",  # type: ignore[arg-type]
-                                         currency=DEMO_CURRENCY, commission_rate_bp=100,
-                                         low_float_threshold_minor=float_each_minor // 10)
-        agent_rows.append(agent)
-    deposits = [
-        Transfer(id=uuid.uuid5(uuid.NAMESPACE_URL, f"vendgate-seed-deposit/{a.agent_id}"),
-                 debit_account_id=system[AccountKind.float_deposits], credit_account_id=a.float_account_id,
-                 amount_minor=float_each_minor, currency=DEMO_CURRENCY, kind="deposit",
-                 metadata={"agent_id": a.agent_id, "reference": "seed"})
-        for a in agent_rows
-    ]
-    for start in range(0, len(deposits), 500):
-        await post_transfers(conn, deposits[start:start + 500])
-    first_terminal = int(await conn.fetchval("SELECT count(*) FROM terminals")) + 1
-    for n in range(first_terminal, first_terminal + terminals):
-        tid = terminal_id(n)
-        sealed = keystore.seal(derive_terminal_key(seed_secret, tid), registry.terminal_key_record(tid, 1))
-        await conn.execute(
-            "INSERT INTO terminals (terminal_id, serial, model, kind, agent_id, location, key_ciphertext)"
-            " VALUES ($1, $2, 'SIM-1', 'pos', $3, 'simulated', $4)",
-            tid, f"SN{n:09d}", agent_rows[(n - 1) % len(agent_rows)].agent_id, sealed)
-    first_meter = int(await conn.fetchval("SELECT count(*) FROM meters")) + 1
-    for n in range(first_meter, first_meter + meters):
-        number = meter_number(n)
-        customer_id = await registry.add_customer(conn, account_number=f"AC{n:08d}", name=f"Customer {n}",
-                                                  currency=DEMO_CURRENCY, address=f"{n} Grid Street",
-                                                  debt_recovery_share_bp=2_500 if n % 4 == 0 else 0)
-        sts_meter = n % sts_every == 0
-        await registry.add_meter(conn, meter_number=number, customer_id=customer_id,
-                                 supply_mode="sts" if sts_meter else "smart", tariff_code=DEMO_TARIFF,
-                                 sts_supply_group_code=DEMO_SUPPLY_GROUP if sts_meter else None,
-                                 sts_tariff_index="01" if sts_meter else None,
-                                 sts_key_revision=1 if sts_meter else None,
-                                 sts_base_year=2014 if sts_meter else None)
-    return SeedSummary(agents=agents, terminals=terminals, meters=meters, float_each_minor=float_each_minor,
-                       currency=DEMO_CURRENCY, first_terminal=first_terminal, first_meter=first_meter,
-                       sts_every=sts_every)
+    assert 1 <= agents <= agents_max and 1 <= terminals <= terminals_max and 1 <= meters <= meters_max
+    async with conn.transaction():  # a seed that fails half-way leaves nothing behind
+        system = await registry.ensure_system_accounts(conn, DEMO_CURRENCY)
+        if await conn.fetchval("SELECT count(*) FROM tariffs WHERE tariff_code = $1", DEMO_TARIFF) == 0:
+            await registry.add_tariff(conn, tariff_code=DEMO_TARIFF, valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+                                      currency=DEMO_CURRENCY, energy_price_minor_per_mwh=25_000,
+                                      energy_vat_rate_bp=2_000, fee_per_purchase_minor=10, fee_vat_rate_bp=2_000)
+        await registry.set_vending_key(conn, keystore, supply_group_code=DEMO_SUPPLY_GROUP, key_revision=1,
+                                       key_type=2, vending_key=DEMO_VENDING_KEY)
+        agent_rows = []
+        kinds = ("shop", "property_manager", "village", "mobile_hall", "staff")
+        for n in range(1, agents + 1):
+            agent = await registry.add_agent(conn, kind=kinds[n % len(kinds)], name=f"Agent {n}",  # type: ignore[arg-type]
+                                             currency=DEMO_CURRENCY, commission_rate_bp=100,
+                                             low_float_threshold_minor=float_each_minor // 10)
+            agent_rows.append(agent)
+        deposits = [
+            Transfer(id=uuid.uuid5(uuid.NAMESPACE_URL, f"vendgate-seed-deposit/{a.agent_id}"),
+                     debit_account_id=system[AccountKind.float_deposits], credit_account_id=a.float_account_id,
+                     amount_minor=float_each_minor, currency=DEMO_CURRENCY, kind="deposit",
+                     metadata={"agent_id": a.agent_id, "reference": "seed"})
+            for a in agent_rows
+        ]
+        for start in range(0, len(deposits), 500):
+            await apply_transfers(conn, deposits[start:start + 500])
+        first_terminal = int(await conn.fetchval("SELECT count(*) FROM terminals")) + 1
+        for n in range(first_terminal, first_terminal + terminals):
+            tid = terminal_id(n)
+            sealed = keystore.seal(derive_terminal_key(seed_secret, tid), registry.terminal_key_record(tid, 1))
+            await conn.execute(
+                "INSERT INTO terminals (terminal_id, serial, model, kind, agent_id, location, key_ciphertext)"
+                " VALUES ($1, $2, 'SIM-1', 'pos', $3, 'simulated', $4)",
+                tid, f"SN{n:09d}", agent_rows[(n - 1) % len(agent_rows)].agent_id, sealed)
+        first_meter = int(await conn.fetchval("SELECT count(*) FROM meters")) + 1
+        for n in range(first_meter, first_meter + meters):
+            number = meter_number(n)
+            customer_id = await registry.add_customer(conn, account_number=f"AC{n:08d}", name=f"Customer {n}",
+                                                      currency=DEMO_CURRENCY, address=f"{n} Grid Street",
+                                                      debt_recovery_share_bp=2_500 if n % 4 == 0 else 0)
+            sts_meter = n % sts_every == 0
+            await registry.add_meter(conn, meter_number=number, customer_id=customer_id,
+                                     supply_mode="sts" if sts_meter else "smart", tariff_code=DEMO_TARIFF,
+                                     sts_supply_group_code=DEMO_SUPPLY_GROUP if sts_meter else None,
+                                     sts_tariff_index="01" if sts_meter else None,
+                                     sts_key_revision=1 if sts_meter else None,
+                                     sts_base_year=2014 if sts_meter else None)
+        return SeedSummary(agents=agents, terminals=terminals, meters=meters, float_each_minor=float_each_minor,
+                           currency=DEMO_CURRENCY, first_terminal=first_terminal, first_meter=first_meter,
+                           sts_every=sts_every)

@@ -84,7 +84,7 @@ def test_decode_with_the_wrong_key_says_the_crc_failed() -> None:
     (("credit", *CTSA01, "--units", "18201625"), "units must be between 1 and 18201624"),
     (("credit", *CTSA01, "--units", "0"), "units must be between 1 and 18201624"),
     (("credit", *CTSA01, "--units", "2.5"), "--units must be a whole number"),
-    (("credit", *CTSA01[:2], "abababab", *CTSA01[2:], "--units", "1"), "unrecognized arguments: 1 more"),
+    (("credit", *CTSA01[:2], "abababab", *CTSA01[2:], "--units", "1"), "unrecognized arguments: 1 value more"),
     (("credit", "--vending-key", "abababab", *CTSA01[2:], "--units", "1"), "vending key has 8 bytes"),
     (("credit", *CTSA01[:3], "600727000000000008", *CTSA01[4:], "--units", "1"), "fails its check digit"),
     (("credit", *CTSA01, "--units", "1", "--issued", "2025-01-01T08:00"), "must say its zone"),

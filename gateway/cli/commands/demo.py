@@ -22,9 +22,11 @@ import msgspec
 
 from gateway import database, registry
 from gateway.ca import CertificateAuthority
+from gateway.cli.arguments import bounded_seconds
 from gateway.cli.commands.ca_cmds import ca_dir, issue_kiosk_certificate
 from gateway.cli.commands.migrate import apply
 from gateway.cli.commands.registry_cmds import load_seed_secret
+from gateway.cli.commands.sim import sim_duration_s_max
 from gateway.cli.runner import run
 from gateway.database import embedded_cluster
 from gateway.errors import SettingsError
@@ -45,7 +47,8 @@ DEMO_KIOSKS = ("K0000001", "K0000002")
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("demo", help="run the demo on the embedded database")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of simulated terminals")
+    parser.add_argument("--duration", type=bounded_seconds(0, sim_duration_s_max), default=20.0,
+                        help="seconds of simulated terminals")
     parser.add_argument("--link", choices=sorted(LINKS), default="gprs")
     parser.set_defaults(handler=handle)
 

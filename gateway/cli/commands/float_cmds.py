@@ -50,6 +50,7 @@ from float_ledger.model import (
 )
 from float_ledger.reconciliation import reconcile_agent_day
 from gateway import registry
+from gateway.cli.arguments import bounded_int
 from gateway.cli.runner import run_on_connection
 from gateway.registry import RegistryError
 from gateway.settings import Settings
@@ -59,25 +60,13 @@ years = (1970, 9998)  # a time or day asked about: far from the calendar's ends,
 _Dated = TypeVar("_Dated", date, datetime)
 
 
-def _bounded_int(low: int, high: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-    return parse
-
-
 def _within_years(text: str, value: _Dated) -> _Dated:
     if not years[0] <= value.year <= years[1]:
         raise argparse.ArgumentTypeError(f"{text!r} is not in the years {years[0]}..{years[1]}")
     return value
 
 
-_agent_id = _bounded_int(1, 2**63 - 1)
+_agent_id = bounded_int(1, 2**63 - 1)
 
 
 def _aware_time(text: str) -> datetime:
@@ -125,13 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     deposit = actions.add_parser("deposit", help="credit money an agent paid in; above the threshold it waits "
                                                  "for a second operator")
     deposit.add_argument("--agent", required=True, type=_agent_id)
-    deposit.add_argument("--amount-minor", required=True, type=_bounded_int(1, amount_minor_max))
+    deposit.add_argument("--amount-minor", required=True, type=bounded_int(1, amount_minor_max))
     deposit.add_argument("--ref", required=True, dest="external_ref", help="bank or cash-office reference")
     deposit.add_argument("--operator", help=operator_help)
     deposit.set_defaults(handler=handle_deposit)
 
     pending = actions.add_parser("pending", help="deposits waiting for a second operator, oldest first")
-    pending.add_argument("--limit", type=_bounded_int(1, 1000), default=100)
+    pending.add_argument("--limit", type=bounded_int(1, 1000), default=100)
     pending.set_defaults(handler=handle_pending)
 
     for name, text in (("approve", "post a pending deposit"), ("reject", "refuse a pending deposit")):
@@ -152,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     page = actions.add_parser("statement", help="an agent's float movements in posting order, a page at a time")
     page.add_argument("--agent", required=True, type=_agent_id)
-    page.add_argument("--limit", type=_bounded_int(1, statement_page_size_max), default=50)
+    page.add_argument("--limit", type=bounded_int(1, statement_page_size_max), default=50)
     page.add_argument("--after", type=_cursor, help="the cursor the previous page printed")
     page.set_defaults(handler=handle_statement)
 

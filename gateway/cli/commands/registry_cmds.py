@@ -8,7 +8,9 @@ from pathlib import Path
 
 import asyncpg
 
+from float_ledger.model import amount_minor_max
 from gateway import registry, seeding
+from gateway.cli.arguments import bounded_int
 from gateway.cli.runner import run_on_connection
 from gateway.keystore import load_keystore
 from gateway.settings import Settings
@@ -43,10 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         sub.set_defaults(handler=handle_terminal_status, status_action=action)
 
     seed = subparsers.add_parser("seed", help="create demo/benchmark agents, terminals and meters")
-    seed.add_argument("--agents", type=int, default=10)
-    seed.add_argument("--terminals", type=int, default=50)
-    seed.add_argument("--meters", type=int, default=200)
-    seed.add_argument("--float-minor", type=int, default=10_000_000)
+    seed.add_argument("--agents", type=bounded_int(1, seeding.agents_max), default=10)
+    seed.add_argument("--terminals", type=bounded_int(1, seeding.terminals_max), default=50)
+    seed.add_argument("--meters", type=bounded_int(1, seeding.meters_max), default=200)
+    seed.add_argument("--float-minor", type=bounded_int(1, amount_minor_max), default=10_000_000,
+                      help="each agent's opening float")
     seed.set_defaults(handler=handle_seed)
 
 

@@ -6,22 +6,27 @@ import argparse
 
 import msgspec
 
+from gateway import seeding
+from gateway.cli.arguments import bounded_int, bounded_seconds
 from gateway.cli.commands.registry_cmds import load_seed_secret
 from gateway.cli.runner import run
 from gateway.seeding import DEMO_CURRENCY, derive_terminal_key, meter_number, terminal_id
 from gateway.settings import Settings
 from terminal_sim.client import LINKS
-from terminal_sim.sim import run_simulation
+from terminal_sim.sim import run_simulation, sim_terminals_max
+
+sim_duration_s_max = 86_400.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("sim", help="drive simulated POS terminals at a gateway")
-    parser.add_argument("--terminals", type=int, default=20)
-    parser.add_argument("--meters", type=int, default=200, help="seeded meters to pay into")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds")
+    parser.add_argument("--terminals", type=bounded_int(1, sim_terminals_max), default=20)
+    parser.add_argument("--meters", type=bounded_int(1, seeding.meters_max), default=200,
+                        help="seeded meters to pay into")
+    parser.add_argument("--duration", type=bounded_seconds(0, sim_duration_s_max), default=20.0, help="seconds")
     parser.add_argument("--link", choices=sorted(LINKS), default="lan")
     parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--port", type=bounded_int(1, 65535), default=None)
     parser.set_defaults(handler=handle)
 
 
