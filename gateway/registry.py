@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import asyncpg
 import msgspec
 
+from float_ledger.currency import ISO_4217_CODES
 from float_ledger.ledger import create_account
 from float_ledger.model import AccountKind, amount_minor_max
 from gateway import sql
@@ -28,7 +29,6 @@ from protocol import sts
 terminal_key_bytes = 16  # AES-128 strength, as protocol v1 requires at least
 AgentKind = Literal["shop", "property_manager", "village", "mobile_hall", "staff"]
 _TERMINAL_ID = re.compile(r"^[A-Z0-9]{8}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
 SYSTEM_ACCOUNT_KINDS = (
     AccountKind.utility_collections,
     AccountKind.vat_payable,
@@ -83,8 +83,10 @@ def vending_key_record(supply_group_code: str, key_revision: int) -> str:
 
 
 def _check_currency(currency: str) -> None:
-    if not _CURRENCY.match(currency):
-        raise RegistryError(f"currency must be an ISO 4217 code like EUR, not {currency!r}")
+    # An agent or a customer cannot be deleted: a mistyped code would make for good an account
+    # that no tariff or float of the deployment can ever meet.
+    if currency not in ISO_4217_CODES:
+        raise RegistryError(f"currency must be a current ISO 4217 code like EUR, not {currency!r}")
 
 
 async def system_account(conn: asyncpg.Connection, kind: AccountKind, currency: str) -> int:

@@ -114,3 +114,12 @@ def test_a_file_that_cannot_be_written_is_one_line_naming_it(env: dict[str, str]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     one_line(vendgate(env, "kiosk", "cert", "K0000077", "--out", str(blocker / "certs")), str(blocker))
+
+
+@pytest.mark.parametrize("currency", ["XYZ", "HRK", "XXX"], ids=["no such code", "withdrawn", "no currency"])
+def test_an_agent_in_a_code_that_is_no_current_currency_is_refused(env: dict[str, str], currency: str) -> None:
+    # An agent cannot be deleted: a typo would leave a float no tariff can ever meet.
+    one_line(vendgate(env, "agent", "add", "--name", "Typo Shop", "--kind", "shop", "--currency", currency),
+             f"currency must be a current ISO 4217 code like EUR, not {currency!r}")
+    accepted = vendgate(env, "agent", "add", "--name", "Dar Shop", "--kind", "shop", "--currency", "TZS")
+    assert accepted.returncode == 0 and "(TZS)" in accepted.stdout, accepted.stderr

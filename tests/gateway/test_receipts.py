@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from float_ledger.currency import format_minor, minor_unit_digits
+from float_ledger.currency import ISO_4217_CODES, MINOR_UNIT_DIGITS, format_minor, minor_unit_digits
 from float_ledger.split import Tariff, split_payment
 from gateway.vending import VendRequest, _Pending, receipt_line_chars_max, receipt_lines
 
@@ -43,6 +43,11 @@ def test_a_receipt_shows_amounts_in_the_currency_s_own_minor_unit(currency: str,
 ])
 def test_amounts_are_formatted_exactly(amount: int, currency: str, shown: str) -> None:
     assert format_minor(amount, currency) == shown
+
+
+def test_every_currency_with_other_decimals_is_a_current_code() -> None:
+    assert set(MINOR_UNIT_DIGITS) <= ISO_4217_CODES
+    assert len(ISO_4217_CODES) > 150 and not {"XXX", "XTS", "XAU", "HRK", "ZWL"} & ISO_4217_CODES
 
 
 def test_most_currencies_have_two_decimals() -> None:
