@@ -3,6 +3,10 @@ and how to fix it, exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,16 +108,55 @@ async def test_a_seed_that_fails_half_way_leaves_nothing_behind(env: dict[str, s
         await conn.close()
 
 
-def test_a_file_that_cannot_be_written_is_one_line_naming_it(env: dict[str, str], tmp_path: Path) -> None:
+def registered_kiosk(env: dict[str, str], kiosk: str) -> None:
     agent = vendgate(env, "agent", "add", "--name", "Mall", "--kind", "mobile_hall")
     assert agent.returncode == 0, agent.stderr
-    kiosk = vendgate(env, "terminal", "add", "--id", "K0000077", "--serial", "SN-K77", "--agent",
+    added = vendgate(env, "terminal", "add", "--id", kiosk, "--serial", f"SN-{kiosk}", "--agent",
                      agent.stdout.split()[1], "--kind", "kiosk")
-    assert kiosk.returncode == 0, kiosk.stderr
+    assert added.returncode == 0, added.stderr
     assert vendgate(env, "ca", "init").returncode == 0
+
+
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(env: dict[str, str], tmp_path: Path) -> None:
+    registered_kiosk(env, "K0000077")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     one_line(vendgate(env, "kiosk", "cert", "K0000077", "--out", str(blocker / "certs")), str(blocker))
+
+
+def test_kiosk_revoke_says_what_it_revoked_and_refuses_what_is_no_kiosk(env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    registered_kiosk(env, "K0000078")
+    issued = vendgate(env, "kiosk", "cert", "K0000078", "--out", str(tmp_path / "issued"))
+    assert issued.returncode == 0, issued.stderr
+    revoked = vendgate(env, "kiosk", "revoke", "K0000078")
+    assert revoked.returncode == 0 and revoked.stdout.startswith("kiosk K0000078: revoked 1 certificate(s): ")
+    again = vendgate(env, "kiosk", "revoke", "K0000078")
+    assert again.returncode == 1 and "no certificate left to revoke" in again.stdout
+    # Before: "revoked 0 certificate(s)", as for a kiosk whose certificates were all revoked.
+    one_line(vendgate(env, "kiosk", "revoke", "ZZZZZZZZ"), "ZZZZZZZZ is not a registered kiosk terminal")
+
+
+async def test_serve_without_a_ca_says_kiosks_are_not_served(env: dict[str, str], tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**base, **env, "VENDGATE_DATA_DIR": str(tmp_path / "no-ca"), "VENDGATE_POS_PORT": "0",
+             "VENDGATE_HTTP_PORT": "0", "VENDGATE_KIOSK_PORT": "0"})
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any("gateway_started" in line for line in lines):
+                line = (await process.stderr.readline()).decode()
+                assert line, lines
+                lines.append(line)
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+    [warning] = [json.loads(line) for line in lines if "kiosk_listener_off" in line]
+    assert warning["level"] == "warning" and "run `vendgate ca init`" in warning["reason"]
+    assert process.returncode == 0
 
 
 @pytest.mark.parametrize("currency", ["XYZ", "HRK", "XXX"], ids=["no such code", "withdrawn", "no currency"])

@@ -105,10 +105,16 @@ def handle_revoke(args: argparse.Namespace, settings: Settings) -> int:
         url = await database.resolve_url(settings)
         conn = await database.connect(url, timeout_s=settings.database_connect_timeout_s)
         try:
+            if await conn.fetchval(SQL_KIOSK_GET, args.terminal_id) != "kiosk":
+                raise VendgateError(f"{args.terminal_id} is not a registered kiosk terminal")
             return [r["serial_hex"] for r in await conn.fetch(SQL_CERT_REVOKE, args.terminal_id)]
         finally:
             await conn.close()
 
     serials = run(go())
-    print(f"kiosk {args.terminal_id}: revoked {len(serials)} certificate(s)")
-    return 0 if serials else 1
+    if not serials:
+        # Exit 1 as before: nothing was revoked (a script revoking a kiosk it still trusts learns so).
+        print(f"kiosk {args.terminal_id}: no certificate left to revoke (none issued, or all revoked already)")
+        return 1
+    print(f"kiosk {args.terminal_id}: revoked {len(serials)} certificate(s): {', '.join(serials)}")
+    return 0

@@ -10,12 +10,14 @@ from gateway import database
 from gateway.ca import CertificateAuthority
 from gateway.cli.runner import run
 from gateway.errors import MigrationError
+from gateway.jsonlog import get_logger
 from gateway.keystore import load_keystore
 from gateway.migrate import discover
 from gateway.server import Gateway, serve_until_signalled
 from gateway.settings import Settings
 
 gc_young_threshold = 20_000
+log = get_logger("vendgate.serve")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,7 +36,12 @@ async def check_schema(pool) -> None:  # type: ignore[no-untyped-def]
 
 def kiosk_tls(settings: Settings):  # type: ignore[no-untyped-def]
     authority = CertificateAuthority(Path(settings.data_dir) / "ca")
-    return authority.server_ssl_context() if authority.exists else None
+    if not authority.exists:
+        # Said at start, where whoever runs the gateway looks: kiosks would only see a refused connection.
+        log.warning("kiosk_listener_off", reason=f"no CA in {authority.directory}: run `vendgate ca init` to serve "
+                                                 "kiosks")
+        return None
+    return authority.server_ssl_context()
 
 
 async def serve(settings: Settings) -> None:
