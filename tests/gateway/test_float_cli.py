@@ -94,6 +94,7 @@ def test_a_large_deposit_waits_for_a_second_operator(env: dict[str, str]) -> Non
     assert twice.returncode == 0 and ": posted by bob;" in twice.stdout  # decided already: as it stands
     late_no = vendgate(env, "float", "reject", deposit_id, "--operator", "carol", "--reason", "too late")
     assert late_no.returncode == 1 and ": posted by bob;" in late_no.stdout  # not what was asked: exit 1
+    assert late_no.stdout.splitlines()[-1] == "the deposit was not rejected: it stands posted"
     # The maker asking again, spelt otherwise: the same deposit, not a conflict and not a second one.
     repeat = vendgate(env, "float", "deposit", "--agent", agent, "--amount-minor", "500000", "--ref", "BANK-2",
                       "--operator", "Alice")
@@ -149,9 +150,12 @@ def test_statement_balance_as_of_and_the_days_reconciliation(env: dict[str, str]
     assert day.returncode == 0, day.stderr
     lines = day.stdout.splitlines()
     assert "opening float 0" in lines and "deposits      2 for 50000" in lines and "closing float 50000" in lines
+    assert lines[1].startswith("PROVISIONAL: the day is not over;")  # payments may still come today
     yesterday = vendgate(env, "float", "reconcile", "--agent", agent, "--day",
                          (today - timedelta(days=1)).isoformat())
-    assert "deposits      0 for 0" in yesterday.stdout.splitlines()
+    assert "deposits      0 for 0" in yesterday.stdout.splitlines() and "PROVISIONAL" not in yesterday.stdout
+    tomorrow = vendgate(env, "float", "reconcile", "--agent", agent, "--day", (today + timedelta(days=1)).isoformat())
+    assert tomorrow.stdout.splitlines()[1].startswith("PROVISIONAL: the day has not begun;")
 
 
 def test_bad_float_input_gets_one_line(env: dict[str, str]) -> None:

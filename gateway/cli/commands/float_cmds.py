@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -226,7 +226,12 @@ def handle_decide(args: argparse.Namespace, settings: Settings) -> int:
         print(line)
     # Decided before (approving a rejected deposit, say): it stands as it was, and the exit says so.
     wanted = DepositStatus.posted if args.decision == "approve" else DepositStatus.rejected
-    return 0 if result.deposit.status is wanted else EXIT_NOT_DONE
+    if result.deposit.status is wanted:
+        return 0
+    verb = "approved" if args.decision == "approve" else "rejected"
+    print(f"the deposit was not {verb}: it stands {result.deposit.status.value}"
+          + (f" ({result.deposit.reason})" if result.deposit.reason else ""))
+    return EXIT_NOT_DONE
 
 
 def handle_balance(args: argparse.Namespace, settings: Settings) -> int:
@@ -268,6 +273,11 @@ def handle_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     day = run_on_connection(settings, body)
     print(f"agent {args.agent} business day {day.business_day.isoformat()} ({day.time_zone}, "
           f"{day.starts_at.isoformat()} to {day.ends_at.isoformat()}), {day.currency} minor units")
+    now = datetime.now(UTC)
+    if now < day.ends_at:
+        # Final only once the day is over: payments may still come, and the closing float is the float now.
+        state = "has not begun" if now < day.starts_at else "is not over"
+        print(f"PROVISIONAL: the day {state}; these are the figures so far, the closing float is the float now")
     print(f"opening float {day.opening_float_minor}")
     print(f"deposits      {day.deposits_count} for {day.deposits_minor}")
     print(f"collections   {day.collections_count} for {day.collections_minor}")
