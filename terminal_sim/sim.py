@@ -31,6 +31,7 @@ from terminal_sim.client import LinkLost, LinkModel, PosTerminal, TerminalRefuse
 
 sim_terminals_max = 5_000
 think_time_s = (0.05, 0.5)
+failure_pause_s = (0.5, 1.5)  # after a payment that failed, before the next customer
 stop_grace_s = 5.0  # after the run, for replies still on their way
 sequence_per_second = 10  # transaction ids a run may use per terminal and second of the day
 sequence_headroom = 100_000  # ids left for a run started late in the day
@@ -112,6 +113,14 @@ async def _settle_unanswered(terminal: PosTerminal, txn: ClientTransactionId, am
         summary.unresolved += 1
 
 
+async def _pause_after_failure(state: _State, rng: random.Random) -> None:
+    """After a payment that failed (no link, no gateway, busy): the agent waits before the next
+    customer, as a terminal does, and a gateway that is down is not called in a tight loop."""
+    remaining_s = state.deadline - time.monotonic()
+    if remaining_s > 0:
+        await asyncio.sleep(min(remaining_s, rng.uniform(*failure_pause_s)))
+
+
 async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str, state: _State,
                         rng: random.Random, reversal_every: int) -> None:
     summary = state.summary
@@ -132,12 +141,14 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
                 summary.errors += 1
                 await _settle_unanswered(terminal, txn, amount, currency, summary)
                 in_flight = None
+                await _pause_after_failure(state, rng)
                 continue
             except TerminalRefused as refused:
                 if refused.response_code is not ResponseCode.SYSTEM_BUSY:
                     raise
                 summary.errors += 1  # busy after every repeat: the payment was not applied
                 in_flight = None
+                await _pause_after_failure(state, rng)
                 continue
             in_flight = None
             state.latencies_s.append(time.monotonic() - started)

@@ -16,6 +16,8 @@ import pytest
 import terminal_sim.sim as sim_module
 from gateway.committer import CommitterBusy
 from gateway.seeding import meter_number, terminal_id
+from gateway.server import Gateway
+from gateway.settings import load_settings
 from protocol.codes import ResponseCode
 from protocol.messages import Advice, LogonRequest, TenderType, TopUpResult
 from terminal_sim.client import LAN, LinkLost, PosTerminal
@@ -140,6 +142,27 @@ async def test_duration_bounds_the_run_against_a_gateway_that_stops_answering() 
         if not task.cancelled():
             task.exception()
         server.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_gateway_that_stops_mid_run_is_not_called_in_a_tight_loop(running: Running) -> None:
+    """Before, each terminal went on to its next payment at once after one that failed: with the
+    gateway gone, connections were refused as fast as they were opened (thousands a second)."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    gateway = Gateway(settings, running.pool, running.keystore)
+    await gateway.start()
+    assert gateway.pos_port is not None
+    terminals = [(terminal_id(n), running.key(n)) for n in (33, 34)]
+    run = asyncio.ensure_future(run_simulation(host="127.0.0.1", port=gateway.pos_port, terminals=terminals,
+                                               meters=METERS, currency="EUR", duration_s=4.0, link=LAN))
+    await asyncio.sleep(1.0)
+    await gateway.stop()
+    summary, _ = await run
+    assert summary.approved > 0 and summary.errors > 0
+    # Each failed payment: a top-up and its reversal, each with its retries_max reconnects, then a
+    # pause of at least failure_pause_s[0]: in about 3 s without a gateway, a few per terminal.
+    assert summary.errors <= 2 * (3.0 / sim_module.failure_pause_s[0] + 2), summary
+    assert summary.retries <= 2 * 12 * (3.0 / sim_module.failure_pause_s[0] + 2), summary
 
 
 async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) -> None:
