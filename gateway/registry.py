@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
+import unicodedata
 from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -82,6 +83,21 @@ def vending_key_record(supply_group_code: str, key_revision: int) -> str:
     return f"vending:{supply_group_code}:{key_revision}"
 
 
+# Line breaks, other control characters and lone surrogates (what Python makes of bytes that are
+# not UTF-8 in a command's arguments): a name or address is printed on one receipt line and
+# written into one log line.
+_NOT_ONE_LINE = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _check_one_line(what: str, text: str) -> None:
+    for char in text:
+        category = unicodedata.category(char)
+        if category in _NOT_ONE_LINE:
+            problem = ("is not valid UTF-8 text" if category == "Cs"
+                       else f"holds the control character U+{ord(char):04X}")
+            raise RegistryError(f"{what} {problem}: one line of printable text")
+
+
 def _check_currency(currency: str) -> None:
     # An agent or a customer cannot be deleted: a mistyped code would make for good an account
     # that no tariff or float of the deployment can ever meet.
@@ -146,6 +162,8 @@ async def add_agent(
     _check_time_zone(time_zone)
     if not 0 <= commission_rate_bp <= 10_000:
         raise RegistryError("commission rate must be 0..10000 basis points")
+    _check_one_line("an agent's name", name)
+    _check_one_line("an agent's contact", contact)
     if not 0 < len(name) <= agent_text_chars_max or not name.strip():
         raise RegistryError(f"an agent's name is 1..{agent_text_chars_max} characters, not only spaces")
     if len(contact) > agent_text_chars_max:
@@ -197,6 +215,9 @@ async def add_terminal(
     kiosk's is not shown at all: its record must hold one, and no logon accepts it)."""
     if not _TERMINAL_ID.match(terminal_id):
         raise RegistryError("terminal id must be 8 characters A-Z, 0-9")
+    for what, text in (("a terminal's serial", serial), ("a terminal's model", model),
+                       ("a terminal's location", location)):
+        _check_one_line(what, text)
     if not 0 < txn_min_minor <= txn_max_minor or daily_limit_minor <= 0:
         raise RegistryError("limits must satisfy 0 < min <= max and a positive daily limit")
     key = secrets.token_bytes(terminal_key_bytes)
@@ -294,6 +315,9 @@ async def add_customer(
     debt_recovery_share_bp: int = 0,
 ) -> int:
     _check_currency(currency)
+    for what, text in (("a customer's account number", account_number), ("a customer's name", name),
+                       ("a customer's address", address), ("a customer's phone", phone)):
+        _check_one_line(what, text)
     async with conn.transaction():
         credit_id = await create_account(conn, kind=AccountKind.customer_credit, currency=currency,
                                          owner_ref=f"customer:{account_number}", lower_bound_minor=None)

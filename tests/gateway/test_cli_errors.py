@@ -166,3 +166,16 @@ def test_an_agent_in_a_code_that_is_no_current_currency_is_refused(env: dict[str
              f"currency must be a current ISO 4217 code like EUR, not {currency!r}")
     accepted = vendgate(env, "agent", "add", "--name", "Dar Shop", "--kind", "shop", "--currency", "TZS")
     assert accepted.returncode == 0 and "(TZS)" in accepted.stdout, accepted.stderr
+
+
+@pytest.mark.parametrize("field", ["name", "address", "phone", "account_number"])
+async def test_a_customer_field_of_two_lines_is_refused(db_url: str, field: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        fields = {"account_number": f"AC-LINES-{field}", "name": "Amina", "address": "1 Grid St", "phone": "+2547"}
+        fields[field] += "\r\nforged line"
+        with pytest.raises(registry.RegistryError, match="holds the control character U\\+000D"):
+            await registry.add_customer(conn, currency="EUR", **fields)  # type: ignore[arg-type]
+        assert await conn.fetchval("SELECT count(*) FROM customers WHERE account_number LIKE 'AC-LINES-%'") == 0
+    finally:
+        await conn.close()

@@ -97,7 +97,11 @@ def test_bad_registry_input_gets_one_line(env: dict[str, str]) -> None:
     (("--name", "   "), "not only spaces"),
     (("--name", "Shop", "--contact", "c" * 201), "contact is at most 200"),
     (("--name", "Shop", "--low-float-minor", "-1"), "low-float threshold is an amount"),
-], ids=["name too long", "name of spaces", "contact too long", "negative low-float threshold"])
+    (("--name", "Shop\nline 2"), "an agent's name holds the control character U+000A: one line of printable text"),
+    (("--name", "Shop", "--contact", "a\u2028b"), "an agent's contact holds the control character U+2028"),
+    (("--name", "Shop\udcff"), "an agent's name is not valid UTF-8 text"),
+], ids=["name too long", "name of spaces", "contact too long", "negative low-float threshold", "name of two lines",
+        "line separator", "not UTF-8"])
 def test_an_agent_the_database_would_refuse_gets_one_line(env: dict[str, str], args: tuple[str, ...],
                                                           said: str) -> None:
     # Before, the database's CHECK refused these with a traceback and exit status 1.
