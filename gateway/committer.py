@@ -52,8 +52,9 @@ queue_requests_max = 20_000
 batch_retries_max = 5
 acquire_timeout_s = 10.0
 reading_acquire_timeout_s = 0.5
-# A session waits this long for its payment's batch; then it answers SYSTEM_BUSY ("retry with
-# the same id"), which is safe: the payment either committed and the retry replays it, or not.
+# A session waits this long for its payment's batch (a POS session: from reading the request, its
+# wait for the terminal's turn included); then it answers SYSTEM_BUSY ("retry with the same id"),
+# which is safe: the payment either committed and the retry replays it, or not.
 submit_timeout_s = 30.0
 # While a batch commits, the batch after it is taken from the queue this far into the commit's
 # expected time (an estimate from the commits before it), not at once: the sessions that the
@@ -159,9 +160,15 @@ class Committer:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, request: VendRequest) -> VendOutcome:
+    async def submit(self, request: VendRequest, *, answer_by: float | None = None) -> VendOutcome:
+        """The request's outcome, waited for until `answer_by` (time.monotonic(): what is left of
+        the session's own bound, when it waited for its turn first) or submit_timeout_s; then
+        CommitterBusy, the request staying queued (it may still commit)."""
+        wait_s = submit_timeout_s if answer_by is None else answer_by - time.monotonic()
         if not self._accepting:
             raise CommitterBusy("stopping")
+        if wait_s <= 0:
+            raise CommitterBusy("no time left to wait")  # not queued: it could only be left unanswered
         loop = asyncio.get_running_loop()
         future: asyncio.Future[VendOutcome] = loop.create_future()
         try:
@@ -180,7 +187,7 @@ class Committer:
                 waiter.set_result(None)
 
         future.add_done_callback(wake)
-        timer = loop.call_later(submit_timeout_s, wake)
+        timer = loop.call_later(wait_s, wake)
         try:
             await waiter
         finally:

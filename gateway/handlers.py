@@ -137,11 +137,13 @@ class Handlers:
             return await registry.terminal_context(conn, terminal_id)
 
     async def handle(self, terminal_id: str, message: TerminalMessage,
-                     session_context: registry.TerminalContext | None = None) -> ServerMessage:
+                     session_context: registry.TerminalContext | None = None, *,
+                     answer_by: float | None = None) -> ServerMessage:
         """One reply for one request. `session_context` (read at logon) spares payments a read:
-        the payment batch itself checks the terminal's current status."""
+        the payment batch itself checks the terminal's current status. A payment's batch is waited
+        for until `answer_by` (time.monotonic()), or submit_timeout_s without it."""
         try:
-            return await self._dispatch(terminal_id, message, session_context)
+            return await self._dispatch(terminal_id, message, session_context, answer_by)
         except CommitterBusy:
             return ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
                               connection_closing=False)
@@ -152,7 +154,7 @@ class Handlers:
                               connection_closing=False)
 
     async def _dispatch(self, terminal_id: str, message: TerminalMessage,
-                        session_context: registry.TerminalContext | None) -> ServerMessage:
+                        session_context: registry.TerminalContext | None, answer_by: float | None) -> ServerMessage:
         if isinstance(message, HeartbeatRequest):
             return HeartbeatReply(server_time=datetime.now(UTC))
         if isinstance(message, LogoffRequest):
@@ -164,7 +166,7 @@ class Handlers:
             return ErrorReply(response_code=ResponseCode.TERMINAL_BLOCKED,
                               detail=f"terminal {context.status if context else 'unknown'}", connection_closing=True)
         if isinstance(message, TopUpRequest):
-            result = await self._top_up(context, message)
+            result = await self._top_up(context, message, answer_by)
             if result.response_code is ResponseCode.TERMINAL_BLOCKED:
                 return _BLOCKED_MID_SESSION
             return result
@@ -173,14 +175,14 @@ class Handlers:
         if isinstance(message, FloatInquiryRequest):
             return await self._float(context)
         if isinstance(message, ReversalRequest):
-            reversal = await self._reversal(context, message)
+            reversal = await self._reversal(context, message, answer_by)
             if reversal.response_code is ResponseCode.TERMINAL_BLOCKED:
                 return _BLOCKED_MID_SESSION
             return reversal
         if isinstance(message, ReprintRequest):
             return await self._reprint(context, message)
         if isinstance(message, AdviceBatchRequest):
-            advices = await self._advices(context, message)
+            advices = await self._advices(context, message, answer_by)
             # Blocked before any of them was recorded: refused as a whole, and the session ends. An
             # advice recorded before the block is reported with the rest; the next request ends it.
             if advices.outcomes and all(o.response_code is ResponseCode.TERMINAL_BLOCKED for o in advices.outcomes):
@@ -191,12 +193,13 @@ class Handlers:
         return ErrorReply(response_code=ResponseCode.STATE_ERROR, detail="unexpected message",
                           connection_closing=False)
 
-    async def _top_up(self, context: registry.TerminalContext, message: TopUpRequest) -> TopUpResult:
+    async def _top_up(self, context: registry.TerminalContext, message: TopUpRequest,
+                      answer_by: float | None) -> TopUpResult:
         txn = message.client_transaction_id
         request = VendRequest(kind="topup", client_txn_id=txn.as_key(), terminal_id=context.terminal_id,
                               meter_number=message.meter_number, amount_minor=message.amount_minor,
                               currency=message.currency, tender=str(message.tender_type))
-        outcome = await self.committer.submit(request)
+        outcome = await self.committer.submit(request, answer_by=answer_by)
         log.info("top_up", terminal_id=context.terminal_id, agent_id=context.agent_id,
                  client_txn_id=request.client_txn_id, meter_number=message.meter_number,
                  amount_minor=message.amount_minor, currency=message.currency,
@@ -204,12 +207,13 @@ class Handlers:
                  token=redact_token(outcome.tokens[0]) if outcome.tokens else None)
         return top_up_result(txn, outcome, message.currency)
 
-    async def _reversal(self, context: registry.TerminalContext, message: ReversalRequest) -> ReversalResult:
+    async def _reversal(self, context: registry.TerminalContext, message: ReversalRequest,
+                        answer_by: float | None) -> ReversalResult:
         original = message.original_transaction_id.as_key()
         request = VendRequest(kind="reversal", client_txn_id=f"{original}/R", terminal_id=context.terminal_id,
                               amount_minor=message.amount_minor, currency=message.currency,
                               original_txn_id=original, reason=str(message.reason))
-        outcome = await self.committer.submit(request)
+        outcome = await self.committer.submit(request, answer_by=answer_by)
         log.info("reversal", terminal_id=context.terminal_id, original_txn_id=original,
                  response_code=ResponseCode(outcome.response_code).name)
         code = ResponseCode(outcome.response_code)
@@ -218,12 +222,13 @@ class Handlers:
                               reversed_amount_minor=outcome.amount_minor if code is ResponseCode.APPROVED else 0,
                               float_remaining_minor=wire_amount(outcome.float_remaining_minor))
 
-    async def _advices(self, context: registry.TerminalContext, message: AdviceBatchRequest) -> AdviceBatchResult:
+    async def _advices(self, context: registry.TerminalContext, message: AdviceBatchRequest,
+                       answer_by: float | None) -> AdviceBatchResult:
         requests = [VendRequest(kind="advice", client_txn_id=a.client_transaction_id.as_key(),
                                 terminal_id=context.terminal_id, meter_number=a.meter_number,
                                 amount_minor=a.amount_minor, currency=a.currency, tender=str(a.tender_type),
                                 taken_at=a.taken_at) for a in message.advices]
-        outcomes = await asyncio.gather(*(self.committer.submit(r) for r in requests))
+        outcomes = await asyncio.gather(*(self.committer.submit(r, answer_by=answer_by) for r in requests))
         for request, outcome in zip(requests, outcomes, strict=True):  # one line per payment, as for a top-up
             log.info("advice", terminal_id=context.terminal_id, agent_id=context.agent_id,
                      client_txn_id=request.client_txn_id, meter_number=request.meter_number,

@@ -3,7 +3,8 @@
 One asyncio process: a TCP listener for POS terminals (protocol v1 frames), an HTTPS listener
 for kiosks (mutual TLS, JSON), and an HTTP listener for /metrics, /healthz and /readyz.
 
-The POS read loop owns every limit of a connection: a cap on open connections, an idle
+The POS read loop owns every limit of a connection: a cap on open connections (and a smaller one,
+in all and per source address, on connections that have not yet proven a terminal key), an idle
 timeout between frames, an absolute deadline for a frame once its first byte arrived, a
 bounded write drain and a bounded close, one live session per terminal (a new logon closes the
 old one) and lock step (one request in flight per session, by the protocol). A slow or hostile
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import secrets
 import signal
 import socket
@@ -31,6 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import committer as committer_module
 from gateway import registry
 from gateway.committer import Committer
 from gateway.errors import ListenError
@@ -43,12 +46,27 @@ from gateway.settings import Settings
 from gateway.vending import VendingService, business_date
 from protocol.codes import ResponseCode
 from protocol.errors import ProtocolError
-from protocol.messages import ErrorReply, LogoffRequest, LogonAccepted
+from protocol.messages import ErrorReply, LogoffRequest, LogonAccepted, ServerMessage
 from protocol.session import LoggedOn, LogonRequested, MessageReceived, ServerSession, ServerState
 
 log = get_logger("vendgate.server")
+# A request whose terminal's turn did not come within its bound: repeat it with the same id.
+_TURN_BUSY = ErrorReply(response_code=ResponseCode.SYSTEM_BUSY, detail="busy, retry with the same id",
+                        connection_closing=False)
 
 connections_max = 10_000
+# Connections that have not yet proven a terminal key (no logon accepted yet): anyone who reaches
+# the listener can open them, so together they take at most this share of connections_max, and
+# the rest is for sessions that proved a key. Each source (an IPv4 address, an IPv6 /64: what one
+# host, or one customer of a provider, holds) takes at most unproven_connections_per_source_max of
+# them, so one host cannot take the share of every other. GPRS terminals often reach vendgate
+# through one carrier NAT address, hence not a handful: more than 256 terminals behind one address
+# in the middle of a logon at the same moment (a logon is proven within a few round trips) are
+# closed at once and log on again. A host holding many addresses (a botnet; an IPv6 /48 has
+# 65,536 /64s) is bounded by the share alone: it can delay new logons, never take the slots of
+# proven sessions.
+unproven_connections_max = connections_max // 2
+unproven_connections_per_source_max = 256
 kiosk_connections_max = 256  # kiosks are few; a flood of them must not take the POS listener's descriptors
 kiosk_handshake_timeout_s = 10.0  # accept to a finished TLS handshake, client certificate included
 # No request for this long (the first one included): the connection is closed. Longer than HTTP
@@ -89,6 +107,7 @@ SQL_FLOATS_BELOW = """
 SELECT count(*) FROM agents a JOIN ledger_accounts l ON l.id = a.float_account_id
 WHERE a.low_float_threshold_minor > 0 AND l.balance_minor < a.low_float_threshold_minor"""
 assert frame_deadline_s < idle_timeout_s and logon_deadline_s < idle_timeout_s
+assert unproven_connections_per_source_max <= unproven_connections_max < connections_max
 assert kiosk_handshake_timeout_s < kiosk_connection_lifetime_s and kiosk_idle_timeout_s < kiosk_connection_lifetime_s
 
 
@@ -127,9 +146,27 @@ def listening_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def connection_source(peername: object) -> str:
+    """What a connection's unproven slot is counted under: its IPv4 address (also when it came as
+    an IPv4-mapped IPv6 address), or its IPv6 /64; "" when its address is not known."""
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return ""
+    try:
+        address = ipaddress.ip_address(peername[0])
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
 @dataclass
 class Limits:
     connections_max: int = connections_max
+    unproven_connections_max: int = unproven_connections_max
+    unproven_connections_per_source_max: int = unproven_connections_per_source_max
     idle_timeout_s: float = idle_timeout_s
     frame_deadline_s: float = frame_deadline_s
     logon_deadline_s: float = logon_deadline_s
@@ -211,6 +248,7 @@ class _Connection:
     busy: bool = False
     closing: bool = False
     logon_by: float = 0.0  # time.monotonic() by which the terminal must have proven its logon
+    unproven_source: str | None = None  # the source its unproven slot counts under; None once proven
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -227,6 +265,8 @@ class Gateway:
                                    on_decided_ahead=self.metrics.observe_decided_ahead)
         self.handlers = Handlers(pool, keystore, self.committer, self.metrics)
         self._connections: set[_Connection] = set()
+        self._unproven_by_source: dict[str, int] = {}  # connection_source() -> unproven connections
+        self.unproven_connections = 0  # open connections that have not proven a terminal key
         self._by_terminal: dict[str, _Connection] = {}
         self._pos_server: asyncio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -486,11 +526,15 @@ class Gateway:
     # -- POS connections ---------------------------------------------------------------------
 
     async def _serve_pos(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._stopping or len(self._connections) >= self.limits.connections_max:
-            self.metrics.connections_refused.labels("capacity" if not self._stopping else "stopping").inc()
+        source = connection_source(writer.get_extra_info("peername"))
+        refusal = self._pos_refusal(source)
+        if refusal is not None:  # closed at once, nothing read from it
+            self.metrics.connections_refused.labels(refusal).inc()
             writer.close()
             return
-        conn = _Connection(writer=writer, session=ServerSession())
+        conn = _Connection(writer=writer, session=ServerSession(), unproven_source=source)
+        self._unproven_by_source[source] = self._unproven_by_source.get(source, 0) + 1
+        self.unproven_connections += 1
         self._connections.add(conn)
         self.metrics.sessions_open.labels("pos").inc()
         try:
@@ -509,8 +553,35 @@ class Gateway:
             try:
                 await self._close(conn, self.limits.write_drain_timeout_s)
             finally:
+                self._no_longer_unproven(conn)
                 self._connections.discard(conn)
                 self.metrics.sessions_open.labels("pos").dec()
+
+    def _pos_refusal(self, source: str) -> str | None:
+        """Why a new POS connection from `source` is refused (the metric's reason), or None."""
+        if self._stopping:
+            return "stopping"
+        if len(self._connections) >= self.limits.connections_max:
+            return "capacity"
+        if self.unproven_connections >= self.limits.unproven_connections_max:
+            return "unproven_capacity"
+        if self._unproven_by_source.get(source, 0) >= self.limits.unproven_connections_per_source_max:
+            return "unproven_per_source"
+        return None
+
+    def _no_longer_unproven(self, conn: _Connection) -> None:
+        """The connection proved a terminal key, or is gone: its unproven slot is free."""
+        source = conn.unproven_source
+        if source is None:
+            return
+        conn.unproven_source = None
+        self.unproven_connections -= 1
+        left = self._unproven_by_source[source] - 1
+        if left:
+            self._unproven_by_source[source] = left
+        else:
+            del self._unproven_by_source[source]
+        assert self.unproven_connections >= 0 and left >= 0
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         frame_started: float | None = None
@@ -586,6 +657,7 @@ class Gateway:
             await self._write(conn, session.challenge(key, secrets.token_bytes(16)))
             return True
         if isinstance(event, LoggedOn):
+            self._no_longer_unproven(conn)  # it holds the key: a slot of its own from now on
             previous = self._by_terminal.get(event.terminal_id)
             if previous is not None and previous is not conn:
                 # One live session per terminal: the newer logon wins.
@@ -595,6 +667,8 @@ class Gateway:
             conn.terminal_id = event.terminal_id
             self._by_terminal[event.terminal_id] = conn
             context = await self.handlers.terminal_context(event.terminal_id)
+            if conn.closing:  # replaced by a newer logon (or told goodbye at shutdown) meanwhile
+                return False
             conn.context = context
             now = datetime.now(UTC)
             accepted = LogonAccepted(server_time=now,
@@ -610,12 +684,35 @@ class Gateway:
             message = event.message
             conn.busy = True
             started = time.perf_counter()
+            # Answered within submit_timeout_s of being read, the wait for the terminal's turn
+            # included (docs/protocol.md), so a repeat after a lost link is not kept waiting for
+            # the replaced session's request and then for its own batch.
+            answer_by = time.monotonic() + committer_module.submit_timeout_s
+            turn = self._terminal_turn(conn.terminal_id)
             try:
                 # One request in flight per terminal, however often it logs on: a request on a
                 # newer session waits for the replaced session's one to be served (a repeat of it
                 # then gets its stored outcome), so a key used on many sockets cannot multiply them.
-                async with self._terminal_turn(conn.terminal_id):
-                    reply = await self.handlers.handle(conn.terminal_id, message, conn.context)
+                try:
+                    async with asyncio.timeout(max(answer_by - time.monotonic(), 0.001)):
+                        await turn.acquire()
+                except TimeoutError:
+                    log.info("terminal_turn_timed_out", terminal_id=conn.terminal_id,
+                             message_type=type(message).__name__)
+                    reply: ServerMessage = _TURN_BUSY
+                else:
+                    try:
+                        if conn.closing:
+                            # Replaced (or told goodbye at shutdown) while it waited: not served,
+                            # the newer session's repeat of it decides it (else both would be, one
+                            # after the other).
+                            log.info("request_not_served", terminal_id=conn.terminal_id,
+                                     message_type=type(message).__name__, reason="session ended while it waited")
+                            return False
+                        reply = await self.handlers.handle(conn.terminal_id, message, conn.context,
+                                                           answer_by=answer_by)
+                    finally:
+                        turn.release()
             finally:
                 conn.busy = False
             self.metrics.observe_request(type(message).__name__,

@@ -17,7 +17,7 @@ import pytest
 from gateway.handlers import logon_lookups_max
 from gateway.records_check import check_all
 from gateway.seeding import meter_number, terminal_id
-from gateway.server import Gateway, Limits
+from gateway.server import Gateway, Limits, connection_source
 from gateway.settings import load_settings
 from gateway.vending import group_id_for
 from protocol.codes import ResponseCode
@@ -190,6 +190,98 @@ async def test_connection_cap_refuses_extra_connections(running: Running) -> Non
         gateway.limits = previous
         for w in writers:
             w.close()
+
+
+async def silent_connection(port: int, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from `address` (any of 127.0.0.0/8 is loopback) that sends nothing."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+
+
+async def until_no_unproven_connections(gateway: Gateway) -> None:
+    async with asyncio.timeout(5):
+        while gateway.unproven_connections:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
+
+
+async def test_one_address_holding_its_share_of_unproven_connections_leaves_room_for_other_terminals(
+        running: Running) -> None:
+    # Before, connections_max was one pool for every peer: one host opening connections and
+    # sending nothing (each held until the logon deadline, then opened again) kept every terminal
+    # of the deployment from logging on.
+    gateway = running.gateway
+    assert gateway.pos_port is not None
+    previous = gateway.limits
+    per_source = 5
+    gateway.limits = Limits(connections_max=len(gateway._connections) + 20, unproven_connections_max=10,
+                            unproven_connections_per_source_max=per_source)
+    hostile: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    honest = PosTerminal(terminal_id(300), running.key(300), "127.0.0.1", gateway.pos_port, last_sequence=700)
+    try:
+        for _ in range(20):  # one host, on another address than the terminal's
+            hostile.append(await silent_connection(gateway.pos_port, "127.0.0.2"))
+        for reader, _ in hostile[per_source:]:  # past the address's share: closed at once, nothing read
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert gateway.unproven_connections == per_source
+        accepted = await asyncio.wait_for(honest.logon(), 5)
+        assert accepted.idle_timeout_s > 0
+        inquiry = await asyncio.wait_for(honest.float_inquiry(), 5)
+        assert inquiry.response_code is ResponseCode.APPROVED
+    finally:
+        gateway.limits = previous
+        for _, writer in hostile:
+            writer.close()
+        await honest.logoff()
+    await until_no_unproven_connections(gateway)
+
+
+async def test_unproven_connections_take_at_most_their_share_and_a_proven_one_stops_counting(
+        running: Running) -> None:
+    gateway = running.gateway
+    assert gateway.pos_port is not None
+    previous = gateway.limits
+    gateway.limits = Limits(connections_max=len(gateway._connections) + 10, unproven_connections_max=2,
+                            unproven_connections_per_source_max=1)
+    terminals = [PosTerminal(terminal_id(n), running.key(n), "127.0.0.1", gateway.pos_port, last_sequence=700)
+                 for n in (301, 302, 303)]
+    silent: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        # One address, one unproven connection at a time: each terminal that proved its key and
+        # stays connected leaves the slot to the next.
+        for term in terminals:
+            await asyncio.wait_for(term.logon(), 5)
+        assert gateway.unproven_connections == 0
+        # The share of every address together: two silent hosts take it, a third is closed at once.
+        silent = [await silent_connection(gateway.pos_port, address) for address in ("127.0.0.3", "127.0.0.4")]
+        await asyncio.sleep(0.1)
+        assert gateway.unproven_connections == 2
+        reader, writer = await silent_connection(gateway.pos_port, "127.0.0.5")
+        silent.append((reader, writer))
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        # The sessions that proved their key are served on.
+        for term in terminals:
+            inquiry = await asyncio.wait_for(term.float_inquiry(), 5)
+            assert inquiry.response_code is ResponseCode.APPROVED
+    finally:
+        gateway.limits = previous
+        for _, writer in silent:
+            writer.close()
+        for term in terminals:
+            await term.logoff()
+    await until_no_unproven_connections(gateway)
+
+
+@pytest.mark.parametrize(("peername", "source"), [
+    (("192.0.2.7", 40000), "192.0.2.7"),
+    (("2001:db8:1:2:aaaa::1", 40000, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:2:bbbb:cccc:dddd:eeee", 40001, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:3::1", 40000, 0, 0), "2001:db8:1:3::/64"),
+    (("::ffff:192.0.2.7", 40000, 0, 0), "192.0.2.7"),  # IPv4 on a dual-stack socket counts as IPv4
+    (("fe80::1%eth0", 40000, 0, 2), "fe80::/64"),
+    (None, ""),
+])
+def test_unproven_connections_are_counted_per_ipv4_address_and_per_ipv6_64(
+        peername: tuple[object, ...] | None, source: str) -> None:
+    assert connection_source(peername) == source
 
 
 async def test_new_logon_replaces_the_old_session(running: Running) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import socket
 import time
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway import committer
 from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway, Limits, _Connection, goodbye_drain_s, shutdown_grace_s
 from gateway.settings import load_settings
@@ -22,6 +24,8 @@ from protocol.messages import (
     AdviceBatchResult,
     ClientTransactionId,
     ErrorReply,
+    FloatInquiryRequest,
+    FloatInquiryResult,
     HeartbeatReply,
     HeartbeatRequest,
     LogonProof,
@@ -31,6 +35,7 @@ from protocol.messages import (
     ReversalRequest,
     ReversalResult,
     TenderType,
+    TopUpRequest,
     TopUpResult,
 )
 from protocol.session import MessageReceived, ServerState, TerminalSession, TerminalState
@@ -513,13 +518,13 @@ async def test_one_request_per_terminal_is_in_flight_however_often_it_logs_on(
     serving = {"now": 0, "most": 0}
     handle = gateway.handlers.handle
 
-    async def counted(terminal: str, message: object, context: object) -> object:
+    async def counted(terminal: str, message: object, context: object, **options: object) -> object:
         if terminal != terminal_id(n):
-            return await handle(terminal, message, context)  # type: ignore[arg-type]
+            return await handle(terminal, message, context, **options)  # type: ignore[arg-type]
         serving["now"] += 1
         serving["most"] = max(serving["most"], serving["now"])
         try:
-            return await handle(terminal, message, context)  # type: ignore[arg-type]
+            return await handle(terminal, message, context, **options)  # type: ignore[arg-type]
         finally:
             serving["now"] -= 1
 
@@ -547,3 +552,143 @@ async def test_one_request_per_terminal_is_in_flight_however_often_it_logs_on(
     assert isinstance(outcomes[-1], TopUpResult) and outcomes[-1].response_code is ResponseCode.APPROVED
     for term in terminals:
         await term.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_repeat_on_a_newer_session_is_answered_within_the_submit_bound(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/protocol.md: a payment's reply comes within 30 s. Before, a repeat on a newer session
+    # (the link was lost, the terminal logged on again) first waited for the replaced session's
+    # request to time out, then for its own batch: twice the bound, beyond the reference client's
+    # reply timeout. submit_timeout_s is shortened to 2 s; the commit stalls on a table lock.
+    bound_s = 2.0
+    monkeypatch.setattr(committer, "submit_timeout_s", bound_s)
+    older, newer = pos(running, 286), pos(running, 286)
+    await older.logon()
+    async with running.pool.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")
+            request = TopUpRequest(client_transaction_id=older.next_transaction_id(), meter_number=meter_number(25),
+                                   amount_minor=900, currency="EUR", tender_type=TenderType.CASH)
+            lost = asyncio.create_task(older._exchange(request, TopUpResult))  # its reply will never come
+            await asyncio.sleep(0.5)
+            await newer.logon()  # the link was lost: log on again, repeat with the same id
+            started = time.monotonic()
+            with pytest.raises(TerminalRefused) as busy:  # the commit is still stalled
+                await asyncio.wait_for(newer._exchange(request, TopUpResult), 10)
+            elapsed = time.monotonic() - started
+        finally:
+            await lock.rollback()
+    await asyncio.gather(lost, return_exceptions=True)
+    assert busy.value.response_code is ResponseCode.SYSTEM_BUSY and not busy.value.closing, busy.value
+    assert elapsed < bound_s + 0.5, f"the repeat was answered after {elapsed:.1f} s; the bound is {bound_s:.0f} s"
+    repeated = await asyncio.wait_for(newer._exchange(request, TopUpResult), 10)  # the session goes on
+    assert repeated.response_code is ResponseCode.APPROVED
+    assert await recorded(running, request.client_transaction_id) == [ResponseCode.APPROVED]
+    await older.close()
+    await newer.logoff()
+
+
+@pytest.mark.timeout(60)
+async def test_a_request_kept_from_its_turn_past_the_submit_bound_is_told_busy_and_the_session_goes_on(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The replaced session's request is a lookup stalled on a table lock: it keeps the terminal's
+    # turn longer than the newer session's request may wait for it.
+    bound_s = 1.0
+    monkeypatch.setattr(committer, "submit_timeout_s", bound_s)
+    older, newer = pos(running, 287), pos(running, 287)
+    await older.logon()
+    async with running.pool.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute("LOCK TABLE meters IN ACCESS EXCLUSIVE MODE")
+            looking = asyncio.create_task(older.lookup(meter_number(23)))
+            await asyncio.sleep(0.3)
+            await newer.logon()
+            started = time.monotonic()
+            with pytest.raises(TerminalRefused) as busy:
+                await asyncio.wait_for(newer._exchange(FloatInquiryRequest(), FloatInquiryResult), 5)
+            elapsed = time.monotonic() - started
+        finally:
+            await lock.rollback()
+    await asyncio.gather(looking, return_exceptions=True)
+    assert busy.value.response_code is ResponseCode.SYSTEM_BUSY and not busy.value.closing, busy.value
+    assert bound_s - 0.1 < elapsed < bound_s + 0.5, elapsed
+    inquiry = await asyncio.wait_for(newer.float_inquiry(), 5)
+    assert inquiry.response_code is ResponseCode.APPROVED
+    await older.close()
+    await newer.logoff()
+
+
+@pytest.mark.timeout(60)
+async def test_a_request_whose_session_was_replaced_while_it_waited_for_its_turn_is_not_served(
+        running: Running) -> None:
+    # Three sessions of one terminal: the first one's payment holds the terminal's turn (its commit
+    # stalls), the second one's waits for it, and a third logon replaces the second. The second's
+    # payment is left to the third session's repeat, which decides it once.
+    first, second, third = pos(running, 288), pos(running, 288), pos(running, 288)
+    await first.logon()
+    txn = ClientTransactionId(terminal_id=first.terminal_id, terminal_sequence=950, business_date=first.business_date)
+    request = TopUpRequest(client_transaction_id=txn, meter_number=meter_number(23), amount_minor=800,
+                           currency="EUR", tender_type=TenderType.CASH)
+    async with running.pool.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")
+            serving = asyncio.create_task(first.top_up(meter_number(23), 700, "EUR"))
+            await asyncio.sleep(0.3)
+            await second.logon()
+            waiting = asyncio.create_task(second._exchange(request, TopUpResult))
+            await asyncio.sleep(0.3)
+            await third.logon()
+            await asyncio.sleep(0.3)
+        finally:
+            await lock.rollback()
+    outcomes = await asyncio.gather(serving, waiting, return_exceptions=True)
+    assert all(isinstance(o, TerminalRefused) and o.closing for o in outcomes), outcomes  # both replaced
+    await asyncio.sleep(0.5)  # the turn has passed on: the second session's request was dropped
+    assert await recorded(running, txn) == []
+    repeated = await asyncio.wait_for(third._exchange(request, TopUpResult), 10)
+    assert repeated.response_code is ResponseCode.APPROVED
+    assert await recorded(running, txn) == [ResponseCode.APPROVED]
+    await first.close()
+    await second.close()
+    await third.logoff()
+
+
+async def test_a_logon_replaced_while_it_awaited_its_terminal_context_ends_without_an_error_log(
+        running: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A newer logon that proves its key while the older one reads its terminal context tells the
+    # older one goodbye. Before, the older one then sent LogonAccepted into its closed session, and
+    # the gateway logged the LocalProtocolError as connection_failed at ERROR: a normal race paged
+    # as a crash.
+    gateway = running.gateway
+    context = gateway.handlers.terminal_context
+    calls = 0
+
+    async def slow_first(terminal: str) -> object:
+        nonlocal calls
+        calls += 1
+        if terminal == terminal_id(289) and calls == 1:
+            await asyncio.sleep(0.5)
+        return await context(terminal)
+
+    monkeypatch.setattr(gateway.handlers, "terminal_context", slow_first)
+    older, newer = pos(running, 289), pos(running, 289)
+    with caplog.at_level(logging.INFO, logger="vendgate"):
+        first = asyncio.create_task(older.logon())
+        await asyncio.sleep(0.2)
+        await newer.logon()
+        [outcome] = await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(1.0)  # the older connection's task finishes its logon
+    assert isinstance(outcome, TerminalRefused) and outcome.closing, outcome  # its goodbye
+    await older.close()
+    inquiry = await asyncio.wait_for(newer.float_inquiry(), 5)
+    assert inquiry.response_code is ResponseCode.APPROVED
+    await newer.logoff()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors

@@ -42,11 +42,11 @@ async def test_system_busy_on_a_top_up_is_repeated_and_the_terminal_keeps_paying
     real_submit = committer.submit
     calls = {"n": 0}
 
-    async def busy_once(request):  # type: ignore[no-untyped-def]
+    async def busy_once(request, **options):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise CommitterBusy("queue full")
-        return await real_submit(request)
+        return await real_submit(request, **options)
 
     monkeypatch.setattr(committer, "submit", busy_once)
     summary, notes = await _sim(running, 31, duration_s=1.5)
