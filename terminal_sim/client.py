@@ -1,8 +1,10 @@
 """An asyncio POS terminal over protocol v1, with a model of a slow, lossy GPRS link.
 
 Depends on protocol/ only: this is what a terminal vendor writes. A payment whose reply is
-lost (or whose connection drops) is retried on a new connection with the SAME client
-transaction id, a bounded number of times; the gateway answers a retry with the stored reply.
+lost (its connection drops, the whole reply is not in within reply_timeout_s, or it fails the
+protocol's checks) is retried on a new connection with the SAME client transaction id, a bounded
+number of times; the gateway answers a retry with the stored reply. A reply that ends the session
+(a goodbye read with it) closes the connection: the next request logs on again.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class PosTerminal:
         # A real terminal keeps its sequence across restarts; a simulator is told where it stopped.
         self._sequence = last_sequence
         self.retries = 0
+        # Frames from the gateway that failed the protocol's checks (a MAC, a sequence number):
+        # each is taken for a lost link and its request repeated, but is counted, and the last one
+        # kept: a MAC failure is no noise.
+        self.protocol_errors = 0
+        self.last_protocol_error: ProtocolError | None = None
 
     # -- connection --------------------------------------------------------------------------
 
@@ -158,7 +165,9 @@ class PosTerminal:
         await self.close()
 
     async def _exchange(self, message: TerminalMessage, expected: type[R]) -> R:
-        assert self._session is not None and self._writer is not None and self._reader is not None
+        if self._session is None or self._writer is None or self._reader is None:
+            # Closed since the last reply (a goodbye read with it, a lost link): log on again.
+            raise LinkLost("not connected")
         await asyncio.sleep(self.link.delay(self.rng))
         if self.link.disconnect_probability and self.rng.random() < self.link.disconnect_probability:
             await self.close()
@@ -183,19 +192,33 @@ class PosTerminal:
         return reply
 
     async def _read_reply(self) -> ServerMessage:
-        assert self._session is not None and self._reader is not None
-        while True:
-            try:
-                data = await asyncio.wait_for(self._reader.read(read_chunk_bytes), reply_timeout_s)
-            except (TimeoutError, ConnectionError) as exc:
-                await self.close()
-                raise LinkLost(type(exc).__name__) from None
-            if not data:
-                await self.close()
-                raise LinkLost("connection closed")
-            for event in self._session.receive_data(data):
-                if isinstance(event, MessageReceived):
-                    return event.message
+        """The next frame from the gateway, all of it within reply_timeout_s (one deadline for the
+        whole reply, not per read: a peer sending a byte now and then must not hold the terminal).
+
+        A reply that ends the session (a goodbye read with it, a logoff reply) closes the
+        connection, the reply still returned: the next request logs on again. A frame the session
+        cannot accept closes it too, as docs/protocol.md asks, and is a lost link: the request is
+        repeated on a new session with the same transaction id.
+        """
+        session, reader = self._session, self._reader
+        assert session is not None and reader is not None
+        try:
+            async with asyncio.timeout(reply_timeout_s):
+                reply = await _next_message(session, reader)
+        except ProtocolError as error:
+            await self.close()
+            self.protocol_errors += 1
+            self.last_protocol_error = error
+            raise LinkLost(f"reply refused: {error!r}") from None
+        except (TimeoutError, ConnectionError) as exc:
+            await self.close()
+            raise LinkLost(type(exc).__name__) from None
+        except LinkLost:
+            await self.close()
+            raise
+        if session.state in (TerminalState.CLOSED, TerminalState.FAILED):
+            await self.close()
+        return reply
 
     async def _request(self, message: TerminalMessage, expected: type[R]) -> R:
         """Send with reconnect-and-retry on a lost link, and again after a pause on SYSTEM_BUSY
@@ -203,7 +226,7 @@ class PosTerminal:
         id) every time."""
         for attempt in range(retries_max + 1):
             try:
-                if self._session is None:
+                if self._session is None or self._session.state is not TerminalState.READY:
                     await self.logon()
                 return await self._exchange(message, expected)
             except (LinkLost, ConnectionError, TimeoutError):
@@ -261,3 +284,15 @@ class PosTerminal:
                       reason: ReversalReason = ReversalReason.NO_REPLY) -> ReversalResult:
         return await self._request(ReversalRequest(original_transaction_id=txn, amount_minor=amount_minor,
                                                    currency=currency, reason=reason), ReversalResult)
+
+
+async def _next_message(session: TerminalSession, reader: asyncio.StreamReader) -> ServerMessage:
+    """Read until a whole frame is in; the first message of what was read (a frame after it in
+    the same read, a goodbye, leaves the session in the state that frame put it)."""
+    while True:
+        data = await reader.read(read_chunk_bytes)
+        if not data:
+            raise LinkLost("connection closed")
+        for event in session.receive_data(data):
+            if isinstance(event, MessageReceived):
+                return event.message

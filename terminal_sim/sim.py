@@ -193,6 +193,10 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
         raise
     finally:
         summary.retries += terminal.retries
+        if terminal.protocol_errors:  # replies refused by the protocol's checks, each retried as a lost link
+            summary.protocol_errors += terminal.protocol_errors
+            state.notes.append(f"{terminal.terminal_id}: {terminal.protocol_errors} replies refused, the last "
+                               f"{terminal.last_protocol_error!r}")
     await terminal.logoff()
 
 

@@ -19,7 +19,7 @@ from gateway.seeding import meter_number, terminal_id
 from gateway.server import Gateway
 from gateway.settings import load_settings
 from protocol.codes import ResponseCode
-from protocol.messages import Advice, LogonRequest, TenderType, TopUpResult
+from protocol.messages import Advice, FloatInquiryResult, LogonRequest, TenderType, TopUpResult
 from terminal_sim.client import LAN, LinkLost, PosTerminal
 from terminal_sim.sim import run_simulation
 from tests.gateway.conftest import Running
@@ -165,11 +165,13 @@ async def test_a_gateway_that_stops_mid_run_is_not_called_in_a_tight_loop(runnin
     assert summary.retries <= 2 * 12 * (3.0 / sim_module.failure_pause_s[0] + 2), summary
 
 
-async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) -> None:
+async def test_a_reply_failing_its_mac_is_counted_and_its_payment_repeated(running: Running) -> None:
     """A relay flips a MAC byte of the third reply (the first top-up's): the simulator must count a
-    protocol error and return its summary."""
+    protocol error and return its summary. The terminal closes the connection, as docs/protocol.md
+    asks of a frame it cannot accept, logs on again and repeats the payment with the same id."""
     assert running.gateway.pos_port is not None
     gateway_port = running.gateway.pos_port
+    replies = 0  # across connections: only the first top-up's reply is altered
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", gateway_port)
@@ -180,7 +182,7 @@ async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) 
             upstream_writer.close()
 
         async def down() -> None:
-            replies = 0
+            nonlocal replies
             while data := await upstream_reader.read(65_536):
                 replies += 1
                 client_writer.write(data[:-1] + bytes([data[-1] ^ 1]) if replies == 3 else data)
@@ -191,12 +193,55 @@ async def test_a_reply_failing_its_mac_is_counted_not_a_crash(running: Running) 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        summary, _notes = await run_simulation(host="127.0.0.1", port=port,
+        summary, notes = await run_simulation(host="127.0.0.1", port=port,
                                               terminals=[(terminal_id(36), running.key(36))], meters=METERS,
                                               currency="EUR", duration_s=0.5, link=LAN)
-        assert summary.protocol_errors == 1 and not summary.ok
+        assert summary.protocol_errors == 1 and not summary.ok, summary
+        assert any("MacFailure" in note for note in notes), notes
+        assert summary.approved > 0 and summary.retries >= 1 and summary.unresolved == 0, summary
     finally:
         server.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_terminal_logs_on_again_after_a_goodbye_that_came_with_its_reply(running: Running) -> None:
+    """protocol.md: after a closing error 'both ends then close the connection', and the terminal
+    logs on again. At SIGTERM the gateway writes a busy session's reply and its goodbye back to
+    back, so the terminal reads both at once. Before, PosTerminal returned the reply and kept the
+    closed session on an open socket, and its next request raised LocalProtocolError instead of
+    logging on again (here to the gateway started again on the same port)."""
+    settings = load_settings(environ={"VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": "0"})
+    first = Gateway(settings, running.pool, running.keystore)
+    await first.start()
+    port = first.pos_port
+    assert port is not None
+    term = PosTerminal(terminal_id(300), running.key(300), "127.0.0.1", port, last_sequence=700)
+    second: Gateway | None = None
+    try:
+        await term.logon()
+        async with running.pool.acquire() as holder:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")  # the commit stalls
+            paying = asyncio.create_task(term.top_up(meter_number(24), 800, "EUR"))
+            await asyncio.sleep(0.3)
+            stopping = asyncio.create_task(first.stop())  # SIGTERM with the payment in flight
+            await asyncio.sleep(0.3)
+            await lock.rollback()
+        paid = await asyncio.wait_for(paying, 10)
+        assert isinstance(paid, TopUpResult) and paid.response_code is ResponseCode.APPROVED
+        await asyncio.wait_for(stopping, 30)
+        assert term._writer is None and term._session is None  # the goodbye closed the connection
+        second = Gateway(load_settings(environ={"VENDGATE_POS_PORT": str(port), "VENDGATE_HTTP_PORT": "0"}),
+                         running.pool, running.keystore)
+        await second.start()
+        result = await asyncio.wait_for(term.float_inquiry(), 10)
+        assert isinstance(result, FloatInquiryResult) and result.response_code is ResponseCode.APPROVED
+    finally:
+        await term.close()
+        if second is not None:
+            await second.stop()
+        await first.stop()
 
 
 async def interrupted_sim(tmp_path, sigints: int) -> tuple[dict[str, object], float]:  # type: ignore[no-untyped-def]
