@@ -184,8 +184,11 @@ async def _run_terminal(terminal: PosTerminal, meters: list[str], currency: str,
         if refused.response_code is not ResponseCode.SYSTEM_BUSY:
             summary.protocol_errors += 1
             state.notes.append(f"{terminal.terminal_id}: {refused}")
-    except (LinkLost, ConnectionError, TimeoutError):
+    except (LinkLost, ConnectionError, TimeoutError) as lost:
         summary.errors += 1
+        # Said once per terminal: what ended it (a refused connection names the wrong port or a
+        # gateway that is not running, which a bare error count does not).
+        state.notes.append(f"{terminal.terminal_id}: stopped: {lost!r}")
     except asyncio.CancelledError:
         if in_flight is not None:  # cut off at the end of the run with a payment unanswered
             summary.unresolved += 1

@@ -117,9 +117,11 @@ async def test_sim_against_a_stopped_gateway_is_not_ok() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    summary, _ = await run_simulation(host="127.0.0.1", port=port, terminals=[("T0000001", bytes(16))],
-                                      meters=["1"], currency="EUR", duration_s=0.3, link=LAN)
+    summary, notes = await run_simulation(host="127.0.0.1", port=port, terminals=[("T0000001", bytes(16))],
+                                          meters=["1"], currency="EUR", duration_s=0.3, link=LAN)
     assert summary.approved == 0 and summary.errors == 1
+    [note] = notes
+    assert note.startswith("T0000001: stopped: ConnectionRefusedError(") and str(port) in note
     assert not summary.ok, "every terminal failed and nothing was paid, yet `vendgate sim` exits 0"
 
 
