@@ -225,8 +225,10 @@ async def add_terminal(
     try:
         await conn.execute(sql.TERMINAL_INSERT, terminal_id, serial, model, kind, agent_id, location, sealed,
                            txn_min_minor, txn_max_minor, daily_limit_minor)
-    except asyncpg.UniqueViolationError:
-        raise RegistryError(f"terminal {terminal_id} or serial {serial} already registered") from None
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "terminals_serial_in_service":
+            raise RegistryError(f"serial {serial} belongs to a terminal in service: retire that one first") from None
+        raise RegistryError(f"terminal {terminal_id} already registered") from None
     except asyncpg.ForeignKeyViolationError:
         raise RegistryError(f"no agent {agent_id}") from None
     return key
@@ -263,7 +265,7 @@ async def set_terminal_status(conn: asyncpg.Connection, terminal_id: str,
             raise RegistryError(f"no terminal {terminal_id}")
         if current == "retired" and status != "retired":
             raise RegistryError(f"terminal {terminal_id} is retired, and retirement is final: register the device "
-                                "anew to put it back into service")
+                                "anew (a terminal id of its own; its serial is free) to put it back into service")
         await conn.execute(sql.TERMINAL_SET_STATUS, terminal_id, status)
 
 

@@ -45,7 +45,9 @@ async def test_agent_and_terminal_add_print_the_key_once_and_seal_it(env: dict[s
     finally:
         await conn.close()
     duplicate = vendgate(env, "terminal", "add", "--id", "P0000001", "--serial", "SN-P1", "--agent", agent_id)
-    assert duplicate.returncode == 2 and "already registered" in duplicate.stderr
+    assert duplicate.returncode == 2 and "terminal P0000001 already registered" in duplicate.stderr
+    same_device = vendgate(env, "terminal", "add", "--id", "P0000002", "--serial", "SN-P1", "--agent", agent_id)
+    assert same_device.returncode == 2 and "serial SN-P1 belongs to a terminal in service" in same_device.stderr
     blocked = vendgate(env, "terminal", "block", "P0000001")
     assert blocked.returncode == 0 and "blocked" in blocked.stdout
     # Retirement is final: the device and its key are out of service.
@@ -54,6 +56,9 @@ async def test_agent_and_terminal_add_print_the_key_once_and_seal_it(env: dict[s
         again = vendgate(env, "terminal", action, "P0000001")
         assert again.returncode == 2 and "retirement is final" in again.stderr, again.stderr
     assert vendgate(env, "terminal", "retire", "P0000001").returncode == 0
+    # The device put back into service: registered anew, its serial free once its old record retired.
+    anew = vendgate(env, "terminal", "add", "--id", "P0000002", "--serial", "SN-P1", "--agent", agent_id)
+    assert anew.returncode == 0, anew.stderr
     conn = await asyncpg.connect(db_url)
     try:
         assert await conn.fetchval("SELECT status FROM terminals WHERE terminal_id = 'P0000001'") == "retired"

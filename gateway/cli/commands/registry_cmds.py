@@ -39,8 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     tadd.add_argument("--model", default="")
     tadd.add_argument("--location", default="")
     tadd.set_defaults(handler=handle_terminal_add)
-    for action in ("block", "unblock", "retire"):
-        sub = terminal.add_parser(action, help=f"{action} a terminal")
+    for action, says in (("block", "block a terminal: refused at logon and mid-session"),
+                         ("unblock", "unblock a blocked terminal"),
+                         ("retire", "retire a terminal for good (final: its key is out of service, its serial "
+                                    "free to register anew)")):
+        sub = terminal.add_parser(action, help=says)
         sub.add_argument("terminal_id")
         sub.set_defaults(handler=handle_terminal_status, status_action=action)
 
