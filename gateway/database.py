@@ -17,7 +17,7 @@ from gateway.settings import Settings
 
 
 def embedded_cluster(settings: Settings) -> LocalCluster:
-    return LocalCluster(settings.pgdata_dir)
+    return LocalCluster(settings.pgdata_dir, port=settings.database_port)
 
 
 def with_database(url: str, database: str) -> str:

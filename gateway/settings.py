@@ -34,6 +34,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Unset: the embedded PostgreSQL with its data under data_dir/pgdata.
     database_url: str | None = None
     data_dir: str = ".vendgate"
+    # The embedded PostgreSQL's port from its next start on (kept for later starts); unset: the
+    # port it was last given, else one chosen at its first start. Ignored with database_url.
+    database_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     database_name: str = "vendgate"
     database_connect_timeout_s: TimeoutSeconds = 10.0
     database_pool_size_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20

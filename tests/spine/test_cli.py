@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -93,3 +98,64 @@ def test_demo_runs_the_whole_job_and_stops_cleanly(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert "seeded:" not in again.stdout and "migrations: schema up to date" in again.stdout
     assert int(again.stdout.split("kiosks: approved ")[1].split(",")[0]) > 0
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET on the ops listener; (0, reason) when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def wait_for_status(port: int, path: str, wanted: int, *, within_s: float) -> tuple[int, str]:
+    deadline = time.monotonic() + within_s
+    while True:
+        answer = get(port, path)
+        if answer[0] == wanted or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+def test_a_served_gateway_is_ready_again_after_the_embedded_database_restarts(tmp_path: Path) -> None:
+    # `vendgate serve` resolves the database's URL once, at its start; the embedded cluster keeps
+    # its port across `db stop` / `db start`, so the gateway's pool reconnects to it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    env = {"VENDGATE_DATA_DIR": str(tmp_path / "data"), "VENDGATE_MASTER_KEY": "22" * 32,
+           "VENDGATE_POS_PORT": "0", "VENDGATE_HTTP_PORT": str(http_port), "VENDGATE_LOG_LEVEL": "warning"}
+    try:
+        started = vendgate("db", "start", env=env)
+        assert started.returncode == 0, started.stderr
+        assert vendgate("migrate", env=env).returncode == 0
+        url = vendgate("db", "url", "--show-password", env=env).stdout.strip()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("VENDGATE_")}
+        log = tmp_path / "serve.log"
+        with log.open("w") as log_file:
+            server = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env={**base, **env},
+                                      stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for_status(http_port, "/readyz", 200, within_s=30)[0] == 200, log.read_text()[-2000:]
+            assert vendgate("db", "stop", env=env).stdout.strip() == "stopped"
+            assert wait_for_status(http_port, "/readyz", 503, within_s=10)[0] == 503
+            restarted = vendgate("db", "start", env=env)
+            assert restarted.returncode == 0, restarted.stderr
+            status, body = wait_for_status(http_port, "/readyz", 200, within_s=20)
+            assert status == 200 and '"ready"' in body, (status, body)
+            assert vendgate("db", "url", "--show-password", env=env).stdout.strip() == url
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        assert server.returncode == 0, log.read_text()[-2000:]
+    finally:
+        vendgate("db", "stop", env=env)
+

@@ -1,12 +1,16 @@
-"""The PostgreSQL cluster vendgate runs for itself (the embedded default): how it writes its WAL."""
+"""The PostgreSQL cluster vendgate runs for itself (the embedded default): how it writes its WAL,
+and the port it keeps."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from gateway.errors import ClusterError
 from gateway.pgcluster import LocalCluster
 
 
@@ -40,5 +44,75 @@ async def test_the_durable_cluster_writes_its_wal_without_stalling_commits(tmp_p
         assert stat.st_size == segment_bytes
         # Zero-filled, every block of the segment would be allocated; here only what was written.
         assert stat.st_blocks * 512 < segment_bytes // 4, (stat.st_blocks, segment_bytes)
+    finally:
+        cluster.destroy()
+
+
+def test_the_cluster_keeps_its_port_across_restarts(tmp_path: Path) -> None:
+    # A running `vendgate serve` and a saved `vendgate db url` keep the port they resolved: a
+    # port chosen anew at every start left both pointing at nothing after a restart.
+    cluster = LocalCluster(tmp_path / "one" / "pgdata")
+    other = LocalCluster(tmp_path / "two" / "pgdata")
+    try:
+        first = cluster.start().port
+        assert first is not None
+        url = cluster.url("postgres")
+        assert cluster.stop()
+        # A new process (a new LocalCluster on the same folder) finds the same port.
+        again = LocalCluster(tmp_path / "one" / "pgdata")
+        assert again.start().port == first
+        assert again.url("postgres") == url
+        # Another data folder gets a port of its own.
+        second = other.start().port
+        assert second is not None and second != first
+        assert cluster.stop() and other.stop()
+        assert other.start().port == second
+    finally:
+        cluster.destroy()
+        other.destroy()
+
+
+def test_a_port_taken_by_another_program_is_a_clear_error(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "pgdata")
+    try:
+        port = cluster.start().port
+        assert port is not None
+        cluster.stop()
+        with socket.create_server(("127.0.0.1", port)):
+            with pytest.raises(ClusterError) as refused:
+                cluster.start()
+            # Never moved silently to another port: a served gateway would lose its database.
+            assert not cluster.status().running
+        message = str(refused.value)
+        assert f"port {port}" in message and str(cluster.pgdata) in message, message
+        assert "\n" not in message
+        assert "VENDGATE_DATABASE_PORT" in message
+        assert cluster.start().port == port  # once the port is free again
+    finally:
+        cluster.destroy()
+
+
+def test_a_port_asked_for_is_kept(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        wanted = probe.getsockname()[1]
+    cluster = LocalCluster(tmp_path / "pgdata", port=wanted)
+    try:
+        assert cluster.start().port == wanted
+        cluster.stop()
+        # Later starts without the setting keep the port the cluster was last given.
+        assert LocalCluster(tmp_path / "pgdata").start().port == wanted
+    finally:
+        cluster.destroy()
+
+
+def test_a_cluster_started_before_ports_were_recorded_keeps_its_last_port(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "pgdata")
+    try:
+        port = cluster.start().port
+        cluster.stop()
+        cluster.port_file.unlink()  # as an earlier vendgate left its data folder
+        assert cluster.start().port == port
+        assert cluster.port_file.read_text().strip() == str(port)
     finally:
         cluster.destroy()
