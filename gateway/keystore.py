@@ -2,8 +2,10 @@
 
 AES-256-GCM with a fresh 96-bit nonce per seal; the record's identity (for example
 "terminal:T0001:v1") is the associated data, so a ciphertext copied onto another row fails to
-open. The master key comes from VENDGATE_MASTER_KEY (64 hex digits) or VENDGATE_MASTER_KEY_FILE;
-only the demo may create one (in its data folder, mode 0600). Nothing here logs a key.
+open. The master key comes from VENDGATE_MASTER_KEY (64 hex digits) or VENDGATE_MASTER_KEY_FILE.
+Only `vendgate demo` takes one from its data folder unasked (data_dir/master.key), and only it
+creates one there (mode 0600): every other command refuses to run without one configured, so a
+key lying beside the database seals no operator's terminal keys. Nothing here logs a key.
 """
 
 from __future__ import annotations
@@ -63,20 +65,24 @@ def demo_master_key_path(settings: Settings) -> Path:
     return Path(settings.data_dir) / "master.key"
 
 
-def load_keystore(settings: Settings, *, create_for_demo: bool = False) -> KeyStore:
-    """The KeyStore for these settings; a missing master key is a clear error outside the demo."""
+def load_keystore(settings: Settings, *, demo: bool = False) -> KeyStore:
+    """The KeyStore for these settings; a missing master key is a clear error outside the demo,
+    which alone uses (and creates, when missing) data_dir/master.key."""
     if settings.master_key:
         return KeyStore(_parse_hex(settings.master_key, "VENDGATE_MASTER_KEY"))
-    path = Path(settings.master_key_file) if settings.master_key_file else demo_master_key_path(settings)
+    if settings.master_key_file:
+        path = Path(settings.master_key_file)
+        if not path.exists():
+            raise KeyStoreError(f"master key file {path} does not exist")
+        return KeyStore(_parse_hex(path.read_text(), f"master key file {path}"))
+    path = demo_master_key_path(settings)
+    if not demo:
+        found = (f" (`vendgate demo` alone uses {path}; name it in VENDGATE_MASTER_KEY_FILE to use it here)"
+                 if path.exists() else " (`vendgate demo` creates one for the demo data folder)")
+        raise KeyStoreError(
+            "no master key: set VENDGATE_MASTER_KEY (64 hex digits) or VENDGATE_MASTER_KEY_FILE" + found)
     if path.exists():
         return KeyStore(_parse_hex(path.read_text(), f"master key file {path}"))
-    if settings.master_key_file:
-        raise KeyStoreError(f"master key file {path} does not exist")
-    if not create_for_demo:
-        raise KeyStoreError(
-            "no master key: set VENDGATE_MASTER_KEY (64 hex digits) or VENDGATE_MASTER_KEY_FILE "
-            "(`vendgate demo` creates one for the demo data folder)"
-        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:

@@ -132,6 +132,16 @@ def test_missing_master_key_is_a_clear_error(db_url: str, tmp_path: Path) -> Non
     result = vendgate(env, "terminal", "add", "--id", "P0000009", "--serial", "SN-P9", "--agent", "1")
     assert result.returncode == 2
     assert "no master key" in result.stderr and "Traceback" not in result.stderr
+    # The data folder's master.key is the demo's: no other command takes it unasked.
+    (tmp_path / "master.key").write_text("55" * 32)
+    for command in (("terminal", "add", "--id", "P0000009", "--serial", "SN-P9", "--agent", "1"),
+                    ("seed", "--agents", "1", "--terminals", "1", "--meters", "1"), ("serve",)):
+        refused = vendgate(env, *command)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "no master key" in refused.stderr and str(tmp_path / "master.key") in refused.stderr
+    named = vendgate({**env, "VENDGATE_MASTER_KEY_FILE": str(tmp_path / "master.key")}, "terminal", "add",
+                     "--id", "P0000009", "--serial", "SN-P9", "--agent", "999999")
+    assert named.returncode == 2 and "no master key" not in named.stderr, named.stderr
     bad = vendgate({**env, "VENDGATE_MASTER_KEY": "zz"}, "serve")
     assert bad.returncode == 2 and "VENDGATE_MASTER_KEY is not hex" in bad.stderr
 

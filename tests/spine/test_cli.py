@@ -55,14 +55,16 @@ def test_embedded_cluster_lifecycle(tmp_path: Path) -> None:
         assert "applied 0001_base" in first.stdout
         again = vendgate("migrate", env=env)
         assert again.stdout.strip() == "schema up to date"
-        seeded = vendgate("seed", "--agents", "1", "--terminals", "2", "--meters", "4", env=env)
+        seeded = vendgate("seed", "--agents", "1", "--terminals", "2", "--meters", "4",
+                          env={**env, "VENDGATE_MASTER_KEY": "44" * 32})
         assert seeded.returncode == 0, seeded.stderr
         assert seeded.stdout.splitlines()[1:4] == [
             f"terminals {terminal_id(1)}..{terminal_id(2)}",
             f"meters {meter_number(1)}..{meter_number(4)} (a Luhn check digit ends each), accounts "
             "AC00000001..AC00000004",
             f"STS token meters: one in 3, the first {meter_number(3)}"]
-        more = vendgate("seed", "--agents", "1", "--terminals", "1", "--meters", "1", env=env)
+        more = vendgate("seed", "--agents", "1", "--terminals", "1", "--meters", "1",
+                        env={**env, "VENDGATE_MASTER_KEY": "44" * 32})
         assert more.stdout.splitlines()[1:4] == [
             f"terminals {terminal_id(3)}..{terminal_id(3)}",
             f"meters {meter_number(5)}..{meter_number(5)} (a Luhn check digit ends each), accounts "
@@ -159,3 +161,29 @@ def test_a_served_gateway_is_ready_again_after_the_embedded_database_restarts(tm
     finally:
         vendgate("db", "stop", env=env)
 
+
+def test_only_the_demo_makes_a_master_key(tmp_path: Path) -> None:
+    # A master key written beside the database, and picked up from there by every later command,
+    # would seal terminal keys under a key that is no secret from whoever reads the data folder.
+    data = tmp_path / "data"
+    env = {"VENDGATE_DATA_DIR": str(data)}
+    try:
+        assert vendgate("migrate", env=env).returncode == 0
+        seeded = vendgate("seed", "--agents", "1", "--terminals", "1", "--meters", "1", env=env)
+        assert seeded.returncode == 2, seeded.stdout + seeded.stderr
+        [line] = seeded.stderr.strip().splitlines()
+        assert line.startswith("vendgate: error: no master key: set VENDGATE_MASTER_KEY"), line
+        assert not (data / "master.key").exists()
+        added = vendgate("terminal", "add", "--id", "P0000001", "--serial", "SN-1", "--agent", "1", env=env)
+        assert added.returncode == 2 and "no master key" in added.stderr, added.stdout + added.stderr
+        # A key file in the data folder (the demo's, or one an earlier vendgate's `seed` wrote)
+        # is used only when named.
+        (data / "master.key").write_text("33" * 32)
+        for command in (["terminal", "add", "--id", "P0000001", "--serial", "SN-1", "--agent", "1"], ["serve"]):
+            refused = vendgate(*command, env=env)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            [line] = refused.stderr.strip().splitlines()
+            assert "no master key" in line and "VENDGATE_MASTER_KEY_FILE" in line, line
+            assert str(data / "master.key") in line, line
+    finally:
+        vendgate("db", "stop", env=env)

@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 async def demo(settings: Settings, duration_s: float, link: str) -> bool:
-    keystore = load_keystore(settings, create_for_demo=True)
+    keystore = load_keystore(settings, demo=True)
     secret = load_seed_secret(settings)
     url = await database.resolve_url(settings)
     pool = await database.create_pool(url, settings)

@@ -111,7 +111,7 @@ def handle_terminal_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def handle_seed(args: argparse.Namespace, settings: Settings) -> int:
-    keystore = load_keystore(settings, create_for_demo=settings.uses_embedded_database)
+    keystore = load_keystore(settings)
     secret = load_seed_secret(settings)
 
     async def go(conn: asyncpg.Connection) -> seeding.SeedSummary:
