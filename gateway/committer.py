@@ -400,7 +400,12 @@ class Committer:
 # the batch's keys or looks it up in a LATERAL ... LIMIT 1 subquery (sql.VEND_BATCH_READ), and
 # vend_commit_topups and the ledger's functions touch tables by key only, with enable_seqscan
 # off for themselves as well.
-KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
+#
+# And READ COMMITTED, set here as well as at connection start (gateway/database.py) so that not
+# even a URL's options can change it: the payment/reversal race relies on it (vend_commit_topups
+# and the reversal path read what committed while they waited for an id's lock).
+KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan",
+                            "default_transaction_isolation": "read committed"}
 
 
 async def keep(conn: asyncpg.Connection) -> None:

@@ -48,10 +48,18 @@ def _check_well_formed(url: str) -> None:
 _MALFORMED = "the database URL is malformed (its host, port or parameters): see VENDGATE_DATABASE_URL"
 
 
+# Every vendgate session runs its transactions READ COMMITTED, whatever the database's or the
+# role's default_transaction_isolation says: a payment and its reversal each wait for the other's
+# id lock and then read what committed meanwhile, which a REPEATABLE READ snapshot, taken before
+# the wait, would not show (a reversal would answer "nothing was charged" beside a charged
+# payment). Sent at connection start, it takes precedence over those defaults.
+SESSION_SETTINGS = {"default_transaction_isolation": "read committed"}
+
+
 async def connect(url: str, *, timeout_s: float) -> asyncpg.Connection:
     _check_well_formed(url)
     try:
-        return await asyncpg.connect(url, timeout=timeout_s)
+        return await asyncpg.connect(url, timeout=timeout_s, server_settings=SESSION_SETTINGS)
     except ValueError:
         raise DatabaseUnavailable(_MALFORMED) from None
     except (OSError, TimeoutError, socket.gaierror, asyncpg.PostgresError,
@@ -89,7 +97,7 @@ async def create_pool(url: str, settings: Settings, *, size_min: int = 2) -> asy
         pool = await asyncpg.create_pool(
             url, min_size=min(size_min, settings.database_pool_size_max),
             max_size=settings.database_pool_size_max, timeout=settings.database_connect_timeout_s,
-            command_timeout=60,
+            command_timeout=60, server_settings=SESSION_SETTINGS,
         )
     except ValueError:
         raise DatabaseUnavailable(_MALFORMED) from None

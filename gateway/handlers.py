@@ -298,8 +298,9 @@ class Handlers:
                 row = await conn.fetchrow(sql.TXN_GET_BY_RECEIPT, terminal, int(number))
             if row is None or row["terminal_id"] != context.terminal_id or row["receipt_number"] is None:
                 return ReprintResult(response_code=ResponseCode.ORIGINAL_NOT_FOUND)
-            async with conn.transaction():
-                # Same lock as a reversal of this payment: a reprint and a reversal never cross.
+            async with conn.transaction(isolation="read_committed"):
+                # Same lock as a reversal of this payment: a reprint and a reversal never cross
+                # (READ COMMITTED: the check after the lock sees a reversal that committed meanwhile).
                 await conn.execute(sql.LOCK_TXN_IDS, [row["client_txn_id"]])
                 if await conn.fetchval(sql.TXN_IS_REVERSED, row["client_txn_id"]):
                     # The payment was undone: its receipt and token are void.

@@ -273,7 +273,7 @@ class VendingService:
         """
         assert now.tzinfo is not None
         if not conn.is_in_transaction() and any(r.kind == "reversal" for r in requests):
-            async with conn.transaction():
+            async with conn.transaction(isolation="read_committed"):  # it reads what committed while it waited
                 return await self._process(conn, requests, now, refused or Refusals())
         return await self._process(conn, requests, now, refused or Refusals())
 
