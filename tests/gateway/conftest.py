@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,19 @@ from gateway.keystore import KeyStore
 from gateway.seeding import derive_terminal_key, seed, terminal_id
 from gateway.server import Gateway
 from gateway.settings import load_settings
+
+
+@contextlib.asynccontextmanager
+async def table_locked(pool: asyncpg.Pool, table: str) -> AsyncIterator[None]:
+    """`table` held in ACCESS EXCLUSIVE mode for the block: whatever reads or writes it stalls."""
+    async with pool.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        try:
+            await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+        finally:
+            await lock.rollback()
 
 
 @dataclass

@@ -40,7 +40,7 @@ from protocol.messages import (
 )
 from protocol.session import MessageReceived, ServerState, TerminalSession, TerminalState
 from terminal_sim.client import PosTerminal, TerminalRefused
-from tests.gateway.conftest import Running
+from tests.gateway.conftest import Running, table_locked
 
 
 def pos(running: Running, n: int) -> PosTerminal:
@@ -531,21 +531,15 @@ async def test_one_request_per_terminal_is_in_flight_however_often_it_logs_on(
     monkeypatch.setattr(gateway.handlers, "handle", counted)
     terminals = [pos(running, n) for _ in range(4)]
     payments = []
-    async with running.pool.acquire() as holder:
-        lock = holder.transaction()
-        await lock.start()
-        try:
-            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")  # commits stall
-            for k, term in enumerate(terminals):
-                await term.logon()  # replaces the previous session, whose request stays in flight
-                txn = ClientTransactionId(terminal_id=term.terminal_id, terminal_sequence=900 + k,
-                                          business_date=term.business_date)
-                payments.append(asyncio.create_task(term.top_up(meter_number(23), 1_000, "EUR", txn=txn)))
-                await asyncio.sleep(0.2)
-            assert len([c for c in gateway._connections if c.terminal_id == terminal_id(n) and c.busy]) == 4
-            assert serving["now"] == 1  # one served, the newer sessions' requests wait their turn
-        finally:
-            await lock.rollback()
+    async with table_locked(running.pool, "vend_transactions"):  # commits stall
+        for k, term in enumerate(terminals):
+            await term.logon()  # replaces the previous session, whose request stays in flight
+            txn = ClientTransactionId(terminal_id=term.terminal_id, terminal_sequence=900 + k,
+                                      business_date=term.business_date)
+            payments.append(asyncio.create_task(term.top_up(meter_number(23), 1_000, "EUR", txn=txn)))
+            await asyncio.sleep(0.2)
+        assert len([c for c in gateway._connections if c.terminal_id == terminal_id(n) and c.busy]) == 4
+        assert serving["now"] == 1  # one served, the newer sessions' requests wait their turn
     outcomes = await asyncio.gather(*payments, return_exceptions=True)
     assert serving["most"] == 1
     # The replaced sessions were told goodbye; the newest one's payment is answered.
@@ -565,22 +559,16 @@ async def test_a_repeat_on_a_newer_session_is_answered_within_the_submit_bound(
     monkeypatch.setattr(committer, "submit_timeout_s", bound_s)
     older, newer = pos(running, 286), pos(running, 286)
     await older.logon()
-    async with running.pool.acquire() as holder:
-        lock = holder.transaction()
-        await lock.start()
-        try:
-            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")
-            request = TopUpRequest(client_transaction_id=older.next_transaction_id(), meter_number=meter_number(25),
-                                   amount_minor=900, currency="EUR", tender_type=TenderType.CASH)
-            lost = asyncio.create_task(older._exchange(request, TopUpResult))  # its reply will never come
-            await asyncio.sleep(0.5)
-            await newer.logon()  # the link was lost: log on again, repeat with the same id
-            started = time.monotonic()
-            with pytest.raises(TerminalRefused) as busy:  # the commit is still stalled
-                await asyncio.wait_for(newer._exchange(request, TopUpResult), 10)
-            elapsed = time.monotonic() - started
-        finally:
-            await lock.rollback()
+    async with table_locked(running.pool, "vend_transactions"):
+        request = TopUpRequest(client_transaction_id=older.next_transaction_id(), meter_number=meter_number(25),
+                               amount_minor=900, currency="EUR", tender_type=TenderType.CASH)
+        lost = asyncio.create_task(older._exchange(request, TopUpResult))  # its reply will never come
+        await asyncio.sleep(0.5)
+        await newer.logon()  # the link was lost: log on again, repeat with the same id
+        started = time.monotonic()
+        with pytest.raises(TerminalRefused) as busy:  # the commit is still stalled
+            await asyncio.wait_for(newer._exchange(request, TopUpResult), 10)
+        elapsed = time.monotonic() - started
     await asyncio.gather(lost, return_exceptions=True)
     assert busy.value.response_code is ResponseCode.SYSTEM_BUSY and not busy.value.closing, busy.value
     assert elapsed < bound_s + 0.5, f"the repeat was answered after {elapsed:.1f} s; the bound is {bound_s:.0f} s"
@@ -600,20 +588,14 @@ async def test_a_request_kept_from_its_turn_past_the_submit_bound_is_told_busy_a
     monkeypatch.setattr(committer, "submit_timeout_s", bound_s)
     older, newer = pos(running, 287), pos(running, 287)
     await older.logon()
-    async with running.pool.acquire() as holder:
-        lock = holder.transaction()
-        await lock.start()
-        try:
-            await holder.execute("LOCK TABLE meters IN ACCESS EXCLUSIVE MODE")
-            looking = asyncio.create_task(older.lookup(meter_number(23)))
-            await asyncio.sleep(0.3)
-            await newer.logon()
-            started = time.monotonic()
-            with pytest.raises(TerminalRefused) as busy:
-                await asyncio.wait_for(newer._exchange(FloatInquiryRequest(), FloatInquiryResult), 5)
-            elapsed = time.monotonic() - started
-        finally:
-            await lock.rollback()
+    async with table_locked(running.pool, "meters"):
+        looking = asyncio.create_task(older.lookup(meter_number(23)))
+        await asyncio.sleep(0.3)
+        await newer.logon()
+        started = time.monotonic()
+        with pytest.raises(TerminalRefused) as busy:
+            await asyncio.wait_for(newer._exchange(FloatInquiryRequest(), FloatInquiryResult), 5)
+        elapsed = time.monotonic() - started
     await asyncio.gather(looking, return_exceptions=True)
     assert busy.value.response_code is ResponseCode.SYSTEM_BUSY and not busy.value.closing, busy.value
     assert bound_s - 0.1 < elapsed < bound_s + 0.5, elapsed
@@ -634,20 +616,14 @@ async def test_a_request_whose_session_was_replaced_while_it_waited_for_its_turn
     txn = ClientTransactionId(terminal_id=first.terminal_id, terminal_sequence=950, business_date=first.business_date)
     request = TopUpRequest(client_transaction_id=txn, meter_number=meter_number(23), amount_minor=800,
                            currency="EUR", tender_type=TenderType.CASH)
-    async with running.pool.acquire() as holder:
-        lock = holder.transaction()
-        await lock.start()
-        try:
-            await holder.execute("LOCK TABLE vend_transactions IN ACCESS EXCLUSIVE MODE")
-            serving = asyncio.create_task(first.top_up(meter_number(23), 700, "EUR"))
-            await asyncio.sleep(0.3)
-            await second.logon()
-            waiting = asyncio.create_task(second._exchange(request, TopUpResult))
-            await asyncio.sleep(0.3)
-            await third.logon()
-            await asyncio.sleep(0.3)
-        finally:
-            await lock.rollback()
+    async with table_locked(running.pool, "vend_transactions"):
+        serving = asyncio.create_task(first.top_up(meter_number(23), 700, "EUR"))
+        await asyncio.sleep(0.3)
+        await second.logon()
+        waiting = asyncio.create_task(second._exchange(request, TopUpResult))
+        await asyncio.sleep(0.3)
+        await third.logon()
+        await asyncio.sleep(0.3)
     outcomes = await asyncio.gather(serving, waiting, return_exceptions=True)
     assert all(isinstance(o, TerminalRefused) and o.closing for o in outcomes), outcomes  # both replaced
     await asyncio.sleep(0.5)  # the turn has passed on: the second session's request was dropped
