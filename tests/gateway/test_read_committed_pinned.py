@@ -6,9 +6,11 @@ tombstone race was lost (a reversal answered "nothing was charged" beside a char
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 
 from gateway import database
 from gateway.committer import Committer
@@ -18,6 +20,19 @@ from protocol.codes import ResponseCode
 from tests.conftest import create_fresh_database
 from tests.gateway.conftest import Running
 from tests.gateway.test_pipelining import new_shop, topup
+
+
+@pytest.fixture
+async def rr_pool(running: Running) -> AsyncIterator[asyncpg.Pool]:
+    """Connections whose default is REPEATABLE READ, as `ALTER DATABASE ... SET
+    default_transaction_isolation` would make every session's."""
+    pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=4,
+                                     server_settings={"default_transaction_isolation": "repeatable read"})
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 async def _commit_one(pool: asyncpg.Pool, running: Running, request: VendRequest) -> VendOutcome:
@@ -39,7 +54,7 @@ async def _lock_waiters(running: Running, at_least: int) -> None:
 
 
 async def test_a_reversal_waiting_for_the_payments_lock_sees_the_payment_under_repeatable_read(
-        running: Running) -> None:
+        running: Running, rr_pool: asyncpg.Pool) -> None:
     """The payment commits while its reversal waits for the id's lock. The reversal must then
     find it and undo it; under a REPEATABLE READ default it answers ORIGINAL_NOT_FOUND ("nothing
     was charged") for a payment that was charged and stays charged."""
@@ -51,22 +66,15 @@ async def test_a_reversal_waiting_for_the_payments_lock_sees_the_payment_under_r
     float_id = await running.pool.fetchval(
         "SELECT a.float_account_id FROM terminals t JOIN agents a USING (agent_id) WHERE t.terminal_id = $1",
         shop.terminal)
-    # The database's default, as `ALTER DATABASE ... SET default_transaction_isolation` would set it.
-    rr_pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=4,
-                                        server_settings={"default_transaction_isolation": "repeatable read"})
-    assert rr_pool is not None
-    try:
-        async with running.pool.acquire() as holder:
-            async with holder.transaction():
-                # Hold the float: the payment's statement takes the id's lock, then waits here.
-                await holder.execute("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR UPDATE", float_id)
-                payment = asyncio.create_task(_commit_one(running.pool, running, paid))
-                await _lock_waiters(running, 1)
-                undo = asyncio.create_task(_commit_one(rr_pool, running, reversal))
-                await _lock_waiters(running, 2)  # the reversal waits for the payment's id lock
-        paid_out, undo_out = await payment, await undo
-    finally:
-        await rr_pool.close()
+    async with running.pool.acquire() as holder:
+        async with holder.transaction():
+            # Hold the float: the payment's statement takes the id's lock, then waits here.
+            await holder.execute("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR UPDATE", float_id)
+            payment = asyncio.create_task(_commit_one(running.pool, running, paid))
+            await _lock_waiters(running, 1)
+            undo = asyncio.create_task(_commit_one(rr_pool, running, reversal))
+            await _lock_waiters(running, 2)  # the reversal waits for the payment's id lock
+    paid_out, undo_out = await payment, await undo
     assert paid_out.response_code == ResponseCode.APPROVED
     balance = await running.pool.fetchval("SELECT balance_minor FROM ledger_accounts WHERE id = $1", float_id)
     found = await running.pool.fetchval("SELECT original_found FROM reversals WHERE original_txn_id = $1",
@@ -77,7 +85,7 @@ async def test_a_reversal_waiting_for_the_payments_lock_sees_the_payment_under_r
 
 
 async def test_a_payment_waiting_for_its_reversals_lock_sees_the_tombstone_under_repeatable_read(
-        running: Running) -> None:
+        running: Running, rr_pool: asyncpg.Pool) -> None:
     """The reversal of a payment not seen yet (unknown original: tombstone, ORIGINAL_NOT_FOUND)
     commits while the payment's commit waits for the id's lock: the payment must be refused."""
     shop = await new_shop(running, float_minor=100_000)
@@ -85,19 +93,13 @@ async def test_a_payment_waiting_for_its_reversals_lock_sees_the_tombstone_under
     reversal = VendRequest(kind="reversal", client_txn_id=f"{late.client_txn_id}/R", terminal_id=shop.terminal,
                            amount_minor=5_000, currency=late.currency, original_txn_id=late.client_txn_id,
                            reason="no_reply")
-    rr_pool = await asyncpg.create_pool(running.db_url, min_size=1, max_size=4,
-                                        server_settings={"default_transaction_isolation": "repeatable read"})
-    assert rr_pool is not None
-    try:
-        async with running.pool.acquire() as other_gateway:
-            async with other_gateway.transaction():
-                [acknowledged] = await VendingService(running.keystore).process_batch(
-                    other_gateway, [reversal], datetime.now(UTC))
-                payment = asyncio.create_task(_commit_one(rr_pool, running, late))
-                await _lock_waiters(running, 1)  # the payment's commit waits for the id's lock
-        outcome = await payment
-    finally:
-        await rr_pool.close()
+    async with running.pool.acquire() as other_gateway:
+        async with other_gateway.transaction():
+            [acknowledged] = await VendingService(running.keystore).process_batch(
+                other_gateway, [reversal], datetime.now(UTC))
+            payment = asyncio.create_task(_commit_one(rr_pool, running, late))
+            await _lock_waiters(running, 1)  # the payment's commit waits for the id's lock
+    outcome = await payment
     assert acknowledged.response_code == ResponseCode.ORIGINAL_NOT_FOUND  # "nothing was charged"
     moved = await running.pool.fetchval(
         "SELECT count(*) FROM ledger_transfers WHERE kind = 'collection' AND metadata->>'client_txn_id' = $1",
