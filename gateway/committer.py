@@ -401,9 +401,10 @@ class Committer:
 # vend_commit_topups and the ledger's functions touch tables by key only, with enable_seqscan
 # off for themselves as well.
 #
-# And READ COMMITTED, set here as well as at connection start (gateway/database.py) so that not
-# even a URL's options can change it: the payment/reversal race relies on it (vend_commit_topups
-# and the reversal path read what committed while they waited for an id's lock).
+# And READ COMMITTED: the payment/reversal race relies on it (vend_commit_topups and the reversal
+# path read what committed while they waited for an id's lock). gateway/database.py sends it at
+# connection start; it is set here too because a committer may be given a pool made elsewhere (a
+# test's, a benchmark's), whose sessions take the database's or role's default.
 KEPT_CONNECTION_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan",
                             "default_transaction_isolation": "read committed"}
 

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from float_ledger.currency import ISO_4217_CODES
 from gateway.errors import SettingsError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -114,9 +115,14 @@ def load_settings(
         source[key] = name
 
     try:
-        return msgspec.convert(values, Settings, strict=False)
+        settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(_describe(exc, source)) from None
+    # A mistyped code (KSE) would never match a float's currency: its threshold would silently not apply.
+    if unknown := sorted(set(settings.deposit_approval_thresholds_minor) - ISO_4217_CODES):
+        where = source.get("deposit_approval_thresholds_minor", "deposit_approval_thresholds_minor")
+        raise SettingsError(f"invalid value for {where}: {', '.join(unknown)} is no current ISO 4217 currency code")
+    return settings
 
 
 def _table_from_pairs(name: str, raw: str) -> dict[str, str]:

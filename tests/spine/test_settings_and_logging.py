@@ -41,6 +41,8 @@ def test_environment_values_are_converted() -> None:
         ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=-1"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
         ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "kes=1"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
         ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=lots"}, "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR"),
+        ({"VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR": "KES=1,KSE=2"},
+         "VENDGATE_DEPOSIT_APPROVAL_THRESHOLDS_MINOR: KSE is no current ISO 4217 currency code"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], message: str) -> None:
